@@ -1,0 +1,219 @@
+// The commands around a deploy: status, rollback, stop, restore, cleanup, and the kept-instance reaper.
+
+import pidusage from 'pidusage';
+import { fail, PortflipError } from './errors.js';
+import { drainAndStop } from './instance.js';
+import { retire } from './deploy.js';
+import { cleanupText, detectBackend, type Backend, type Family } from './iptables.js';
+import { describe, openIptables, pointAt, reconcile, removeApp, requireNetAdmin, rulesState, type Ctx } from './ops.js';
+import { isAlive, openConnections, tcpSockets, uptimeSeconds } from './proc.js';
+import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState } from './state.js';
+
+/** Runs `fn` on the app's state under its lock, after finding out what is real. */
+async function withApp<T>(ctx: Ctx, app: string, what: string, fn: (st: AppState, ipt: Awaited<ReturnType<typeof openIptables>>) => Promise<T>): Promise<T> {
+  const recorded = await readState(ctx.paths, app);
+  const ipt = await openIptables(ctx, recorded?.backend);
+  if (!recorded) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir}); deploy it first`);
+  await ensureDirs(ctx.paths);
+  const lock = await takeLock(ctx.sys, ctx.paths, app, `${what} ${app}`, (m) => ctx.emit({ kind: 'notice', app, message: m }));
+  try {
+    const st = (await readState(ctx.paths, app))!;
+    await reconcile(ctx, ipt, st);
+    return await fn(st, ipt);
+  } finally {
+    await lock.release();
+  }
+}
+
+export async function rollback(ctx: Ctx, app: string): Promise<void> {
+  await withApp(ctx, app, 'rollback', async (st, ipt) => {
+    const started = ctx.sys.now();
+    const kept = st.instances.filter((i) => i.state === 'kept').sort((a, b) => (b.keepUntil ?? 0) - (a.keepUntil ?? 0))[0];
+    if (!kept) fail('nothingToDo', `"${app}" has no kept previous instance alive to roll back to; deploy with --keep-old DURATION to keep one`);
+    const bad = st.instances.find((i) => i.state === 'active');
+    for (const f of st.families.filter((f) => ipt.families.includes(f))) await pointAt(ipt, f, app, st.listen, kept.port);
+    kept.state = 'active';
+    delete kept.keepUntil;
+    if (bad) bad.state = 'draining';
+    await writeState(ctx.paths, st);
+    ctx.emit({ kind: 'step', step: 'rollback', app, status: 'ok', port: kept.port, pid: kept.pid, durationMs: ctx.sys.now() - started, detail: bad ? `from port ${bad.port}` : undefined });
+    if (bad) {
+      const t = ctx.sys.now();
+      await retire(ctx, st, bad);
+      ctx.emit({ kind: 'step', step: 'drain', app, status: 'ok', port: bad.port, pid: bad.pid, durationMs: ctx.sys.now() - t });
+    }
+  });
+}
+
+export async function stop(ctx: Ctx, app: string): Promise<void> {
+  await withApp(ctx, app, 'stop', async (st, ipt) => {
+    const started = ctx.sys.now();
+    for (const f of ipt.families) await removeApp(ipt, f, app);
+    // the public port now refuses; stop every instance right away under the grace period
+    const policy = { ...st.stop, drain: 'signal' as const };
+    await Promise.all(st.instances.map((i) => drainAndStop(ctx.sys, app, i, policy, ctx.emit, async () => {})));
+    await removeState(ctx.paths, app);
+    ctx.emit({ kind: 'step', step: 'stop', app, status: 'ok', durationMs: ctx.sys.now() - started, detail: `${st.instances.length} instance(s) stopped, rules removed` });
+  });
+}
+
+export async function restore(ctx: Ctx): Promise<void> {
+  const apps = await listApps(ctx.paths);
+  await requireNetAdmin(ctx.sys);
+  for (const app of apps) {
+    await withApp(ctx, app, 'restore', async (st) => {
+      const active = st.instances.find((i) => i.state === 'active');
+      ctx.emit({ kind: 'step', step: 'restore', app, status: 'ok', port: active?.port, pid: active?.pid, durationMs: 0,
+        detail: active ? `port ${st.listen} -> ${active.port}` : `no live instance; port ${st.listen} is left alone (deploy it again)` });
+    });
+  }
+  if (!apps.length) ctx.emit({ kind: 'notice', message: `no apps in ${ctx.paths.stateDir}; nothing to restore` });
+}
+
+export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
+  await requireNetAdmin(ctx.sys);
+  const started = ctx.sys.now();
+  const apps = await listApps(ctx.paths);
+  const locks = [];
+  try {
+    for (const app of apps) locks.push(await takeLock(ctx.sys, ctx.paths, app, 'cleanup', (m) => ctx.emit({ kind: 'notice', app, message: m })));
+    // rules may have been made under either backend; clean every one that works here
+    const backends: Backend[] = [];
+    for (const b of ['nft', 'legacy'] as const) {
+      const ipt = await detectBackend(ctx.sys, b).catch(() => null);
+      if (!ipt) continue;
+      backends.push(b);
+      for (const f of ipt.families) {
+        const text = cleanupText(await ipt.save(f));
+        if (text) await ipt.restore(f, text);
+      }
+    }
+    if (!backends.length) {
+      const ipt = await detectBackend(ctx.sys);
+      for (const f of ipt.families) {
+        const text = cleanupText(await ipt.save(f));
+        if (text) await ipt.restore(f, text);
+      }
+    }
+    let stopped = 0;
+    if (stopInstances) {
+      for (const app of apps) {
+        const st = await readState(ctx.paths, app).catch(() => null);
+        if (!st) continue;
+        await Promise.all(st.instances.map((i) => drainAndStop(ctx.sys, app, i, { ...st.stop, drain: 'signal' }, ctx.emit, async () => {})));
+        stopped += st.instances.length;
+        await removeState(ctx.paths, app);
+      }
+    }
+    ctx.emit({ kind: 'step', step: 'cleanup', app: '*', status: 'ok', durationMs: ctx.sys.now() - started,
+      detail: `removed every portflip chain and rule${stopInstances ? `; stopped ${stopped} instance(s)` : '; instances left running (restore brings the rules back)'}` });
+  } finally {
+    for (const l of locks) await l.release();
+  }
+}
+
+/** Detached: waits until kept instances are due, then retires them under the lock. */
+export async function reap(ctx: Ctx, app: string): Promise<void> {
+  for (;;) {
+    const st = await readState(ctx.paths, app).catch(() => null);
+    const kept = st?.instances.filter((i) => i.state === 'kept') ?? [];
+    if (!kept.length) return;
+    const due = Math.min(...kept.map((i) => i.keepUntil ?? 0));
+    await ctx.sys.sleep(Math.max(0, due - Date.now()) + 50);
+    for (let tries = 0; ; tries++) {
+      try {
+        await withApp(ctx, app, 'reap', async (st) => {
+          for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i);
+        });
+        break;
+      } catch (err) {
+        // a deploy holding the lock retires due instances itself; wait for it and look again
+        if (!(err instanceof PortflipError && err.kind === 'lockHeld') || tries > 600) return;
+        await ctx.sys.sleep(1000);
+      }
+    }
+  }
+}
+
+export interface InstanceStatus {
+  port: number;
+  pid: number | null;
+  state: string;
+  alive: boolean;
+  uptimeSeconds: number | null;
+  cpu: number | null;
+  memory: number | null;
+  connections: number;
+  keepUntil?: string;
+  log: string;
+}
+
+export interface AppStatus {
+  app: string;
+  listen: number;
+  backend: Backend;
+  families: Family[];
+  active: InstanceStatus | null;
+  others: InstanceStatus[];
+  rules: 'ok' | 'missing' | 'mismatch' | 'unknown';
+}
+
+export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
+  const apps = only ? [only] : await listApps(ctx.paths);
+  const socks = await tcpSockets(ctx.sys);
+  const out: AppStatus[] = [];
+  for (const app of apps) {
+    const st = await readState(ctx.paths, app);
+    if (!st) {
+      if (only) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir})`);
+      continue;
+    }
+    const insts: InstanceStatus[] = [];
+    for (const i of st.instances) {
+      const alive = await isAlive(ctx.sys, i.pid, i.startTime);
+      const usage = alive ? await pidusage(i.pid!).catch(() => null) : null;
+      insts.push({
+        port: i.port, pid: i.pid, state: alive ? i.state : 'gone', alive,
+        uptimeSeconds: alive && i.startTime ? Math.round((await uptimeSeconds(ctx.sys, i.startTime)) ?? 0) : null,
+        cpu: usage ? Math.round(usage.cpu * 10) / 10 : null, memory: usage?.memory ?? null,
+        connections: openConnections(socks, i.port),
+        keepUntil: i.keepUntil ? new Date(i.keepUntil).toISOString() : undefined, log: i.log,
+      });
+    }
+    const active = insts.find((i) => i.state === 'active') ?? null;
+    let rules: AppStatus['rules'] = 'unknown';
+    try {
+      const ipt = await openIptables(ctx, st.backend);
+      const verdicts = [];
+      for (const f of ipt.families) verdicts.push(rulesState(await ipt.save(f), app, st.listen, st.families.includes(f) ? active?.port ?? null : null));
+      rules = verdicts.includes('missing') ? 'missing' : verdicts.includes('mismatch') ? 'mismatch' : 'ok';
+    } catch {
+      rules = 'unknown'; // not root: the state is still worth showing
+    }
+    out.push({ app, listen: st.listen, backend: st.backend, families: st.families, active, others: insts.filter((i) => i !== active), rules });
+  }
+  pidusage.clear();
+  return out;
+}
+
+export function formatStatus(apps: AppStatus[]): string {
+  if (!apps.length) return 'no apps';
+  const rows = [['APP', 'LISTEN', 'PORT', 'PID', 'STATE', 'UPTIME', 'CPU%', 'MEM', 'CONNS', 'RULES']];
+  for (const a of apps) {
+    const list = [a.active, ...a.others].filter(Boolean) as InstanceStatus[];
+    if (!list.length) rows.push([a.app, String(a.listen), '-', '-', 'none', '-', '-', '-', '-', a.rules]);
+    for (const i of list) {
+      rows.push([
+        a.app, String(a.listen), String(i.port), String(i.pid ?? '-'), i.state,
+        i.uptimeSeconds === null ? '-' : fmtUptime(i.uptimeSeconds), i.cpu === null ? '-' : i.cpu.toFixed(1),
+        i.memory === null ? '-' : `${(i.memory / 1048576).toFixed(1)}M`, String(i.connections), i === list[0] ? `${a.rules} (${a.backend} ${a.families.join('+')})` : '',
+      ]);
+    }
+  }
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
+  return rows.map((r) => r.map((v, c) => v.padEnd(widths[c])).join('  ').trimEnd()).join('\n');
+}
+
+const fmtUptime = (s: number) => (s < 60 ? `${s}s` : s < 3600 ? `${Math.floor(s / 60)}m${s % 60}s` : `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`);
+
+export { describe };

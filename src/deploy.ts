@@ -1,0 +1,253 @@
+// The deploy: start a candidate, wait until it is ready, flip the redirect in one commit, drain the old.
+//
+// Invariant: at every instant the public port redirects to a live instance that passed its
+// readiness check, or to nothing portflip created. Each step below says what it does and how it
+// is undone; a failure or Ctrl-C undoes the completed steps in reverse, once.
+
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fail, PortflipError } from './errors.js';
+import type { StepName } from './events.js';
+import { drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type User } from './instance.js';
+import { appChain, ensureText, parseSave, switchText, type Family, type Iptables, type NatView } from './iptables.js';
+import { describe, openIptables, pointAt, reconcile, removeApp, spawnReaper, type Ctx } from './ops.js';
+import { bindProblem, listenersOn, readStat, tcpSockets } from './proc.js';
+import { ensureDirs, listApps, readState, takeLock, writeState, type AppState, type Instance, type StopPolicy } from './state.js';
+
+export interface DeployOptions {
+  app: string;
+  listen: number;
+  command: string[];
+  ports?: number[];
+  cwd: string;
+  user?: string;
+  env: Record<string, string>;
+  ready: ReadyCheck;
+  readyTimeoutMs: number;
+  stop: StopPolicy;
+  keepOldMs?: number;
+  ipv6: 'auto' | 'on' | 'off';
+  dryRun: boolean;
+}
+
+/** Ports chosen when --ports is not given: below the kernel's ephemeral range, so clients never hold them. */
+export const DEFAULT_PORT_RANGE = [20000, 29999] as const;
+
+export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
+  const { sys, emit, paths } = ctx;
+  appChain(o.app); // refuses a bad name before anything else
+  const t0 = sys.now();
+  const step = async <T>(name: StepName, fn: () => Promise<T>, port?: number, pid?: () => number | null | undefined, detail?: () => string | undefined): Promise<T> => {
+    const started = sys.now();
+    try {
+      const out = await fn();
+      emit({ kind: 'step', step: name, app: o.app, status: 'ok', port, pid: pid?.(), durationMs: sys.now() - started, detail: detail?.() });
+      return out;
+    } catch (err) {
+      emit({ kind: 'step', step: name, app: o.app, status: 'failed', port, pid: pid?.(), durationMs: sys.now() - started, detail: (err as Error).message });
+      throw err;
+    }
+  };
+
+  // 1. preflight: every check, no side effect but the lock and repairs of earlier runs
+  const pre = await step('preflight', () => preflight(o, ctx));
+  if (o.dryRun) return plan(o, ctx, pre);
+  const { ipt, lock, user, env } = pre!;
+  let st = pre!.state;
+  const undo: { title: string; run: () => Promise<void> }[] = [];
+  try {
+    // 2. retire: the chosen port is still held by our own kept or draining instance
+    const holder = st.instances.find((i) => i.port === pre!.port && i.state !== 'active');
+    if (holder) await step('retire', () => retire(ctx, st, holder), holder.port, () => holder.pid);
+
+    // 3. start: record the intent, spawn, record the pid. Undo: kill the candidate's group.
+    const cand: Instance = {
+      port: pre!.port, pid: null, startTime: null, state: 'candidate', startedAt: new Date().toISOString(),
+      command: o.command.map((a) => a.replaceAll('{port}', String(pre!.port))), log: join(paths.logDir, `${o.app}-${pre!.port}.log`),
+    };
+    st.instances.push(cand);
+    await writeState(paths, st);
+    const spawned = await step('start', async () => {
+      const s = await spawnInstance({ command: cand.command, port: cand.port, cwd: o.cwd, env: { ...env, PORT: String(cand.port) }, user, log: cand.log });
+      cand.pid = s.pid;
+      cand.startTime = (await readStat(sys, s.pid))?.startTime ?? null;
+      await writeState(paths, st);
+      return s;
+    }, cand.port, () => cand.pid);
+    undo.push({ title: `stopped the candidate on ${describe(cand)}`, run: async () => {
+      await killNow(sys, cand);
+      st.instances = st.instances.filter((i) => i !== cand);
+      await writeState(paths, st);
+    } });
+
+    // 4. ready: the check passes before the deadline and before the candidate exits
+    await step('ready', async () => {
+      const r = await waitReady(sys, o.ready, { pid: spawned.pid, port: cand.port, exited: spawned.exited }, o.readyTimeoutMs, { ...env, PORT: String(cand.port) }, ctx.abort);
+      if (!r.ready) throw new PortflipError('deployFailed', r.reason);
+    }, cand.port, () => cand.pid);
+
+    // 5. bind-check: redirected traffic arrives at the interface address; the candidate must listen there
+    const families = await step('bind-check', () => bindCheck(o, ctx, ipt, cand.port), cand.port, () => cand.pid);
+
+    // 6. switch: one commit per family. Undo: point back at the old instance while it still accepts.
+    const old = st.instances.find((i) => i.state === 'active');
+    await step('switch', async () => {
+      for (const f of ipt.families) {
+        if (families.includes(f)) await pointAt(ipt, f, o.app, o.listen, cand.port, pre!.views.get(f));
+        else if (st.families.includes(f) || pre!.views.get(f)?.chains.has(appChain(o.app))) await removeApp(ipt, f, o.app);
+      }
+      st.families = families;
+      cand.state = 'active';
+      if (old) {
+        old.state = o.keepOldMs ? 'kept' : 'draining';
+        if (o.keepOldMs) old.keepUntil = Date.now() + o.keepOldMs;
+      }
+      st.stop = o.stop;
+      await writeState(paths, st);
+    }, cand.port, () => cand.pid, () => (old ? `from port ${old.port}` : 'first instance'));
+    undo.length = 0; // past this point the new instance serves; nothing is switched back
+
+    // 7. drain: the replaced instance (unless kept) and any older ones, in parallel
+    const retiring = st.instances.filter((i) => i.state === 'draining' || (i.state === 'kept' && i !== old));
+    if (retiring.length) {
+      await step('drain', () => Promise.all(retiring.map((i) => retire(ctx, st, i))).then(() => undefined), old?.port, () => old?.pid,
+        () => `${retiring.length} instance${retiring.length > 1 ? 's' : ''} stopped`);
+    }
+    if (o.keepOldMs && old) {
+      const pid = spawnReaper(ctx, o.app);
+      emit({ kind: 'notice', app: o.app, message: `keeping ${describe(old)} for instant rollback until ${new Date(old.keepUntil!).toISOString()}; a detached reaper (pid ${pid}) stops it then, or the next portflip run` });
+    }
+    emit({ kind: 'step', step: 'done', app: o.app, status: 'ok', port: cand.port, pid: cand.pid, durationMs: sys.now() - t0, detail: `port ${o.listen} -> ${cand.port}` });
+  } catch (err) {
+    for (const u of undo.reverse()) {
+      await u.run().catch(() => {});
+      emit({ kind: 'notice', app: o.app, message: `undo: ${u.title}; the redirect was not changed` });
+    }
+    if (err instanceof PortflipError && err.kind === 'deployFailed') {
+      const log = join(paths.logDir, `${o.app}-${pre!.port}.log`);
+      emit({ kind: 'log-tail', app: o.app, port: pre!.port, log, lines: await logTail(log) });
+    }
+    throw err;
+  } finally {
+    await lock.release();
+  }
+}
+
+/** Drains and stops one instance under the app's stop policy, keeping the state file true as it goes. */
+export async function retire(ctx: Ctx, st: AppState, inst: Instance): Promise<void> {
+  inst.state = 'draining';
+  await writeState(ctx.paths, st);
+  await drainAndStop(ctx.sys, st.app, inst, st.stop, ctx.emit, () => writeState(ctx.paths, st));
+  st.instances = st.instances.filter((i) => i !== inst);
+  await writeState(ctx.paths, st);
+}
+
+interface Preflight {
+  ipt: Iptables;
+  lock: { release(): Promise<void> };
+  user?: User;
+  env: NodeJS.ProcessEnv;
+  state: AppState;
+  port: number;
+  views: Map<Family, NatView>;
+}
+
+async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight | null> {
+  const { sys, paths } = ctx;
+  if (o.listen < 1 || o.listen > 65535) fail('usage', `--listen ${o.listen}: a port is 1-65535`);
+  for (const p of o.ports ?? []) {
+    if (!Number.isInteger(p) || p < 1 || p > 65535) fail('usage', `--ports: ${p} is not a port (1-65535)`);
+    if (p === o.listen) fail('usage', `--ports: ${p} is the public port; instance ports must differ from --listen`);
+  }
+  if (o.ports && new Set(o.ports).size !== o.ports.length) fail('usage', `--ports: give distinct ports, like 8001,8002`);
+  if (!o.command.length) fail('usage', 'no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js');
+  const cwdOk = await stat(o.cwd).then((s) => s.isDirectory(), () => false);
+  if (!cwdOk) fail('config', `--cwd ${o.cwd}: no such directory`);
+  const user = o.user ? await lookupUser(sys, o.user) : undefined;
+  const env: NodeJS.ProcessEnv = { ...ctx.env, ...o.env, PORTFLIP_APP: o.app };
+  for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES']) delete env[k];
+  if (user) Object.assign(env, { HOME: user.home, USER: user.name, LOGNAME: user.name });
+  await resolveCommand(o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
+
+  if (o.dryRun) {
+    const state = (await readState(paths, o.app).catch(() => null)) ?? freshState(o, 'nft', []);
+    const port = o.ports?.find((p) => !state.instances.some((i) => i.state === 'active' && i.port === p)) ?? (o.ports ?? [DEFAULT_PORT_RANGE[0]])[0];
+    return { ipt: null as unknown as Iptables, lock: { release: async () => {} }, user, env, state, port, views: new Map() };
+  }
+
+  const recorded = await readState(paths, o.app);
+  const ipt = await openIptables(ctx, recorded?.backend);
+  if (o.ipv6 === 'on' && !ipt.families.includes('ipv6')) fail('noIptables', '--ipv6 on: ip6tables nat does not work on this host; use --ipv6 auto or off');
+  await ensureDirs(paths);
+  const lock = await takeLock(sys, paths, o.app, `deploy ${o.app}`, (m) => ctx.emit({ kind: 'notice', app: o.app, message: m }));
+  try {
+    const state = (await readState(paths, o.app)) ?? freshState(o, ipt.backend, []);
+    if (state.listen !== o.listen && state.instances.length) {
+      ctx.emit({ kind: 'notice', app: o.app, message: `public port changes from ${state.listen} to ${o.listen}` });
+    }
+    const views = await reconcile(ctx, ipt, state);
+    state.listen = o.listen;
+    state.backend = ipt.backend;
+    const port = await pickPort(o, ctx, state);
+    return { ipt, lock, user, env, state, port, views };
+  } catch (err) {
+    await lock.release();
+    throw err;
+  }
+}
+
+const freshState = (o: DeployOptions, backend: AppState['backend'], families: Family[]): AppState => ({
+  schema: 1, app: o.app, listen: o.listen, backend, families, stop: o.stop, instances: [], updatedAt: '',
+});
+
+async function pickPort(o: DeployOptions, ctx: Ctx, st: AppState): Promise<number> {
+  const socks = await tcpSockets(ctx.sys);
+  const taken = new Set<number>();
+  for (const other of await listApps(ctx.paths)) {
+    if (other === o.app) continue;
+    for (const i of (await readState(ctx.paths, other).catch(() => null))?.instances ?? []) taken.add(i.port);
+  }
+  const ours = (p: number) => st.instances.find((i) => i.port === p);
+  const free = (p: number) => !taken.has(p) && p !== o.listen && !listenersOn(socks, p).length;
+  if (o.ports) {
+    const usable = o.ports.filter((p) => ours(p)?.state !== 'active');
+    const pick = usable.find((p) => !ours(p) && free(p)) ?? usable.find((p) => ours(p)); // our kept one is retired first
+    if (pick === undefined) fail('portInUse', `--ports ${o.ports.join(',')}: every port is in use (${o.ports.map((p) => `${p}: ${ours(p) ? `our ${ours(p)!.state} instance` : 'another process'}`).join(', ')}); free one or give another`);
+    if (!ours(pick!) && !free(pick!)) {
+      fail('portInUse', `port ${pick} is already in use by another process${taken.has(pick!) ? ' (another portflip app)' : ''}; stop it or pick other --ports`);
+    }
+    return pick!;
+  }
+  for (let p = DEFAULT_PORT_RANGE[0]; p <= DEFAULT_PORT_RANGE[1]; p++) if (!ours(p) && free(p)) return p;
+  return fail('portInUse', `no free port in ${DEFAULT_PORT_RANGE.join('-')}; give --ports`);
+}
+
+async function bindCheck(o: DeployOptions, ctx: Ctx, ipt: Iptables, port: number): Promise<Family[]> {
+  const listeners = listenersOn(await tcpSockets(ctx.sys), port);
+  const v6only = ((await ctx.sys.readText('/proc/sys/net/ipv6/bindv6only')) ?? '0').trim() === '1';
+  const hostV6 = ipt.families.includes('ipv6');
+  const listensV6 = listeners.some((s) => s.family === 'ipv6' && s.localAddr === '::');
+  const wantV6 = hostV6 && (o.ipv6 === 'on' || (o.ipv6 === 'auto' && listensV6));
+  const problem = bindProblem(listeners, wantV6, v6only);
+  if (problem) throw new PortflipError('deployFailed', `the candidate on port ${port} ${problem}`);
+  return wantV6 ? ['ipv4', 'ipv6'] : ['ipv4'];
+}
+
+function plan(o: DeployOptions, ctx: Ctx, pre: Preflight | null): void {
+  const port = pre!.port;
+  const old = pre!.state.instances.find((i) => i.state === 'active');
+  const cmd = o.command.map((a) => a.replaceAll('{port}', String(port)));
+  const view = parseSave('');
+  ctx.emit({
+    kind: 'plan', app: o.app,
+    steps: [
+      { step: 'preflight', does: 'check root, iptables, config, command, free port; take the lock; repair what an earlier run left', undo: 'release the lock' },
+      { step: 'start', does: `run ${JSON.stringify(cmd)} in ${o.cwd}${o.user ? ` as ${o.user}` : ''} with PORT=${port}, log to ${join(ctx.paths.logDir, `${o.app}-${port}.log`)}`, undo: 'kill its process group' },
+      { step: 'ready', does: `wait up to ${o.readyTimeoutMs}ms for ${o.ready.kind === 'tcp' ? `a TCP connect to port ${port}` : o.ready.kind === 'http' ? o.ready.url.replaceAll('{port}', String(port)) : `"${o.ready.command}" to exit 0`}`, undo: 'kill the candidate' },
+      { step: 'bind-check', does: `check the candidate listens on all addresses (0.0.0.0 or ::) on port ${port}`, undo: 'kill the candidate' },
+      { step: 'switch', does: `redirect port ${o.listen} to ${port} in one iptables-restore --noflush commit${old ? ` (from ${old.port})` : ''}`, undo: old ? `redirect back to ${old.port}` : 'remove the rules' },
+      { step: 'drain', does: old ? `${o.keepOldMs ? `keep port ${old.port} for ${o.keepOldMs}ms, then ` : ''}${o.stop.drain === 'idle' ? `wait until port ${old.port} has no open connections (at most ${o.stop.drainTimeoutMs}ms), then ` : ''}send ${o.stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${o.stop.killAfterMs}ms` : 'nothing to drain (first instance)', undo: '' },
+    ],
+    rules: [{ family: 'ipv4', text: old ? switchText(o.app, port) : ensureText(view, o.app, o.listen, port) }],
+  });
+}

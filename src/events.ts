@@ -1,0 +1,60 @@
+// Typed events the core emits, and the two ways to render them: lines for people, JSON for scripts.
+
+import { formatMs } from './duration.js';
+
+export type StepName =
+  | 'preflight'
+  | 'repair'
+  | 'retire'
+  | 'start'
+  | 'ready'
+  | 'bind-check'
+  | 'switch'
+  | 'drain'
+  | 'stop'
+  | 'rollback'
+  | 'restore'
+  | 'cleanup'
+  | 'done';
+
+export type Event =
+  | { kind: 'step'; step: StepName; app: string; status: 'ok' | 'failed'; port?: number; pid?: number | null; durationMs: number; detail?: string }
+  | { kind: 'notice'; app?: string; message: string }
+  | { kind: 'signal'; app: string; port: number; pid: number; signal: string; reason: string }
+  | { kind: 'connections'; app: string; port: number; pid: number; open: number }
+  | { kind: 'log-tail'; app: string; port: number; log: string; lines: string[] }
+  | { kind: 'plan'; app: string; steps: { step: string; does: string; undo: string }[]; rules: { family: string; text: string }[] };
+
+export type Emit = (e: Event) => void;
+
+const pad = (s: string, n: number) => (s.length >= n ? s : s + ' '.repeat(n - s.length));
+
+export function formatHuman(e: Event): string {
+  switch (e.kind) {
+    case 'step': {
+      const mark = e.status === 'ok' ? 'ok  ' : 'FAIL';
+      const where = [e.port ? `port ${e.port}` : '', e.pid ? `pid ${e.pid}` : ''].filter(Boolean).join(' ');
+      return `${e.app}: ${mark} ${pad(e.step, 10)} ${pad(where, 22)} ${pad(formatMs(e.durationMs), 7)}${e.detail ? ` ${e.detail}` : ''}`;
+    }
+    case 'notice':
+      return `${e.app ? `${e.app}: ` : ''}note: ${e.message}`;
+    case 'signal':
+      return `${e.app}:      signal     port ${e.port} pid ${e.pid}: ${e.signal} (${e.reason})`;
+    case 'connections':
+      return `${e.app}:      drain      port ${e.port} pid ${e.pid}: ${e.open} connection${e.open === 1 ? '' : 's'} open`;
+    case 'log-tail':
+      return [`${e.app}: last lines of ${e.log}:`, ...e.lines.map((l) => `  | ${l}`)].join('\n');
+    case 'plan':
+      return [
+        `${e.app}: dry run, nothing is changed. The deploy would:`,
+        ...e.steps.map((s, i) => `  ${i + 1}. ${pad(s.step, 10)} ${s.does}${s.undo ? `  (undo: ${s.undo})` : ''}`),
+        ...e.rules.flatMap((r) => [`  ${r.family} rules (iptables-restore --noflush):`, ...r.text.trimEnd().split('\n').map((l) => `    ${l}`)]),
+      ].join('\n');
+  }
+}
+
+export function makeEmitter(json: boolean): Emit {
+  return json
+    ? (e) => process.stdout.write(JSON.stringify(e) + '\n')
+    : (e) => process.stderr.write(formatHuman(e) + '\n');
+}

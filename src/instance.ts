@@ -1,0 +1,246 @@
+// Instances as processes: spawn detached in their own group, wait until ready, drain and stop.
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { open, chown, readFile, stat, access, constants } from 'node:fs/promises';
+import { connect } from 'node:net';
+import { request } from 'node:http';
+import { delimiter, isAbsolute, join, resolve } from 'node:path';
+import { fail } from './errors.js';
+import { groupMembers, isAlive, openConnections, tcpSockets } from './proc.js';
+import type { Emit } from './events.js';
+import type { Instance, StopPolicy } from './state.js';
+import type { Sys } from './sys.js';
+
+export interface User {
+  name: string;
+  uid: number;
+  gid: number;
+  home: string;
+}
+
+export async function lookupUser(sys: Sys, name: string): Promise<User> {
+  const r = await sys.run('getent', ['passwd', name]);
+  let line = r.code === 0 ? r.stdout.trim().split('\n')[0] : '';
+  if (!line) line = ((await sys.readText('/etc/passwd')) ?? '').split('\n').find((l) => l.split(':')[0] === name) ?? '';
+  const f = line.split(':');
+  if (f.length < 7) return fail('config', `--user ${name}: no such user on this host; create it or pick another`);
+  return { name: f[0], uid: Number(f[2]), gid: Number(f[3]), home: f[5] };
+}
+
+/** Finds the executable the way execvp would, so "command not found" is caught before anything starts. */
+export async function resolveCommand(cmd: string, cwd: string, pathVar: string | undefined): Promise<string> {
+  const candidates = cmd.includes('/')
+    ? [isAbsolute(cmd) ? cmd : resolve(cwd, cmd)]
+    : (pathVar ?? '/usr/local/bin:/usr/bin:/bin').split(delimiter).filter(Boolean).map((d) => join(d, cmd));
+  for (const c of candidates) {
+    try {
+      const st = await stat(c);
+      if (st.isFile()) {
+        await access(c, constants.X_OK);
+        return c;
+      }
+    } catch {
+      // keep looking
+    }
+  }
+  return fail('commandNotFound', `command not found: "${cmd}"${cmd.includes('/') ? '' : ' in PATH'}; give a full path or fix PATH with --env PATH=...`);
+}
+
+export interface SpawnSpec {
+  command: string[];
+  port: number;
+  cwd: string;
+  env: NodeJS.ProcessEnv;
+  user?: User;
+  log: string;
+}
+
+export interface Spawned {
+  pid: number;
+  child: ChildProcess;
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+export async function spawnInstance(spec: SpawnSpec): Promise<Spawned> {
+  const fh = await open(spec.log, 'a', 0o640);
+  if (spec.user) await chown(spec.log, spec.user.uid, spec.user.gid).catch(() => {});
+  try {
+    const [cmd, ...args] = spec.command;
+    // detached: its own process group, so it outlives this CLI and can be signalled as a tree
+    const child = spawn(cmd, args, {
+      cwd: spec.cwd,
+      env: spec.env,
+      detached: true,
+      stdio: ['ignore', fh.fd, fh.fd],
+      uid: spec.user?.uid,
+      gid: spec.user?.gid,
+    });
+    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) =>
+      child.once('exit', (code, signal) => res({ code, signal })),
+    );
+    await new Promise<void>((res, rej) => {
+      child.once('spawn', res);
+      child.once('error', rej);
+    });
+    child.unref();
+    return { pid: child.pid!, child, exited };
+  } finally {
+    await fh.close();
+  }
+}
+
+export type ReadyCheck = { kind: 'tcp' } | { kind: 'http'; url: string } | { kind: 'cmd'; command: string };
+
+const attempt = (check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS.ProcessEnv): Promise<boolean> => {
+  switch (check.kind) {
+    case 'tcp':
+      return tcpOpen('127.0.0.1', port, timeoutMs).then((ok) => ok || tcpOpen('::1', port, timeoutMs));
+    case 'http':
+      return httpOk(check.url.replaceAll('{port}', String(port)), timeoutMs);
+    case 'cmd':
+      return new Promise((res) => {
+        const c = spawn('sh', ['-c', check.command], { env: { ...env, PORT: String(port) }, stdio: 'ignore', timeout: timeoutMs });
+        c.once('exit', (code) => res(code === 0));
+        c.once('error', () => res(false));
+      });
+  }
+};
+
+export function tcpOpen(host: string, port: number, timeoutMs: number): Promise<boolean> {
+  return new Promise((res) => {
+    const s = connect({ host, port });
+    const done = (ok: boolean) => {
+      s.destroy();
+      res(ok);
+    };
+    s.setTimeout(timeoutMs, () => done(false));
+    s.once('connect', () => done(true));
+    s.once('error', () => done(false));
+  });
+}
+
+function httpOk(url: string, timeoutMs: number): Promise<boolean> {
+  return new Promise((res) => {
+    const req = request(url, { method: 'GET', timeout: timeoutMs, agent: false }, (r) => {
+      r.resume();
+      res((r.statusCode ?? 0) >= 200 && (r.statusCode ?? 0) < 400);
+    });
+    req.once('timeout', () => req.destroy());
+    req.once('error', () => res(false));
+    req.end();
+  });
+}
+
+export type ReadyOutcome = { ready: true } | { ready: false; reason: string };
+
+/** Readiness races the check, the candidate's exit and the deadline; a deadline is a failure. */
+export async function waitReady(
+  sys: Sys,
+  check: ReadyCheck,
+  inst: { pid: number; port: number; exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }> },
+  timeoutMs: number,
+  env: NodeJS.ProcessEnv,
+  abort: AbortSignal,
+): Promise<ReadyOutcome> {
+  const deadline = sys.now() + timeoutMs;
+  let exit: { code: number | null; signal: NodeJS.Signals | null } | null = null;
+  void inst.exited.then((e) => (exit = e));
+  for (;;) {
+    if (exit) {
+      const e = exit as { code: number | null; signal: NodeJS.Signals | null };
+      return { ready: false, reason: `candidate pid ${inst.pid} exited (${e.signal ? `signal ${e.signal}` : `code ${e.code}`}) before it was ready` };
+    }
+    if (abort.aborted) return { ready: false, reason: 'interrupted' };
+    const left = deadline - sys.now();
+    if (left <= 0) return { ready: false, reason: `candidate pid ${inst.pid} was not ready on port ${inst.port} after ${Math.round(timeoutMs / 1000)}s (--ready-timeout)` };
+    if (await attempt(check, inst.port, Math.min(left, 2000), env)) {
+      if (!exit) return { ready: true };
+    }
+    await sys.sleep(Math.min(100, Math.max(0, deadline - sys.now())), abort);
+  }
+}
+
+export async function logTail(path: string, lines = 20): Promise<string[]> {
+  const text = await readFile(path, 'utf8').catch(() => '');
+  return text.trimEnd().split('\n').slice(-lines).filter((l, i, a) => a.length > 1 || l);
+}
+
+/** Signals the instance's process group (falling back to the pid if it left its group). */
+function signalGroup(sys: Sys, pid: number, signal: NodeJS.Signals): boolean {
+  return sys.kill(-pid, signal) || sys.kill(pid, signal);
+}
+
+async function groupGone(sys: Sys, inst: Instance): Promise<boolean> {
+  if (!inst.pid) return true;
+  if (await isAlive(sys, inst.pid, inst.startTime)) return false;
+  return (await groupMembers(sys, inst.pid)).length === 0;
+}
+
+async function waitGone(sys: Sys, inst: Instance, ms: number): Promise<boolean> {
+  const until = sys.now() + ms;
+  while (sys.now() < until) {
+    if (await groupGone(sys, inst)) return true;
+    await sys.sleep(50);
+  }
+  return groupGone(sys, inst);
+}
+
+export const killNow = async (sys: Sys, inst: Instance) => {
+  if (!inst.pid || (await groupGone(sys, inst))) return;
+  signalGroup(sys, inst.pid, 'SIGKILL');
+  await waitGone(sys, inst, 5000);
+};
+
+/**
+ * Drain on a monotonic clock: in idle mode wait for open connections to reach zero (bounded by
+ * the drain timeout), then the stop signal, then SIGKILL for the whole group after kill-after.
+ * `onSignalled` lets the caller record that the signal went out before it waits.
+ */
+export async function drainAndStop(
+  sys: Sys,
+  app: string,
+  inst: Instance,
+  policy: StopPolicy,
+  emit: Emit,
+  onSignalled: () => Promise<void>,
+): Promise<'exited' | 'killed' | 'gone'> {
+  if (!inst.pid || (await groupGone(sys, inst))) return 'gone';
+  const pid = inst.pid;
+  if (!inst.signalledAt && policy.drain === 'idle') {
+    const until = sys.now() + policy.drainTimeoutMs;
+    let last = -1;
+    for (;;) {
+      const open = openConnections(await tcpSockets(sys), inst.port);
+      if (open !== last) emit({ kind: 'connections', app, port: inst.port, pid, open });
+      last = open;
+      if (open === 0 || (await groupGone(sys, inst))) break;
+      if (sys.now() >= until) {
+        emit({ kind: 'notice', app, message: `port ${inst.port} still has ${open} open connection(s) after --drain-timeout; stopping anyway` });
+        break;
+      }
+      await sys.sleep(200);
+    }
+  }
+  if (await groupGone(sys, inst)) return 'exited';
+  if (!inst.signalledAt) {
+    emit({ kind: 'signal', app, port: inst.port, pid, signal: policy.stopSignal, reason: policy.drain === 'idle' ? 'drained' : 'stop' });
+    signalGroup(sys, pid, policy.stopSignal);
+    inst.signalledAt = new Date().toISOString();
+    await onSignalled();
+  }
+  // report the connections as they fall while the app finishes its in-flight requests
+  const until = sys.now() + policy.killAfterMs;
+  let last = -1;
+  while (sys.now() < until) {
+    if (await groupGone(sys, inst)) return 'exited';
+    const open = openConnections(await tcpSockets(sys), inst.port);
+    if (open !== last) emit({ kind: 'connections', app, port: inst.port, pid, open });
+    last = open;
+    await sys.sleep(100);
+  }
+  if (await groupGone(sys, inst)) return 'exited';
+  emit({ kind: 'signal', app, port: inst.port, pid, signal: 'SIGKILL', reason: `still running ${Math.round(policy.killAfterMs / 1000)}s after ${policy.stopSignal} (--kill-after)` });
+  signalGroup(sys, pid, 'SIGKILL');
+  await waitGone(sys, inst, 5000);
+  return 'killed';
+}

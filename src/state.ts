@@ -1,0 +1,168 @@
+// Per-app state files (atomic, versioned) and the per-app lock.
+//
+// Invariant this file helps guard: an app has at most two instances outside a deploy's own
+// candidate, and at most one of all its instances is not ready (the candidate).
+
+import { mkdir, open, readFile, readdir, rename, unlink, writeFile, link, chmod } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fail } from './errors.js';
+import { isAlive, readStat } from './proc.js';
+import type { Backend, Family } from './iptables.js';
+import type { Sys } from './sys.js';
+
+export const SCHEMA = 1;
+
+export type InstanceState = 'candidate' | 'active' | 'draining' | 'kept';
+
+export interface Instance {
+  port: number;
+  pid: number | null; // null between "about to spawn" and "spawned"
+  startTime: string | null;
+  state: InstanceState;
+  startedAt: string; // ISO wall clock, for people
+  command: string[];
+  log: string;
+  keepUntil?: number; // epoch ms; a kept instance is retired after this
+  signalledAt?: string; // when the stop signal went out
+}
+
+export type DrainMode = 'signal' | 'idle';
+
+export interface StopPolicy {
+  drain: DrainMode;
+  drainTimeoutMs: number;
+  stopSignal: NodeJS.Signals;
+  killAfterMs: number;
+}
+
+export interface AppState {
+  schema: typeof SCHEMA;
+  app: string;
+  listen: number;
+  backend: Backend;
+  families: Family[];
+  stop: StopPolicy;
+  instances: Instance[];
+  updatedAt: string;
+}
+
+export interface Paths {
+  stateDir: string;
+  runDir: string;
+  logDir: string;
+}
+
+export function paths(env: NodeJS.ProcessEnv = process.env): Paths {
+  const stateDir = env.PORTFLIP_STATE_DIR || '/var/lib/portflip';
+  return { stateDir, runDir: env.PORTFLIP_RUN_DIR || '/run/portflip', logDir: join(stateDir, 'logs') };
+}
+
+const stateFile = (p: Paths, app: string) => join(p.stateDir, `${app}.json`);
+
+export async function ensureDirs(p: Paths): Promise<void> {
+  for (const dir of [p.stateDir, p.runDir]) {
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+  }
+  // app users must be able to reach their own log files
+  await mkdir(p.logDir, { recursive: true, mode: 0o755 });
+  await chmod(p.logDir, 0o755);
+}
+
+export async function readState(p: Paths, app: string): Promise<AppState | null> {
+  let text: string;
+  try {
+    text = await readFile(stateFile(p, app), 'utf8');
+  } catch {
+    return null;
+  }
+  let data: AppState;
+  try {
+    data = JSON.parse(text);
+  } catch {
+    return fail('config', `state file ${stateFile(p, app)} is not valid JSON; move it away and run "portflip restore"`);
+  }
+  if (data.schema !== SCHEMA) fail('config', `state file ${stateFile(p, app)} has schema ${data.schema}, this portflip reads ${SCHEMA}`);
+  return data;
+}
+
+export async function listApps(p: Paths): Promise<string[]> {
+  const names = await readdir(p.stateDir).catch(() => [] as string[]);
+  return names.filter((n) => n.endsWith('.json')).map((n) => n.slice(0, -5)).sort();
+}
+
+/** Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new file, never half. */
+export async function writeState(p: Paths, state: AppState): Promise<void> {
+  state.updatedAt = new Date().toISOString();
+  const target = stateFile(p, state.app);
+  const tmp = `${target}.${process.pid}.tmp`;
+  const fh = await open(tmp, 'w', 0o600);
+  try {
+    await fh.writeFile(JSON.stringify(state, null, 2) + '\n');
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await rename(tmp, target);
+  const dir = await open(p.stateDir, 'r');
+  await dir.sync().catch(() => {});
+  await dir.close();
+}
+
+export async function removeState(p: Paths, app: string): Promise<void> {
+  await unlink(stateFile(p, app)).catch(() => {});
+}
+
+// ---- the lock -----------------------------------------------------------------------------
+
+export interface Lock {
+  release(): Promise<void>;
+}
+
+interface LockInfo {
+  pid: number;
+  startTime: string;
+  command: string;
+}
+
+/**
+ * One lock file per app under the run dir, created with link() so exactly one taker wins. A lock
+ * whose holder is gone (pid dead, or reused by another process) is stale and taken over.
+ */
+export async function takeLock(sys: Sys, p: Paths, app: string, command: string, notice: (m: string) => void): Promise<Lock> {
+  const path = join(p.runDir, `${app}.lock`);
+  const me = await readStat(sys, process.pid);
+  const info: LockInfo = { pid: process.pid, startTime: me?.startTime ?? '', command };
+  const tmp = `${path}.${process.pid}`;
+  await writeFile(tmp, JSON.stringify(info), { mode: 0o600 });
+  try {
+    for (let attempt = 0; attempt < 5; attempt++) {
+      try {
+        await link(tmp, path);
+        return { release: async () => void (await unlink(path).catch(() => {})) };
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      }
+      let holder: LockInfo | null = null;
+      try {
+        holder = JSON.parse(await readFile(path, 'utf8'));
+      } catch {
+        holder = null; // half-written or vanished: treat as stale
+      }
+      if (holder && (await isAlive(sys, holder.pid, holder.startTime))) {
+        fail('lockHeld', `app "${app}" is locked by pid ${holder.pid} (${holder.command}); wait for it to finish, or kill it and run again`);
+      }
+      // move the stale file aside first, so two takers cannot both delete a fresh lock
+      const aside = `${path}.stale.${process.pid}`;
+      try {
+        await rename(path, aside);
+        await unlink(aside);
+        notice(`took over a stale lock for "${app}"${holder ? ` left by pid ${holder.pid}, which is gone` : ''}`);
+      } catch {
+        // someone else moved it first; try again
+      }
+    }
+    return fail('lockHeld', `could not take the lock for "${app}" at ${path}; another portflip is starting right now`);
+  } finally {
+    await unlink(tmp).catch(() => {});
+  }
+}
