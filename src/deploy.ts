@@ -12,7 +12,7 @@ import { drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitRead
 import { appChain, ensureText, parseSave, switchText, type Family, type Iptables, type NatView } from './iptables.js';
 import { describe, openIptables, pointAt, reconcile, removeApp, spawnReaper, type Ctx } from './ops.js';
 import { bindProblem, listenersOn, readStat, tcpSockets } from './proc.js';
-import { ensureDirs, listApps, readState, takeLock, writeState, type AppState, type Instance, type StopPolicy } from './state.js';
+import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type Instance, type StopPolicy } from './state.js';
 
 export interface DeployOptions {
   app: string;
@@ -123,6 +123,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       await u.run().catch(() => {});
       emit({ kind: 'notice', app: o.app, message: `undo: ${u.title}; the redirect was not changed` });
     }
+    if (pre!.fresh && !st.instances.length) await removeState(paths, o.app);
     if (err instanceof PortflipError && err.kind === 'deployFailed') {
       const log = join(paths.logDir, `${o.app}-${pre!.port}.log`);
       emit({ kind: 'log-tail', app: o.app, port: pre!.port, log, lines: await logTail(log) });
@@ -150,6 +151,7 @@ interface Preflight {
   state: AppState;
   port: number;
   views: Map<Family, NatView>;
+  fresh: boolean; // no state file before this deploy
 }
 
 async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight | null> {
@@ -172,7 +174,7 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight | null> 
   if (o.dryRun) {
     const state = (await readState(paths, o.app).catch(() => null)) ?? freshState(o, 'nft', []);
     const port = o.ports?.find((p) => !state.instances.some((i) => i.state === 'active' && i.port === p)) ?? (o.ports ?? [DEFAULT_PORT_RANGE[0]])[0];
-    return { ipt: null as unknown as Iptables, lock: { release: async () => {} }, user, env, state, port, views: new Map() };
+    return { ipt: null as unknown as Iptables, lock: { release: async () => {} }, user, env, state, port, views: new Map(), fresh: false };
   }
 
   const recorded = await readState(paths, o.app);
@@ -181,7 +183,8 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight | null> 
   await ensureDirs(paths);
   const lock = await takeLock(sys, paths, o.app, `deploy ${o.app}`, (m) => ctx.emit({ kind: 'notice', app: o.app, message: m }));
   try {
-    const state = (await readState(paths, o.app)) ?? freshState(o, ipt.backend, []);
+    const existing = await readState(paths, o.app);
+    const state = existing ?? freshState(o, ipt.backend, []);
     if (state.listen !== o.listen && state.instances.length) {
       ctx.emit({ kind: 'notice', app: o.app, message: `public port changes from ${state.listen} to ${o.listen}` });
     }
@@ -189,7 +192,7 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight | null> 
     state.listen = o.listen;
     state.backend = ipt.backend;
     const port = await pickPort(o, ctx, state);
-    return { ipt, lock, user, env, state, port, views };
+    return { ipt, lock, user, env, state, port, views, fresh: !existing };
   } catch (err) {
     await lock.release();
     throw err;
