@@ -2,12 +2,10 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { existsSync, readFileSync } from 'node:fs';
 import { startLoad, freePorts } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, type World } from './lib.js';
+import { inWorld, alive, deployArgs, events, show, get, type World } from './lib.js';
 
 const redirectTarget = async (w: World) => /-A PF-web -p tcp -j REDIRECT --to-ports (\d+)/.exec(await w.save())?.[1];
-const alive = (pid: number) => existsSync(`/proc/${pid}`) && !/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
 
 const cases: [string, string[], string[], RegExp][] = [
   ['exits at once', [], ['--exit-at-once'], /exited \(code 3\) before it was ready/],

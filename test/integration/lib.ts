@@ -1,5 +1,6 @@
 // Shared setup for the integration tests: a namespace, state dirs, and the CLI with the fixture app.
 
+import { existsSync, readFileSync } from 'node:fs';
 import { fixture, createNetns, tmpDirs, portflip, portflipSpawn, type Netns, type TmpDirs, type ExecResult } from '../helpers/netns.js';
 
 export interface World {
@@ -59,3 +60,12 @@ export async function get(ns: Netns, url: string, where: 'server' | 'client' = '
   const r = where === 'server' ? await ns.exec(process.execPath, ['-e', script]) : await ns.execClient(process.execPath, ['-e', script]);
   return r.stdout.trim();
 }
+
+/** Alive and not a zombie. */
+export const alive = (pid: number) => {
+  try {
+    return existsSync(`/proc/${pid}`) && !/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+};
