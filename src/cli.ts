@@ -22,9 +22,9 @@ function port(v: unknown, flag: string): number {
 function toDeployOptions(a: Record<string, any>): DeployOptions {
   const ready = String(a.ready ?? 'tcp');
   if (a.readyCmd && a.ready && a.ready !== 'tcp') fail('usage', 'give --ready or --ready-cmd, not both');
-  if (ready !== 'tcp' && !/^https?:\/\//.test(ready)) fail('usage', `--ready ${ready}: use tcp or an http:// URL such as http://127.0.0.1:{port}/health`);
+  if (ready !== 'tcp' && !/^https?:\/\/[^/]/.test(ready)) fail('usage', `--ready ${ready}: use tcp or an http(s):// URL such as http://127.0.0.1:{port}/health`);
   const signal = String(a.stopSignal).toUpperCase().replace(/^(?!SIG)/, 'SIG');
-  if (!SIGNALS.includes(signal)) fail('usage', `--stop-signal ${a.stopSignal}: use one of ${SIGNALS.slice(0, -1).join(', ')}`);
+  if (!SIGNALS.includes(signal)) fail('usage', `--stop-signal ${a.stopSignal}: use one of ${SIGNALS.join(', ')}`);
   if (a.drain !== 'signal' && a.drain !== 'idle') fail('usage', `--drain ${a.drain}: use signal or idle`);
   if (!['auto', 'on', 'off'].includes(a.ipv6)) fail('usage', `--ipv6 ${a.ipv6}: use auto, on or off`);
   const env: Record<string, string> = {};
@@ -43,7 +43,7 @@ function toDeployOptions(a: Record<string, any>): DeployOptions {
     cwd: String(a.cwd ?? process.cwd()),
     user: a.user,
     env,
-    ready: a.readyCmd ? { kind: 'cmd', command: String(a.readyCmd) } : ready === 'tcp' ? { kind: 'tcp' } : { kind: 'http', url: ready },
+    ready: a.readyCmd ? { kind: 'cmd', command: String(a.readyCmd), cwd: String(a.cwd ?? process.cwd()) } : ready === 'tcp' ? { kind: 'tcp' } : { kind: 'http', url: ready },
     readyTimeoutMs: parseDuration(a.readyTimeout, '--ready-timeout'),
     stop: {
       drain: a.drain as DrainMode,
@@ -68,7 +68,8 @@ export async function main(argv: string[]): Promise<number> {
     process.stderr.write(`portflip: ${sig} received, undoing what is not finished (again to quit now)\n`);
     abort.abort();
   };
-  const json = argv.includes('--json');
+  const own = argv.includes('--') ? argv.slice(0, argv.indexOf('--')) : argv; // the app's own flags are not ours
+  const json = own.includes('--json');
   const ctx: Ctx = { sys: realSys, paths: paths(), emit: makeEmitter(json), env: process.env, abort: abort.signal };
   let command: Promise<void> = Promise.resolve();
   const run = (fn: () => Promise<void>) => {

@@ -19,7 +19,10 @@ async function withApp<T>(ctx: Ctx, app: string, what: string, fn: (st: AppState
   try {
     const st = (await readState(ctx.paths, app))!;
     await reconcile(ctx, ipt, st);
-    return await fn(st, ipt);
+    const out = await fn(st, ipt);
+    // instances an earlier run left draining are finished by whichever run comes next
+    for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i);
+    return out;
   } finally {
     await lock.release();
   }
@@ -52,8 +55,10 @@ export async function stop(ctx: Ctx, app: string): Promise<void> {
     // the public port now refuses; stop every instance right away under the grace period
     const policy = { ...st.stop, drain: 'signal' as const };
     await Promise.all(st.instances.map((i) => drainAndStop(ctx.sys, app, i, policy, ctx.emit, async () => {})));
+    const stopped = st.instances.length;
+    st.instances = [];
     await removeState(ctx.paths, app);
-    ctx.emit({ kind: 'step', step: 'stop', app, status: 'ok', durationMs: ctx.sys.now() - started, detail: `${st.instances.length} instance(s) stopped, rules removed` });
+    ctx.emit({ kind: 'step', step: 'stop', app, status: 'ok', durationMs: ctx.sys.now() - started, detail: `${stopped} instance(s) stopped, rules removed` });
   });
 }
 
@@ -77,22 +82,18 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
   const locks = [];
   try {
     for (const app of apps) locks.push(await takeLock(ctx.sys, ctx.paths, app, 'cleanup', (m) => ctx.emit({ kind: 'notice', app, message: m })));
-    // rules may have been made under either backend; clean every one that works here
-    const backends: Backend[] = [];
-    for (const b of ['nft', 'legacy'] as const) {
-      const ipt = await detectBackend(ctx.sys, b).catch(() => null);
-      if (!ipt) continue;
-      backends.push(b);
-      for (const f of ipt.families) {
-        const text = cleanupText(await ipt.save(f));
-        if (text) await ipt.restore(f, text);
-      }
+    // the backend in use, and any other one a state file says rules were made with
+    const detected = await detectBackend(ctx.sys, ctx.env.PORTFLIP_IPTABLES);
+    const backends = new Set<Backend>([detected.backend]);
+    for (const app of apps) {
+      const b = (await readState(ctx.paths, app).catch(() => null))?.backend;
+      if (b) backends.add(b);
     }
-    if (!backends.length) {
-      const ipt = await detectBackend(ctx.sys);
-      for (const f of ipt.families) {
-        const text = cleanupText(await ipt.save(f));
-        if (text) await ipt.restore(f, text);
+    for (const b of backends) {
+      const ipt = b === detected.backend ? detected : await detectBackend(ctx.sys, b).catch(() => null);
+      for (const f of ipt?.families ?? []) {
+        const text = cleanupText(await ipt!.save(f));
+        if (text) await ipt!.restore(f, text);
       }
     }
     let stopped = 0;
@@ -119,7 +120,8 @@ export async function reap(ctx: Ctx, app: string): Promise<void> {
     const kept = st?.instances.filter((i) => i.state === 'kept') ?? [];
     if (!kept.length) return;
     const due = Math.min(...kept.map((i) => i.keepUntil ?? 0));
-    await ctx.sys.sleep(Math.max(0, due - Date.now()) + 50);
+    await ctx.sys.sleep(Math.max(0, due - Date.now()) + 50, ctx.abort);
+    if (ctx.abort.aborted) return;
     for (let tries = 0; ; tries++) {
       try {
         await withApp(ctx, app, 'reap', async (st) => {

@@ -50,7 +50,9 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   };
 
   // 1. preflight: every check, no side effect but the lock and repairs of earlier runs
-  const pre = await step('preflight', () => preflight(o, ctx));
+  // bad input fails here with one line and no event: nothing was started or changed
+  const pre = await preflight(o, ctx);
+  emit({ kind: 'step', step: 'preflight', app: o.app, status: 'ok', durationMs: sys.now() - t0 });
   if (o.dryRun) return plan(o, ctx, pre);
   const { ipt, lock, user, env } = pre!;
   let st = pre!.state;
@@ -82,19 +84,30 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
 
     // 4. ready: the check passes before the deadline and before the candidate exits
     await step('ready', async () => {
-      const r = await waitReady(sys, o.ready, { pid: spawned.pid, port: cand.port, exited: spawned.exited }, o.readyTimeoutMs, { ...env, PORT: String(cand.port) }, ctx.abort);
+      const check = o.ready.kind === 'cmd' ? { ...o.ready, user } : o.ready;
+      const r = await waitReady(sys, check, { pid: spawned.pid, port: cand.port, exited: spawned.exited }, o.readyTimeoutMs, { ...env, PORT: String(cand.port) }, ctx.abort);
       if (!r.ready) throw new PortflipError('deployFailed', r.reason);
     }, cand.port, () => cand.pid);
 
     // 5. bind-check: redirected traffic arrives at the interface address; the candidate must listen there
     const families = await step('bind-check', () => bindCheck(o, ctx, ipt, cand.port), cand.port, () => cand.pid);
 
-    // 6. switch: one commit per family. Undo: point back at the old instance while it still accepts.
+    // 6. switch: one commit per family. Undo: point back at the old instance, which still accepts.
     const old = st.instances.find((i) => i.state === 'active');
     await step('switch', async () => {
       for (const f of ipt.families) {
-        if (families.includes(f)) await pointAt(ipt, f, o.app, o.listen, cand.port, pre!.views.get(f));
-        else if (st.families.includes(f) || pre!.views.get(f)?.chains.has(appChain(o.app))) await removeApp(ipt, f, o.app);
+        const had = st.families.includes(f) || !!pre!.views.get(f)?.chains.has(appChain(o.app));
+        if (!families.includes(f) && !had) continue;
+        undo.push({ title: `${f} redirect ${old && had ? `back on port ${old.port}` : 'removed'}`, run: async () => {
+          if (old && had && st.families.includes(f)) await pointAt(ipt, f, o.app, o.listen, old.port);
+          else await removeApp(ipt, f, o.app);
+        } });
+        try {
+          if (families.includes(f)) await pointAt(ipt, f, o.app, o.listen, cand.port, pre!.views.get(f));
+          else await removeApp(ipt, f, o.app);
+        } catch (err) {
+          throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
+        }
       }
       st.families = families;
       cand.state = 'active';
@@ -121,7 +134,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   } catch (err) {
     for (const u of undo.reverse()) {
       await u.run().catch(() => {});
-      emit({ kind: 'notice', app: o.app, message: `undo: ${u.title}; the redirect was not changed` });
+      emit({ kind: 'notice', app: o.app, message: `undo: ${u.title}` });
     }
     if (pre!.fresh && !st.instances.length) await removeState(paths, o.app);
     if (err instanceof PortflipError && err.kind === 'deployFailed') {

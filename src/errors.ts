@@ -2,7 +2,7 @@
 
 export const ExitCode = {
   ok: 0,
-  deployFailed: 1, // the candidate failed; nothing was switched, or it was switched back
+  deployFailed: 1, // the candidate failed or the deploy was interrupted; the redirect was left on the old instance
   usage: 2, // bad flag, duration, port or app name
   lockHeld: 3, // another portflip run holds the app's lock
   notPrivileged: 4, // neither root nor CAP_NET_ADMIN

@@ -3,7 +3,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { open, chown, readFile, stat, access, constants } from 'node:fs/promises';
 import { connect } from 'node:net';
-import { request } from 'node:http';
+import { request as httpRequest } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { fail } from './errors.js';
 import { groupMembers, isAlive, openConnections, tcpSockets } from './proc.js';
@@ -62,7 +63,7 @@ export interface Spawned {
 }
 
 export async function spawnInstance(spec: SpawnSpec): Promise<Spawned> {
-  const fh = await open(spec.log, 'a', 0o640);
+  const fh = await open(spec.log, 'w', 0o640); // a fresh log per instance, so a failure's tail is its own
   if (spec.user) await chown(spec.log, spec.user.uid, spec.user.gid).catch(() => {});
   try {
     const [cmd, ...args] = spec.command;
@@ -89,7 +90,7 @@ export async function spawnInstance(spec: SpawnSpec): Promise<Spawned> {
   }
 }
 
-export type ReadyCheck = { kind: 'tcp' } | { kind: 'http'; url: string } | { kind: 'cmd'; command: string };
+export type ReadyCheck = { kind: 'tcp' } | { kind: 'http'; url: string } | { kind: 'cmd'; command: string; cwd: string; user?: User };
 
 const attempt = (check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS.ProcessEnv): Promise<boolean> => {
   switch (check.kind) {
@@ -99,7 +100,9 @@ const attempt = (check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS
       return httpOk(check.url.replaceAll('{port}', String(port)), timeoutMs);
     case 'cmd':
       return new Promise((res) => {
-        const c = spawn('sh', ['-c', check.command], { env: { ...env, PORT: String(port) }, stdio: 'ignore', timeout: timeoutMs });
+        const c = spawn('sh', ['-c', check.command.replaceAll('{port}', String(port))], {
+          env: { ...env, PORT: String(port) }, cwd: check.cwd, uid: check.user?.uid, gid: check.user?.gid, stdio: 'ignore', timeout: timeoutMs,
+        });
         c.once('exit', (code) => res(code === 0));
         c.once('error', () => res(false));
       });
@@ -121,7 +124,9 @@ export function tcpOpen(host: string, port: number, timeoutMs: number): Promise<
 
 function httpOk(url: string, timeoutMs: number): Promise<boolean> {
   return new Promise((res) => {
-    const req = request(url, { method: 'GET', timeout: timeoutMs, agent: false }, (r) => {
+    // a health check on this host often sits behind a self-signed certificate: readiness, not trust, is asked
+    const request = url.startsWith('https:') ? httpsRequest : httpRequest;
+    const req = request(url, { method: 'GET', timeout: timeoutMs, agent: false, rejectUnauthorized: false }, (r) => {
       r.resume();
       res((r.statusCode ?? 0) >= 200 && (r.statusCode ?? 0) < 400);
     });

@@ -174,6 +174,7 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
   const hasNft = await exists(sys, 'iptables-nft-restore');
   const hasLegacy = await exists(sys, 'iptables-legacy-restore');
   let backend: Backend;
+  if (forced === 'default') forced = undefined; // recorded for a host with one plain iptables
   if (forced) {
     if (forced !== 'nft' && forced !== 'legacy') fail('usage', `PORTFLIP_IPTABLES="${forced}": use nft or legacy`);
     if (!(forced === 'nft' ? hasNft : hasLegacy)) fail('noIptables', `iptables-${forced}-restore not found; install iptables (apt-get install -y iptables)`);

@@ -90,8 +90,19 @@ export async function listApps(p: Paths): Promise<string[]> {
   return names.filter((n) => n.endsWith('.json')).map((n) => n.slice(0, -5)).sort();
 }
 
-/** Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new file, never half. */
-export async function writeState(p: Paths, state: AppState): Promise<void> {
+let writes: Promise<void> = Promise.resolve();
+
+/**
+ * Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new file, never half.
+ * Writes are queued so parallel drains of one app cannot interleave.
+ */
+export function writeState(p: Paths, state: AppState): Promise<void> {
+  const next = writes.then(() => writeNow(p, state));
+  writes = next.catch(() => {});
+  return next;
+}
+
+async function writeNow(p: Paths, state: AppState): Promise<void> {
   state.updatedAt = new Date().toISOString();
   const target = stateFile(p, state.app);
   const tmp = `${target}.${process.pid}.tmp`;
