@@ -7,7 +7,7 @@ import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { fail } from './errors.js';
-import { groupMembers, isAlive, openConnections, tcpSockets } from './proc.js';
+import { groupMembers, isAlive, openConnections, pendingAccepts, tcpSockets } from './proc.js';
 import type { Emit } from './events.js';
 import type { Instance, StopPolicy } from './state.js';
 import type { Sys } from './sys.js';
@@ -190,6 +190,16 @@ async function waitGone(sys: Sys, inst: Instance, ms: number): Promise<boolean> 
   return groupGone(sys, inst);
 }
 
+/** Waits (briefly, bounded) until no redirected handshake is left waiting in the old listener's queue. */
+async function acceptQueueEmpty(sys: Sys, port: number): Promise<void> {
+  const until = sys.now() + 2000;
+  let quiet = 0;
+  while (quiet < 2 && sys.now() < until) {
+    quiet = pendingAccepts(await tcpSockets(sys), port) === 0 ? quiet + 1 : 0;
+    if (quiet < 2) await sys.sleep(10);
+  }
+}
+
 export const killNow = async (sys: Sys, inst: Instance) => {
   if (!inst.pid || (await groupGone(sys, inst))) return;
   signalGroup(sys, inst.pid, 'SIGKILL');
@@ -228,6 +238,7 @@ export async function drainAndStop(
   }
   if (await groupGone(sys, inst)) return 'exited';
   if (!inst.signalledAt) {
+    await acceptQueueEmpty(sys, inst.port);
     emit({ kind: 'signal', app, port: inst.port, pid, signal: policy.stopSignal, reason: policy.drain === 'idle' ? 'drained' : 'stop' });
     signalGroup(sys, pid, policy.stopSignal);
     inst.signalledAt = new Date().toISOString();

@@ -62,6 +62,7 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   const { sys, emit } = ctx;
   const app = st.app;
   const views = new Map<Family, NatView>();
+  const before = JSON.stringify(st);
   for (const f of ipt.families) views.set(f, await ipt.save(f));
 
   for (const inst of st.instances) {
@@ -110,7 +111,7 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
       detail: want !== null ? `${f} rules were ${now}; the redirect points at port ${want} again` : `${f} rules pointed at no live instance; removed them`,
     });
   }
-  await writeState(ctx.paths, st);
+  if (JSON.stringify(st) !== before) await writeState(ctx.paths, st);
   return views;
 }
 

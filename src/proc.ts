@@ -64,6 +64,7 @@ export interface TcpSocket {
   remoteAddr: string;
   remotePort: number;
   state: string; // hex code as in procfs
+  rxQueue: number; // for a listener: connections waiting in its accept queue
   inode: number;
 }
 
@@ -109,6 +110,7 @@ export function parseNetTcp(text: string, family: 'ipv4' | 'ipv6'): TcpSocket[] 
       remoteAddr: hexToIp(ra, family),
       remotePort: parseInt(rp, 16),
       state: f[3],
+      rxQueue: parseInt(f[4].split(':')[1] ?? '0', 16),
       inode: Number(f[9]),
     });
   }
@@ -131,6 +133,15 @@ export const openConnections = (socks: TcpSocket[], port: number) =>
       s.localPort === port &&
       (s.state === TcpState.ESTABLISHED || s.state === TcpState.SYN_RECV || s.state === TcpState.CLOSE_WAIT),
   ).length;
+
+/**
+ * Handshakes redirected to this port before the switch that the app has not accept()ed yet: closing
+ * the listener now would reset them, so the stop signal waits until there are none.
+ */
+export const pendingAccepts = (socks: TcpSocket[], port: number) =>
+  socks
+    .filter((s) => s.localPort === port)
+    .reduce((n, s) => n + (s.state === TcpState.LISTEN ? s.rxQueue : s.state === TcpState.SYN_RECV ? 1 : 0), 0);
 
 const wildcard = (s: TcpSocket) => s.localAddr === '0.0.0.0' || s.localAddr === '::';
 

@@ -2,7 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { bindProblem, hasNetAdmin, listenersOn, openConnections, parseNetTcp, parseStat } from '../../src/proc.js';
+import { bindProblem, hasNetAdmin, listenersOn, openConnections, parseNetTcp, parseStat, pendingAccepts } from '../../src/proc.js';
 
 test('parseStat survives spaces and parens in the command name', () => {
   const st = parseStat('4242 (my (odd) app) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 18446744073709551615')!;
@@ -37,6 +37,13 @@ test('open connections count established ones on the port, not listeners or TIME
   assert.is(openConnections(socks, 8003), 1);
   assert.is(openConnections(socks, 8002), 0);
   assert.is(listenersOn(socks, 8001).length, 1);
+});
+
+test('pending accepts: the accept queue of the listener plus handshakes in progress', () => {
+  const text = tcp.replace(' 0A 00000000:00000000', ' 0A 00000000:00000003') + '   4: 0100007F:1F41 0100007F:D439 03 00000000:00000000 00:00000000 00000000     0        0 0 1 0000000000000000 20 4 30 10 -1\n';
+  const socks = parseNetTcp(text, 'ipv4');
+  assert.is(pendingAccepts(socks, 8001), 4);
+  assert.is(pendingAccepts(socks, 8002), 0);
 });
 
 test('bind check: wildcard passes, loopback-only is refused with a fix', () => {

@@ -1,0 +1,92 @@
+// Test runner for `npm test`: runs each built dist/test/**/*.test.js in its own process and sums uvu's summaries.
+// Usage: node scripts/test.mjs [substring ...]   (runs only files whose path contains one of the substrings)
+import { spawn } from 'node:child_process';
+import { readdirSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const testDir = path.join(root, 'dist', 'test');
+const FILE_TIMEOUT_MS = Number(process.env.PORTFLIP_TEST_FILE_TIMEOUT_MS ?? 240_000);
+const KILL_GRACE_MS = 3000; // lets the harness's SIGTERM handler tear down namespaces and apps first
+
+function findTests(dir) {
+  let entries;
+  try {
+    entries = readdirSync(dir, { withFileTypes: true });
+  } catch {
+    return [];
+  }
+  return entries.flatMap((e) => {
+    const p = path.join(dir, e.name);
+    if (e.isDirectory()) return findTests(p);
+    return e.isFile() && e.name.endsWith('.test.js') ? [p] : [];
+  });
+}
+
+// uvu prints "Total: N", "Passed: N", "Skipped: N" once per process; colours are stripped first.
+function parseSummary(text) {
+  const plain = text.replace(/\x1b\[[0-9;]*m/g, '');
+  const grab = (label) => [...plain.matchAll(new RegExp(`^\\s*${label}:\\s+(\\d+)`, 'gm'))].reduce((n, m) => n + Number(m[1]), 0);
+  const found = /^\s*Total:\s+\d+/m.test(plain);
+  return { found, total: grab('Total'), passed: grab('Passed'), skipped: grab('Skipped') };
+}
+
+function runFile(file) {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [file], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    let stdout = '';
+    child.stdout.on('data', (d) => {
+      stdout += d;
+      process.stdout.write(d);
+    });
+    child.stderr.on('data', (d) => process.stderr.write(d));
+    let timedOut = false;
+    const signalGroup = (sig) => {
+      try {
+        process.kill(-child.pid, sig);
+      } catch {}
+    };
+    const timer = setTimeout(() => {
+      timedOut = true;
+      process.stderr.write(`\n${path.relative(root, file)}: timed out after ${FILE_TIMEOUT_MS} ms, killing it\n`);
+      signalGroup('SIGTERM');
+      setTimeout(() => signalGroup('SIGKILL'), KILL_GRACE_MS).unref();
+    }, FILE_TIMEOUT_MS);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, timedOut, summary: parseSummary(stdout) });
+    });
+  });
+}
+
+const filters = process.argv.slice(2);
+const files = findTests(testDir)
+  .filter((f) => filters.length === 0 || filters.some((s) => path.relative(root, f).includes(s)))
+  .sort();
+
+let passed = 0;
+let failed = 0;
+let skipped = 0;
+const broken = [];
+for (const file of files) {
+  const rel = path.relative(root, file);
+  process.stdout.write(`\n# ${rel}\n`);
+  const r = await runFile(file);
+  const s = r.summary;
+  let fileFailed = s.total - s.passed;
+  // A crash, a timeout or a non-zero exit is a failure even when uvu's own count says otherwise.
+  if (r.code !== 0 || r.timedOut || !s.found) {
+    fileFailed = Math.max(fileFailed, 1);
+    broken.push(`${rel}: ${r.timedOut ? 'timed out' : `exited ${r.signal ?? r.code}`}${s.found ? '' : ', no uvu summary'}`);
+  }
+  passed += s.passed;
+  failed += fileFailed;
+  skipped += s.skipped;
+}
+
+if (files.length === 0) process.stdout.write(`no test files under ${path.relative(root, testDir)}${filters.length ? ` matching ${filters.join(', ')}` : ''}\n`);
+for (const line of broken) process.stdout.write(`${line}\n`);
+const ran = passed + failed;
+process.stdout.write(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}\n`);
+process.exitCode = failed > 0 || ran === 0 ? 1 : 0;
