@@ -4,6 +4,7 @@ import yargs, { type Argv } from 'yargs';
 import { deploy, type DeployOptions } from './deploy.js';
 import { cleanup, formatStatus, reap, restore, rollback, status, stop } from './commands.js';
 import { parseDuration } from './duration.js';
+import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './config.js';
 import { ExitCode, PortflipError, fail } from './errors.js';
 import { makeEmitter } from './events.js';
 import type { Ctx } from './ops.js';
@@ -19,7 +20,32 @@ function port(v: unknown, flag: string): number {
   return n;
 }
 
-function toDeployOptions(a: Record<string, any>): DeployOptions {
+/** Flags win over the config file, which wins over the defaults. */
+export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file: string | null): DeployOptions {
+  const from = (flag: string, key: keyof AppConfig, fallback?: unknown) => flags[flag] ?? cfg[key] ?? fallback;
+  const dur = (v: unknown, flag: string) => (typeof v === 'number' ? v * 1000 : parseDuration(String(v), flag));
+  const a = {
+    app: flags.app,
+    listen: from('listen', 'listen'),
+    ports: flags.ports ?? cfg.ports?.join(','),
+    cwd: from('cwd', 'cwd'),
+    user: from('user', 'user'),
+    ready: flags.ready ?? (flags.readyCmd ? undefined : cfg.ready),
+    readyCmd: flags.readyCmd ?? (flags.ready ? undefined : cfg.ready_cmd),
+    readyTimeout: from('readyTimeout', 'ready_timeout', '60s'),
+    drain: from('drain', 'drain', 'signal'),
+    drainTimeout: from('drainTimeout', 'drain_timeout', '30s'),
+    stopSignal: from('stopSignal', 'stop_signal', 'SIGTERM'),
+    killAfter: from('killAfter', 'kill_after', '10s'),
+    keepOld: from('keepOld', 'keep_old'),
+    ipv6: from('ipv6', 'ipv6', 'auto'),
+    dryRun: flags.dryRun,
+    env: flags.env,
+  };
+  const where = file ? ` or set it in ${file}` : '';
+  if (a.listen === undefined) fail('usage', `give --listen PORT${where || ` (or write a config file: portflip init ${a.app})`}`);
+  const command = (flags['--'] as unknown[] | undefined)?.length ? (flags['--'] as unknown[]).map(String) : cfg.command ?? [];
+  if (!command.length) fail('usage', `no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js${where ? `, or set command in ${file}` : ''}`);
   const ready = String(a.ready ?? 'tcp');
   if (a.readyCmd && a.ready && a.ready !== 'tcp') fail('usage', 'give --ready or --ready-cmd, not both');
   if (ready !== 'tcp' && !/^https?:\/\/[^/]/.test(ready)) fail('usage', `--ready ${ready}: use tcp or an http(s):// URL such as http://127.0.0.1:{port}/health`);
@@ -27,7 +53,7 @@ function toDeployOptions(a: Record<string, any>): DeployOptions {
   if (!SIGNALS.includes(signal)) fail('usage', `--stop-signal ${a.stopSignal}: use one of ${SIGNALS.join(', ')}`);
   if (a.drain !== 'signal' && a.drain !== 'idle') fail('usage', `--drain ${a.drain}: use signal or idle`);
   if (!['auto', 'on', 'off'].includes(a.ipv6)) fail('usage', `--ipv6 ${a.ipv6}: use auto, on or off`);
-  const env: Record<string, string> = {};
+  const env: Record<string, string> = { ...cfg.env };
   for (const kv of [a.env ?? []].flat().map(String)) {
     const i = kv.indexOf('=');
     if (i < 1) fail('usage', `--env ${kv}: write it as NAME=value`);
@@ -38,26 +64,34 @@ function toDeployOptions(a: Record<string, any>): DeployOptions {
   return {
     app: String(a.app),
     listen: port(a.listen, '--listen'),
-    command: (a['--'] ?? []).map(String),
+    command,
     ports,
     cwd: String(a.cwd ?? process.cwd()),
     user: a.user,
     env,
     ready: a.readyCmd ? { kind: 'cmd', command: String(a.readyCmd), cwd: String(a.cwd ?? process.cwd()) } : ready === 'tcp' ? { kind: 'tcp' } : { kind: 'http', url: ready },
-    readyTimeoutMs: parseDuration(a.readyTimeout, '--ready-timeout'),
+    readyTimeoutMs: dur(a.readyTimeout, '--ready-timeout'),
     stop: {
       drain: a.drain as DrainMode,
-      drainTimeoutMs: parseDuration(a.drainTimeout, '--drain-timeout'),
+      drainTimeoutMs: dur(a.drainTimeout, '--drain-timeout'),
       stopSignal: signal as NodeJS.Signals,
-      killAfterMs: parseDuration(a.killAfter, '--kill-after'),
+      killAfterMs: dur(a.killAfter, '--kill-after'),
     },
-    keepOldMs: a.keepOld === undefined ? undefined : parseDuration(a.keepOld, '--keep-old'),
+    keepOldMs: a.keepOld === undefined ? undefined : dur(a.keepOld, '--keep-old'),
     ipv6: a.ipv6,
     dryRun: !!a.dryRun,
+    hooks: Object.fromEntries(HOOKS.filter((h) => cfg[h]).map((h) => [h, cfg[h]!])),
   };
 }
 
 const appArg = (y: Argv) => y.positional('app', { type: 'string', describe: 'the app name (1-25 of a-z 0-9 - _)' });
+
+/** The app named on the command line, or the one a -c file stands for (web.toml -> web). */
+function appName(a: Record<string, unknown>): string {
+  if (a.app) return String(a.app);
+  if (a.config) return appFromFile(String(a.config));
+  return fail('usage', 'name the app, like: portflip deploy web (or give -c FILE)');
+}
 
 export async function main(argv: string[]): Promise<number> {
   const abort = new AbortController();
@@ -81,34 +115,46 @@ export async function main(argv: string[]): Promise<number> {
     .usage('$0 <command> [app] [options]')
     .parserConfiguration({ 'populate--': true })
     .option('json', { type: 'boolean', describe: 'one JSON object per line on stdout' })
-    .command('deploy <app>', 'start a new instance and flip the public port to it', (y) =>
+    .option('config', { alias: 'c', type: 'string', describe: 'config file (default /etc/portflip/APP.toml)' })
+    .command('deploy [app]', 'start a new instance and flip the public port to it', (y) =>
       appArg(y)
         .usage('$0 deploy <app> --listen PORT [options] -- COMMAND [ARGS...]')
-        .option('listen', { type: 'string', demandOption: true, describe: 'the public port' })
+        .option('listen', { type: 'string', describe: 'the public port' })
         .option('ports', { type: 'string', describe: 'instance ports to alternate between, e.g. 8001,8002' })
         .option('cwd', { type: 'string', describe: 'working directory of the app' })
         .option('user', { type: 'string', describe: 'run the app as this user' })
         .option('env', { type: 'string', array: true, describe: 'K=V, repeatable' })
-        .option('ready', { type: 'string', default: 'tcp', describe: 'tcp, or http://127.0.0.1:{port}/PATH (2xx/3xx)' })
+        .option('ready', { type: 'string', describe: 'tcp (default), or http://127.0.0.1:{port}/PATH (2xx/3xx)' })
         .option('ready-cmd', { type: 'string', describe: 'a shell command that exits 0 when ready ($PORT set)' })
-        .option('ready-timeout', { type: 'string', default: '60s' })
-        .option('drain', { type: 'string', default: 'signal', describe: 'signal: stop signal right after the switch; idle: wait for no open connections first' })
-        .option('drain-timeout', { type: 'string', default: '30s' })
-        .option('stop-signal', { type: 'string', default: 'SIGTERM' })
-        .option('kill-after', { type: 'string', default: '10s' })
+        .option('ready-timeout', { type: 'string', describe: 'default 60s' })
+        .option('drain', { type: 'string', describe: 'signal (default): stop signal right after the switch; idle: wait for no open connections first' })
+        .option('drain-timeout', { type: 'string', describe: 'default 30s' })
+        .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
+        .option('kill-after', { type: 'string', describe: 'default 10s' })
         .option('keep-old', { type: 'string', describe: 'keep the previous instance this long for an instant rollback' })
-        .option('ipv6', { type: 'string', default: 'auto', describe: 'auto: redirect IPv6 when the host has it and the app listens on ::; on; off' })
+        .option('ipv6', { type: 'string', describe: 'auto: redirect IPv6 when the host has it and the app listens on ::; on; off' })
         .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' }),
-      (a) => run(() => deploy(toDeployOptions(a), ctx)),
+      (a) =>
+        run(async () => {
+          const app = appName(a);
+          const { path, config } = await readConfig(app, a.config as string | undefined);
+          await deploy(toDeployOptions({ ...a, app }, config, path), ctx);
+        }),
+    )
+    .command('init [app]', 'write a commented starting config file (/etc/portflip/APP.toml or -c FILE)', (y) => appArg(y), (a) =>
+      run(async () => {
+        const path = await writeStarter(appName(a), a.config as string | undefined);
+        process.stderr.write(`wrote ${path}; edit it, then: portflip deploy ${appName(a)}\n`);
+      }),
     )
     .command('status [app]', 'show apps, instances and whether the live rules agree', (y) => appArg(y), (a) =>
       run(async () => {
-        const apps = await status(ctx, a.app as string | undefined);
+        const apps = await status(ctx, a.app || a.config ? appName(a) : undefined);
         process.stdout.write(json ? JSON.stringify({ apps }) + '\n' : formatStatus(apps) + '\n');
       }),
     )
-    .command('rollback <app>', 'point the public port back at the kept previous instance', (y) => appArg(y), (a) => run(() => rollback(ctx, String(a.app))))
-    .command('stop <app>', "remove the app's rules and stop all its instances", (y) => appArg(y), (a) => run(() => stop(ctx, String(a.app))))
+    .command('rollback [app]', 'point the public port back at the kept previous instance', (y) => appArg(y), (a) => run(() => rollback(ctx, appName(a))))
+    .command('stop [app]', "remove the app's rules and stop all its instances", (y) => appArg(y), (a) => run(() => stop(ctx, appName(a))))
     .command('restore', "re-create every app's rules from the state files", (y) => y, () => run(() => restore(ctx)))
     .command('cleanup', 'remove every chain and rule portflip owns', (y) =>
       y.option('stop-instances', { type: 'boolean', describe: 'also stop every instance and forget the apps' }),

@@ -5,6 +5,8 @@
 // is undone; a failure or Ctrl-C undoes the completed steps in reverse, once.
 
 import { stat } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { HOOKS, type HookName } from './config.js';
 import { join } from 'node:path';
 import { fail, PortflipError } from './errors.js';
 import type { StepName } from './events.js';
@@ -28,7 +30,22 @@ export interface DeployOptions {
   keepOldMs?: number;
   ipv6: 'auto' | 'on' | 'off';
   dryRun: boolean;
+  hooks?: Partial<Record<HookName, string>>;
 }
+
+/** Runs one lifecycle hook; its output goes to portflip's stderr so --json stdout stays clean. */
+function runHook(name: HookName, command: string, o: { cwd: string; env: NodeJS.ProcessEnv; user?: User }): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('sh', ['-c', command], { cwd: o.cwd, env: o.env, uid: o.user?.uid, gid: o.user?.gid, stdio: ['ignore', 2, 2], timeout: HOOK_TIMEOUT_MS });
+    child.once('error', (err) => reject(new PortflipError('deployFailed', `${name} hook could not start: ${err.message}`)));
+    child.once('exit', (code, signal) =>
+      code === 0 ? resolve() : reject(new PortflipError('deployFailed', `${name} hook failed (${signal ? `killed by ${signal}` : `exit ${code}`}): ${command}`)),
+    );
+  });
+}
+
+/** A hook that hangs must not hold the deploy (and its lock) forever. */
+export const HOOK_TIMEOUT_MS = 300_000;
 
 /** Ports chosen when --ports is not given: below the kernel's ephemeral range, so clients never hold them. */
 export const DEFAULT_PORT_RANGE = [20000, 29999] as const;
@@ -37,8 +54,10 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   const { sys, emit, paths } = ctx;
   appChain(o.app); // refuses a bad name before anything else
   const t0 = sys.now();
+  let current: StepName = 'preflight';
   const step = async <T>(name: StepName, fn: () => Promise<T>, port?: number, pid?: () => number | null | undefined, detail?: () => string | undefined): Promise<T> => {
     const started = sys.now();
+    current = name;
     try {
       const out = await fn();
       emit({ kind: 'step', step: name, app: o.app, status: 'ok', port, pid: pid?.(), durationMs: sys.now() - started, detail: detail?.() });
@@ -57,10 +76,23 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   const { ipt, lock, user, env } = pre!;
   let st = pre!.state;
   const undo: { title: string; run: () => Promise<void> }[] = [];
+  const prev = st.instances.find((i) => i.state === 'active');
+  let candidateLog: string | null = null;
+  // hooks run as the app's user, in its directory; only the ones before the switch can stop a deploy
+  const hook = async (name: HookName, port: number, must: boolean) => {
+    const command = o.hooks?.[name];
+    if (!command) return;
+    const hookEnv = { ...env, PORTFLIP_APP: o.app, PORTFLIP_PORT: String(port), PORTFLIP_PREVIOUS_PORT: prev ? String(prev.port) : '', PORTFLIP_STEP: name === 'on_failure' ? current : name };
+    const run = () => runHook(name, command, { cwd: o.cwd, env: hookEnv, user });
+    if (must) return step(name, run, port);
+    await run().catch((err) => emit({ kind: 'notice', app: o.app, message: `${(err as Error).message}; the deploy goes on` }));
+  };
   try {
     // 2. retire: the chosen port is still held by our own kept or draining instance
     const holder = st.instances.find((i) => i.port === pre!.port && i.state !== 'active');
     if (holder) await step('retire', () => retire(ctx, st, holder), holder.port, () => holder.pid);
+
+    await hook('before_start', pre!.port, true);
 
     // 3. start: record the intent, spawn, record the pid. Undo: kill the candidate's group.
     const cand: Instance = {
@@ -68,6 +100,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       command: o.command.map((a) => a.replaceAll('{port}', String(pre!.port))), log: join(paths.logDir, `${o.app}-${pre!.port}.log`),
     };
     st.instances.push(cand);
+    candidateLog = cand.log;
     await writeState(paths, st);
     const spawned = await step('start', async () => {
       const s = await spawnInstance({ command: cand.command, port: cand.port, cwd: o.cwd, env: { ...env, PORT: String(cand.port) }, user, log: cand.log });
@@ -91,6 +124,8 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
 
     // 5. bind-check: redirected traffic arrives at the interface address; the candidate must listen there
     const families = await step('bind-check', () => bindCheck(o, ctx, ipt, cand.port), cand.port, () => cand.pid);
+
+    await hook('after_ready', cand.port, true);
 
     // 6. switch: one commit per family. Undo: point back at the old instance, which still accepts.
     const old = st.instances.find((i) => i.state === 'active');
@@ -119,6 +154,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       await writeState(paths, st);
     }, cand.port, () => cand.pid, () => (old ? `from port ${old.port}` : 'first instance'));
     undo.length = 0; // past this point the new instance serves; nothing is switched back
+    await hook('after_switch', cand.port, false);
 
     // 7. drain: the replaced instance (unless kept) and any older ones, in parallel
     const retiring = st.instances.filter((i) => i.state === 'draining' || (i.state === 'kept' && i !== old));
@@ -126,6 +162,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       await step('drain', () => Promise.all(retiring.map((i) => retire(ctx, st, i))).then(() => undefined), old?.port, () => old?.pid,
         () => `${retiring.length} instance${retiring.length > 1 ? 's' : ''} stopped`);
     }
+    if (retiring.length) await hook('after_drain', cand.port, false);
     if (o.keepOldMs && old) {
       const pid = spawnReaper(ctx, o.app);
       emit({ kind: 'notice', app: o.app, message: `keeping ${describe(old)} for instant rollback until ${new Date(old.keepUntil!).toISOString()}; a detached reaper (pid ${pid}) stops it then, or the next portflip run` });
@@ -137,10 +174,10 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       emit({ kind: 'notice', app: o.app, message: `undo: ${u.title}` });
     }
     if (pre!.fresh && !st.instances.length) await removeState(paths, o.app);
-    if (err instanceof PortflipError && err.kind === 'deployFailed') {
-      const log = join(paths.logDir, `${o.app}-${pre!.port}.log`);
-      emit({ kind: 'log-tail', app: o.app, port: pre!.port, log, lines: await logTail(log) });
+    if (candidateLog && err instanceof PortflipError && err.kind === 'deployFailed' && !HOOKS.includes(current as HookName)) {
+      emit({ kind: 'log-tail', app: o.app, port: pre!.port, log: candidateLog, lines: await logTail(candidateLog) });
     }
+    await hook('on_failure', pre!.port, false);
     throw err;
   } finally {
     await lock.release();

@@ -1,5 +1,6 @@
 // Typed events the core emits, and the two ways to render them: lines for people, JSON for scripts.
 
+import type { HookName } from './config.js';
 import { formatMs } from './duration.js';
 
 export type StepName =
@@ -15,7 +16,8 @@ export type StepName =
   | 'rollback'
   | 'restore'
   | 'cleanup'
-  | 'done';
+  | 'done'
+  | HookName;
 
 export type Event =
   | { kind: 'step'; step: StepName; app: string; status: 'ok' | 'failed'; port?: number; pid?: number | null; durationMs: number; detail?: string }
