@@ -2,7 +2,7 @@
 
 import yargs, { type Argv } from 'yargs';
 import { deploy, type DeployOptions } from './deploy.js';
-import { cleanup, formatStatus, reap, restore, rollback, status, stop } from './commands.js';
+import { cleanup, formatStatus, logs, reap, restore, rollback, status, stop } from './commands.js';
 import { parseDuration } from './duration.js';
 import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './config.js';
 import { ExitCode, PortflipError, fail } from './errors.js';
@@ -99,7 +99,7 @@ export async function main(argv: string[]): Promise<number> {
   const onSignal = (sig: NodeJS.Signals) => {
     // the first signal asks the core to stop and undo; a second one leaves at once
     if (++interrupts > 1) process.exit(130);
-    process.stderr.write(`portflip: ${sig} received, undoing what is not finished (again to quit now)\n`);
+    process.stderr.write(`portflip: ${sig} received; finishing up, undoing what is not done (again to quit now)\n`);
     abort.abort();
   };
   const own = argv.includes('--') ? argv.slice(0, argv.indexOf('--')) : argv; // the app's own flags are not ours
@@ -147,11 +147,26 @@ export async function main(argv: string[]): Promise<number> {
         process.stderr.write(`wrote ${path}; edit it, then: portflip deploy ${appName(a)}\n`);
       }),
     )
-    .command('status [app]', 'show apps, instances and whether the live rules agree', (y) => appArg(y), (a) =>
-      run(async () => {
-        const apps = await status(ctx, a.app || a.config ? appName(a) : undefined);
-        process.stdout.write(json ? JSON.stringify({ apps }) + '\n' : formatStatus(apps) + '\n');
-      }),
+    .command('status [app]', 'show apps, instances and whether the live rules agree', (y) =>
+      appArg(y).option('watch', { alias: 'w', type: 'string', describe: 'refresh every N seconds (default 2) until Ctrl-C' }),
+      (a) =>
+        run(async () => {
+          const tty = !!process.stdout.isTTY;
+          const colour = tty && !process.env.NO_COLOR;
+          const every = a.watch === undefined ? 0 : a.watch === '' ? 2000 : parseDuration(String(a.watch), '--watch');
+          do {
+            const apps = await status(ctx, a.app || a.config ? appName(a) : undefined);
+            if (json) process.stdout.write(JSON.stringify({ apps }) + '\n');
+            else process.stdout.write((every && tty ? '\x1b[H\x1b[2J' : '') + formatStatus(apps, colour) + '\n' + (every ? '\n' : ''));
+            if (every) await ctx.sys.sleep(every, abort.signal);
+          } while (every && !abort.signal.aborted);
+        }),
+    )
+    .command('logs [app]', "show the active instance's log", (y) =>
+      appArg(y)
+        .option('follow', { alias: 'f', type: 'boolean', describe: 'keep printing new lines, across deploys, until Ctrl-C' })
+        .option('lines', { alias: 'n', type: 'number', default: 50, describe: 'how many lines to show first' }),
+      (a) => run(() => logs(ctx, appName(a), { follow: !!a.follow, lines: Number(a.lines) }, (s) => process.stdout.write(s))),
     )
     .command('rollback [app]', 'point the public port back at the kept previous instance', (y) => appArg(y), (a) => run(() => rollback(ctx, appName(a))))
     .command('stop [app]', "remove the app's rules and stop all its instances", (y) => appArg(y), (a) => run(() => stop(ctx, appName(a))))

@@ -1,5 +1,6 @@
 // The commands around a deploy: status, rollback, stop, restore, cleanup, and the kept-instance reaper.
 
+import { open, readFile } from 'node:fs/promises';
 import pidusage from 'pidusage';
 import { fail, PortflipError } from './errors.js';
 import { drainAndStop } from './instance.js';
@@ -198,7 +199,10 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
   return out;
 }
 
-export function formatStatus(apps: AppStatus[]): string {
+const paint = (on: boolean, code: number, s: string) => (on ? `\x1b[${code}m${s}\x1b[0m` : s);
+const STATE_COLOUR: Record<string, number> = { active: 32, kept: 36, draining: 33, candidate: 35, gone: 31 };
+
+export function formatStatus(apps: AppStatus[], colour = false): string {
   if (!apps.length) return 'no apps';
   const rows = [['APP', 'LISTEN', 'PORT', 'PID', 'STATE', 'UPTIME', 'CPU%', 'MEM', 'CONNS', 'RULES']];
   for (const a of apps) {
@@ -213,7 +217,62 @@ export function formatStatus(apps: AppStatus[]): string {
     }
   }
   const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
-  return rows.map((r) => r.map((v, c) => v.padEnd(widths[c])).join('  ').trimEnd()).join('\n');
+  // pad first, colour after, so escape codes never skew the columns
+  return rows
+    .map((r, i) =>
+      r
+        .map((v, c) => {
+          const cell = v.padEnd(widths[c]);
+          if (i === 0) return paint(colour, 1, cell);
+          if (c === 4) return paint(colour, STATE_COLOUR[v] ?? 0, cell);
+          if (c === 9 && v) return paint(colour, v.startsWith('ok') ? 32 : 31, cell);
+          return cell;
+        })
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
+}
+
+/** The active instance's log: the last lines, then (with follow) new lines as they come, across deploys. */
+export async function logs(ctx: Ctx, app: string, opts: { follow: boolean; lines: number }, write: (s: string) => void): Promise<void> {
+  const activeLog = async () => {
+    const st = await readState(ctx.paths, app);
+    if (!st) return fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir})`);
+    const a = st.instances.find((i) => i.state === 'active');
+    return a?.log ?? null;
+  };
+  let path = await activeLog();
+  if (!path) fail('nothingToDo', `"${app}" has no active instance; deploy it first`);
+  const text = await readFile(path!, 'utf8').catch(() => '');
+  const tail = text.split('\n');
+  if (tail.at(-1) === '') tail.pop();
+  write(tail.slice(-opts.lines).map((l) => l + '\n').join(''));
+  let offset = Buffer.byteLength(text);
+  while (opts.follow && !ctx.abort.aborted) {
+    await ctx.sys.sleep(250, ctx.abort);
+    const now = await activeLog().catch(() => null);
+    if (now && now !== path) {
+      // a deploy moved the port: carry on with the new instance's log from its start
+      write(`--- portflip: now following ${now}\n`);
+      path = now;
+      offset = 0;
+    }
+    const fh = await open(path!, 'r').catch(() => null);
+    if (!fh) continue;
+    try {
+      const { size } = await fh.stat();
+      if (size < offset) offset = 0; // truncated: a new instance on the same port
+      if (size > offset) {
+        const buf = Buffer.alloc(size - offset);
+        await fh.read(buf, 0, buf.length, offset);
+        offset = size;
+        write(buf.toString('utf8'));
+      }
+    } finally {
+      await fh.close();
+    }
+  }
 }
 
 const fmtUptime = (s: number) => (s < 60 ? `${s}s` : s < 3600 ? `${Math.floor(s / 60)}m${s % 60}s` : `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`);

@@ -44,6 +44,7 @@ export interface AppState {
   stop: StopPolicy;
   instances: Instance[];
   updatedAt: string;
+  restarts?: number; // times `portflip run` brought the app back after its active instance died
 }
 
 export interface Paths {
