@@ -4,10 +4,10 @@
 // readiness check, or to nothing portflip created. Each step below says what it does and how it
 // is undone; a failure or Ctrl-C undoes the completed steps in reverse, once.
 
-import { stat } from 'node:fs/promises';
 import { spawn } from 'node:child_process';
-import { HOOKS, type HookName } from './config.js';
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { HOOKS, type HookName } from './config.js';
 import { fail, PortflipError } from './errors.js';
 import type { StepName } from './events.js';
 import { drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type User } from './instance.js';
@@ -32,20 +32,6 @@ export interface DeployOptions {
   dryRun: boolean;
   hooks?: Partial<Record<HookName, string>>;
 }
-
-/** Runs one lifecycle hook; its output goes to portflip's stderr so --json stdout stays clean. */
-function runHook(name: HookName, command: string, o: { cwd: string; env: NodeJS.ProcessEnv; user?: User }): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('sh', ['-c', command], { cwd: o.cwd, env: o.env, uid: o.user?.uid, gid: o.user?.gid, stdio: ['ignore', 2, 2], timeout: HOOK_TIMEOUT_MS });
-    child.once('error', (err) => reject(new PortflipError('deployFailed', `${name} hook could not start: ${err.message}`)));
-    child.once('exit', (code, signal) =>
-      code === 0 ? resolve() : reject(new PortflipError('deployFailed', `${name} hook failed (${signal ? `killed by ${signal}` : `exit ${code}`}): ${command}`)),
-    );
-  });
-}
-
-/** A hook that hangs must not hold the deploy (and its lock) forever. */
-export const HOOK_TIMEOUT_MS = 300_000;
 
 /** Ports chosen when --ports is not given: below the kernel's ephemeral range, so clients never hold them. */
 export const DEFAULT_PORT_RANGE = [20000, 29999] as const;
@@ -73,8 +59,8 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   const pre = await preflight(o, ctx);
   emit({ kind: 'step', step: 'preflight', app: o.app, status: 'ok', durationMs: sys.now() - t0 });
   if (o.dryRun) return plan(o, ctx, pre);
-  const { ipt, lock, user, env } = pre!;
-  let st = pre!.state;
+  const { ipt, lock, user, env } = pre;
+  const st = pre.state;
   const undo: { title: string; run: () => Promise<void> }[] = [];
   const prev = st.instances.find((i) => i.state === 'active');
   let candidateLog: string | null = null;
@@ -89,15 +75,15 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   };
   try {
     // 2. retire: the chosen port is still held by our own kept or draining instance
-    const holder = st.instances.find((i) => i.port === pre!.port && i.state !== 'active');
+    const holder = st.instances.find((i) => i.port === pre.port && i.state !== 'active');
     if (holder) await step('retire', () => retire(ctx, st, holder), holder.port, () => holder.pid);
 
-    await hook('before_start', pre!.port, true);
+    await hook('before_start', pre.port, true);
 
     // 3. start: record the intent, spawn, record the pid. Undo: kill the candidate's group.
     const cand: Instance = {
-      port: pre!.port, pid: null, startTime: null, state: 'candidate', startedAt: new Date().toISOString(),
-      command: o.command.map((a) => a.replaceAll('{port}', String(pre!.port))), log: join(paths.logDir, `${o.app}-${pre!.port}.log`),
+      port: pre.port, pid: null, startTime: null, state: 'candidate', startedAt: new Date().toISOString(),
+      command: o.command.map((a) => a.replaceAll('{port}', String(pre.port))), log: join(paths.logDir, `${o.app}-${pre.port}.log`),
     };
     st.instances.push(cand);
     candidateLog = cand.log;
@@ -131,14 +117,14 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     const old = st.instances.find((i) => i.state === 'active');
     await step('switch', async () => {
       for (const f of ipt.families) {
-        const had = st.families.includes(f) || !!pre!.views.get(f)?.chains.has(appChain(o.app));
+        const had = st.families.includes(f) || !!pre.views.get(f)?.chains.has(appChain(o.app));
         if (!families.includes(f) && !had) continue;
         undo.push({ title: `${f} redirect ${old && had ? `back on port ${old.port}` : 'removed'}`, run: async () => {
           if (old && had && st.families.includes(f)) await pointAt(ipt, f, o.app, o.listen, old.port);
           else await removeApp(ipt, f, o.app);
         } });
         try {
-          if (families.includes(f)) await pointAt(ipt, f, o.app, o.listen, cand.port, pre!.views.get(f));
+          if (families.includes(f)) await pointAt(ipt, f, o.app, o.listen, cand.port, pre.views.get(f));
           else await removeApp(ipt, f, o.app);
         } catch (err) {
           throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
@@ -173,11 +159,11 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       await u.run().catch(() => {});
       emit({ kind: 'notice', app: o.app, message: `undo: ${u.title}` });
     }
-    if (pre!.fresh && !st.instances.length) await removeState(paths, o.app);
+    if (pre.fresh && !st.instances.length) await removeState(paths, o.app);
     if (candidateLog && err instanceof PortflipError && err.kind === 'deployFailed' && !HOOKS.includes(current as HookName)) {
-      emit({ kind: 'log-tail', app: o.app, port: pre!.port, log: candidateLog, lines: await logTail(candidateLog) });
+      emit({ kind: 'log-tail', app: o.app, port: pre.port, log: candidateLog, lines: await logTail(candidateLog) });
     }
-    await hook('on_failure', pre!.port, false);
+    await hook('on_failure', pre.port, false);
     throw err;
   } finally {
     await lock.release();
@@ -204,7 +190,7 @@ interface Preflight {
   fresh: boolean; // no state file before this deploy
 }
 
-async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight | null> {
+async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
   const { sys, paths } = ctx;
   if (o.listen < 1 || o.listen > 65535) fail('usage', `--listen ${o.listen}: a port is 1-65535`);
   for (const p of o.ports ?? []) {
@@ -286,9 +272,9 @@ async function bindCheck(o: DeployOptions, ctx: Ctx, ipt: Iptables, port: number
   return wantV6 ? ['ipv4', 'ipv6'] : ['ipv4'];
 }
 
-function plan(o: DeployOptions, ctx: Ctx, pre: Preflight | null): void {
-  const port = pre!.port;
-  const old = pre!.state.instances.find((i) => i.state === 'active');
+function plan(o: DeployOptions, ctx: Ctx, pre: Preflight): void {
+  const port = pre.port;
+  const old = pre.state.instances.find((i) => i.state === 'active');
   const cmd = o.command.map((a) => a.replaceAll('{port}', String(port)));
   const view = parseSave('');
   ctx.emit({
@@ -304,3 +290,17 @@ function plan(o: DeployOptions, ctx: Ctx, pre: Preflight | null): void {
     rules: [{ family: 'ipv4', text: old ? switchText(o.app, port) : ensureText(view, o.app, o.listen, port) }],
   });
 }
+
+/** Runs one lifecycle hook; its output goes to portflip's stderr so --json stdout stays clean. */
+function runHook(name: HookName, command: string, o: { cwd: string; env: NodeJS.ProcessEnv; user?: User }): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('sh', ['-c', command], { cwd: o.cwd, env: o.env, uid: o.user?.uid, gid: o.user?.gid, stdio: ['ignore', 2, 2], timeout: HOOK_TIMEOUT_MS });
+    child.once('error', (err) => reject(new PortflipError('deployFailed', `${name} hook could not start: ${err.message}`)));
+    child.once('exit', (code, signal) =>
+      code === 0 ? resolve() : reject(new PortflipError('deployFailed', `${name} hook failed (${signal ? `killed by ${signal}` : `exit ${code}`}): ${command}`)),
+    );
+  });
+}
+
+/** A hook that hangs must not hold the deploy (and its lock) forever. */
+export const HOOK_TIMEOUT_MS = 300_000;
