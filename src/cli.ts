@@ -1,5 +1,6 @@
 // Turns argv into typed options, calls the core, and maps errors to exit codes. Nothing else does either.
 
+import { resolve } from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { deploy, type DeployOptions } from './deploy.js';
 import { cleanup, formatStatus, logs, reap, restore, rollback, status, stop } from './commands.js';
@@ -10,6 +11,8 @@ import { makeEmitter } from './events.js';
 import type { Ctx } from './ops.js';
 import { paths } from './state.js';
 import { realSys } from './sys.js';
+import { requestReload, supervise } from './supervisor.js';
+import { appUnit, execPrefix, restoreUnit } from './systemd.js';
 import type { DrainMode } from './state.js';
 
 const SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH', 'SIGKILL'];
@@ -86,6 +89,25 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
 
 const appArg = (y: Argv) => y.positional('app', { type: 'string', describe: 'the app name (1-25 of a-z 0-9 - _)' });
 
+/** The deploy flags, shared by deploy and run. */
+const deployFlags = (y: Argv) =>
+  y
+    .option('listen', { type: 'string', describe: 'the public port' })
+    .option('ports', { type: 'string', describe: 'instance ports to alternate between, e.g. 8001,8002' })
+    .option('cwd', { type: 'string', describe: 'working directory of the app' })
+    .option('user', { type: 'string', describe: 'run the app as this user' })
+    .option('env', { type: 'string', array: true, describe: 'K=V, repeatable' })
+    .option('ready', { type: 'string', describe: 'tcp (default), or http://127.0.0.1:{port}/PATH (2xx/3xx)' })
+    .option('ready-cmd', { type: 'string', describe: 'a shell command that exits 0 when ready ($PORT set)' })
+    .option('ready-timeout', { type: 'string', describe: 'default 60s' })
+    .option('drain', { type: 'string', describe: 'signal (default): stop signal right after the switch; idle: wait for no open connections first' })
+    .option('drain-timeout', { type: 'string', describe: 'default 30s' })
+    .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
+    .option('kill-after', { type: 'string', describe: 'default 10s' })
+    .option('keep-old', { type: 'string', describe: 'keep the previous instance this long for an instant rollback' })
+    .option('ipv6', { type: 'string', describe: 'auto: redirect IPv6 when the host has it and the app listens on ::; on; off' })
+    .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
+
 /** The app named on the command line, or the one a -c file stands for (web.toml -> web). */
 function appName(a: Record<string, unknown>): string {
   if (a.app) return String(a.app);
@@ -117,23 +139,8 @@ export async function main(argv: string[]): Promise<number> {
     .option('json', { type: 'boolean', describe: 'one JSON object per line on stdout' })
     .option('config', { alias: 'c', type: 'string', describe: 'config file (default /etc/portflip/APP.toml)' })
     .command('deploy [app]', 'start a new instance and flip the public port to it', (y) =>
-      appArg(y)
-        .usage('$0 deploy <app> --listen PORT [options] -- COMMAND [ARGS...]')
-        .option('listen', { type: 'string', describe: 'the public port' })
-        .option('ports', { type: 'string', describe: 'instance ports to alternate between, e.g. 8001,8002' })
-        .option('cwd', { type: 'string', describe: 'working directory of the app' })
-        .option('user', { type: 'string', describe: 'run the app as this user' })
-        .option('env', { type: 'string', array: true, describe: 'K=V, repeatable' })
-        .option('ready', { type: 'string', describe: 'tcp (default), or http://127.0.0.1:{port}/PATH (2xx/3xx)' })
-        .option('ready-cmd', { type: 'string', describe: 'a shell command that exits 0 when ready ($PORT set)' })
-        .option('ready-timeout', { type: 'string', describe: 'default 60s' })
-        .option('drain', { type: 'string', describe: 'signal (default): stop signal right after the switch; idle: wait for no open connections first' })
-        .option('drain-timeout', { type: 'string', describe: 'default 30s' })
-        .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
-        .option('kill-after', { type: 'string', describe: 'default 10s' })
-        .option('keep-old', { type: 'string', describe: 'keep the previous instance this long for an instant rollback' })
-        .option('ipv6', { type: 'string', describe: 'auto: redirect IPv6 when the host has it and the app listens on ::; on; off' })
-        .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' }),
+      deployFlags(appArg(y))
+        .usage('$0 deploy <app> --listen PORT [options] -- COMMAND [ARGS...]'),
       (a) =>
         run(async () => {
           const app = appName(a);
@@ -146,6 +153,33 @@ export async function main(argv: string[]): Promise<number> {
         const path = await writeStarter(appName(a), a.config as string | undefined);
         process.stderr.write(`wrote ${path}; edit it, then: portflip deploy ${appName(a)}\n`);
       }),
+    )
+    .command('run [app]', 'deploy the app and keep it up in the foreground (for systemd): restart it when it crashes, deploy again on SIGHUP or `portflip reload`', (y) =>
+      deployFlags(appArg(y)).usage('$0 run <app> [-c FILE] [deploy options] [-- COMMAND [ARGS...]]'),
+      (a) =>
+        run(async () => {
+          const app = appName(a);
+          if (a.dryRun) fail('usage', 'run keeps an app up; --dry-run belongs to deploy (portflip deploy --dry-run ...)');
+          // a long-lived supervisor queues its own signals (supervisor.ts); the one-shot Ctrl-C handling in main() does not apply
+          for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.removeAllListeners(sig);
+          const load = async () => {
+            const { path, config } = await readConfig(app, a.config as string | undefined);
+            return toDeployOptions({ ...a, app }, config, path);
+          };
+          await supervise({ app, load }, ctx);
+        }),
+    )
+    .command('reload [app]', 'ask the running `portflip run APP` for a zero-downtime deploy (config file re-read); waits for the result', (y) => appArg(y), (a) =>
+      run(() => requestReload(ctx, appName(a))),
+    )
+    .command('systemd [app]', 'print a systemd unit for `portflip run APP`; with --restore, a unit that restores the rules at boot', (y) =>
+      appArg(y).option('restore', { type: 'boolean', describe: 'print the boot-time `portflip restore` unit instead' }),
+      (a) =>
+        run(async () => {
+          const exec = execPrefix(resolve(process.argv[1]), process.execPath);
+          const config = a.config ? resolve(String(a.config)) : undefined;
+          process.stdout.write(a.restore ? restoreUnit(exec) : appUnit({ app: appName(a), exec, config }));
+        }),
     )
     .command('status [app]', 'show apps, instances and whether the live rules agree', (y) =>
       appArg(y).option('watch', { alias: 'w', type: 'string', describe: 'refresh every N seconds (default 2) until Ctrl-C' }),

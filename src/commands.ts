@@ -159,6 +159,7 @@ export interface AppStatus {
   active: InstanceStatus | null;
   others: InstanceStatus[];
   rules: 'ok' | 'missing' | 'mismatch' | 'unknown';
+  restarts: number; // crash restarts by `portflip run`
 }
 
 export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
@@ -193,7 +194,7 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
     } catch {
       rules = 'unknown'; // not root: the state is still worth showing
     }
-    out.push({ app, listen: st.listen, backend: st.backend, families: st.families, active, others: insts.filter((i) => i !== active), rules });
+    out.push({ app, listen: st.listen, backend: st.backend, families: st.families, active, others: insts.filter((i) => i !== active), rules, restarts: st.restarts ?? 0 });
   }
   pidusage.clear();
   return out;

@@ -1,6 +1,7 @@
 // Unit files for running portflip under systemd: pure text builders, printed by `portflip systemd`.
 
 import { dirname } from 'node:path';
+import { appChain } from './iptables.js';
 
 /** systemd's own PATH for services; a node outside it cannot be found by the `#!/usr/bin/env node` line. */
 const SYSTEMD_PATH = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin'];
@@ -17,7 +18,7 @@ export function execPrefix(script: string, nodePath: string): string[] {
 /** One ExecStart word: `%` and `$` escaped for systemd, quoted when it holds anything but plain characters. */
 export function quoteArg(arg: string): string {
   const escaped = arg.replaceAll('%', '%%').replaceAll('$', '$$$$');
-  return /^[A-Za-z0-9_@+=:,./-]+$/.test(escaped) ? escaped : `"${escaped.replaceAll('\\', '\\\\').replaceAll('"', '\\"')}"`;
+  return /^[A-Za-z0-9_@%$+=:,./-]+$/.test(escaped) ? escaped : `"${escaped.replaceAll('\\', '\\\\').replaceAll('"', '\\"')}"`;
 }
 
 const line = (args: string[]) => args.map(quoteArg).join(' ');
@@ -32,6 +33,7 @@ export const appUnitName = (app: string) => `portflip-${app}.service`;
 export const RESTORE_UNIT = 'portflip-restore.service';
 
 export function appUnit(o: AppUnitOptions): string {
+  appChain(o.app); // refuses a name portflip itself would refuse
   const run = [...o.exec, 'run', o.app, ...(o.config ? ['-c', o.config] : [])];
   return `# ${appUnitName(o.app)}: written by \`portflip systemd ${o.app}\`. Install it as /etc/systemd/system/${appUnitName(o.app)},
 # then: systemctl daemon-reload && systemctl enable --now ${appUnitName(o.app)}
