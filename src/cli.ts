@@ -210,7 +210,7 @@ export async function main(argv: string[]): Promise<number> {
       (a) => run(() => cleanup(ctx, !!a.stopInstances)),
     )
     .command('_reap <app>', false, (y) => appArg(y), (a) => run(() => reap(ctx, String(a.app))))
-    .demandCommand(1, 'name a command: deploy, status, rollback, stop, restore or cleanup')
+    .demandCommand(1, 'name a command: deploy, status, logs, rollback, stop, restore, cleanup, init, run, reload or systemd')
     .strict()
     .help()
     .version()
