@@ -24,11 +24,22 @@ export interface Sys {
   sleep(ms: number, signal?: AbortSignal): Promise<void>;
 }
 
+/**
+ * zx runs each command through bash with a socket on stdin. Bash takes that for a remote shell and,
+ * when SHLVL is unset (sudo, systemd, npm scripts), sources ~/.bashrc first: slow at best, and its
+ * output would mix with iptables-save's. SHLVL >= 1 and no BASH_ENV keep every call clean.
+ */
+function quietShellEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const out: NodeJS.ProcessEnv = { ...env, SHLVL: String(Math.max(1, Number(env.SHLVL) || 0)) };
+  delete out.BASH_ENV;
+  return out;
+}
+
 export const realSys: Sys = {
   async run(cmd, args, opts = {}) {
     const p = $({
       input: opts.input,
-      env: opts.env ?? process.env,
+      env: quietShellEnv(opts.env ?? process.env),
       cwd: opts.cwd,
       nothrow: true,
       quiet: true,

@@ -84,4 +84,17 @@ test('the lock: held by a live process fails naming its pid; a dead holder is ta
   }
 });
 
+test('commands run clean even where bash would source ~/.bashrc (socket stdin, SHLVL unset)', async () => {
+  const home = await mkdtemp(join(tmpdir(), 'pf-home-'));
+  try {
+    await writeFile(join(home, '.bashrc'), 'echo FROM-BASHRC; echo FROM-BASHRC >&2\n');
+    const env: NodeJS.ProcessEnv = { ...process.env, HOME: home };
+    delete env.SHLVL;
+    const r = await realSys.run('cat', [], { input: 'rules\n', env });
+    assert.equal(r, { code: 0, stdout: 'rules\n', stderr: '' });
+  } finally {
+    await rm(home, { recursive: true, force: true });
+  }
+});
+
 test.run();
