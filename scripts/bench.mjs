@@ -1,0 +1,435 @@
+// npm run bench: restarts under open-loop load, portflip side by side with the alternatives, all inside throwaway netns.
+//
+// Phases: (1) per load mode (new connection per request, keep-alive) and per contender (baseline, portflip, plain
+// restart, SYN-drop restart, pm2 reload), a fresh server/client namespace pair, the same fixed-rate load from the
+// client namespace over the veth, and the same number of restarts; (2) the redirect's steady-state cost, public port
+// versus instance port, alternated; (3) the switch commit time with 1, 100 and 1000 apps' chains present.
+// Writes bench/results/latest.json (gitignored), bench/results/SUMMARY.md and one SVG chart per mode.
+// Nothing here touches the root namespace's rules: every iptables call and every app runs inside our namespaces.
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, readlinkSync, readdirSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import * as h from '../dist/test/helpers/netns.js';
+import { CLEAN_ENV, contenders, portflipDeploy, PUBLIC_PORT, START_DELAY_MS, sleep } from './bench/contenders.mjs';
+import { chartSvg, fmtMs, fmtRatio, inWindows, median, modeTable, percentile, series, summarize, windowsOf, WINDOW_AFTER_MS } from './bench/report.mjs';
+
+const { values: opt } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    only: { type: 'string' }, // comma-separated contenders, for debugging; the summary then says it is partial
+    modes: { type: 'string' },
+    'skip-cost': { type: 'boolean', default: false },
+    'skip-scale': { type: 'boolean', default: false },
+  },
+});
+
+const CFG = opt.quick
+  ? { rate: 100, restarts: 2, leadMs: 1000, tailMs: 1500, spacingMs: 3000, gapAfterMs: WINDOW_AFTER_MS, baselineMs: 6000,
+      costRounds: 1, costMs: 1000, costConcurrency: 8, scaleSizes: [1, 100, 1000], scaleDeploys: 1, commitReps: 3 }
+  : { rate: 200, restarts: 5, leadMs: 1500, tailMs: 2000, spacingMs: 3000, gapAfterMs: WINDOW_AFTER_MS, baselineMs: 12000,
+      costRounds: 3, costMs: 1500, costConcurrency: 8, scaleSizes: [1, 100, 1000], scaleDeploys: 3, commitReps: 5 };
+const TIMEOUT_MS = 5000; // per request, counted from its scheduled time
+const RUN_HARD_LIMIT_MS = 120_000; // the load generator stops by itself after this, whatever happens here
+const MODES = { new: 'new connection per request', keepalive: 'keep-alive connections' };
+const modes = opt.modes ? opt.modes.split(',') : Object.keys(MODES);
+const names = opt.only ? opt.only.split(',') : Object.keys(contenders);
+const LOAD = path.join(h.repoRoot, 'scripts', 'bench', 'load.mjs');
+// Only a full default run replaces the committed summary and charts; a --quick or partial run writes to a temp dir.
+const PARTIAL = opt.quick || Boolean(opt.only || opt.modes || opt['skip-cost'] || opt['skip-scale']);
+const OUT = PARTIAL ? path.join(os.tmpdir(), 'portflip-bench-quick') : path.join(h.repoRoot, 'bench', 'results');
+
+const began = performance.now();
+const log = (msg) => process.stderr.write(`[bench ${((performance.now() - began) / 1000).toFixed(1)}s] ${msg}\n`);
+
+// ---------- namespaces, cleaned up by pid on any exit (netns.js kills its own groups and holders on SIGINT/SIGTERM) ----------
+const nsLinks = new Set(); // /proc/PID/ns/net of every namespace we made: any process in one of them is ours
+function killOurNamespaces() {
+  if (nsLinks.size === 0) return 0;
+  let n = 0;
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    try {
+      if (!nsLinks.has(readlinkSync(`/proc/${entry}/ns/net`))) continue;
+      process.kill(Number(entry), 'SIGKILL');
+      n++;
+    } catch {}
+  }
+  return n;
+}
+process.on('exit', killOurNamespaces);
+
+async function withNetns(fn) {
+  const ns = await h.createNetns({ peer: true });
+  const links = [ns.pid, ns.clientPid].map((p) => readlinkSync(`/proc/${p}/ns/net`));
+  links.forEach((l) => nsLinks.add(l));
+  try {
+    return await fn(ns);
+  } finally {
+    killOurNamespaces();
+    await ns.destroy();
+    links.forEach((l) => nsLinks.delete(l));
+  }
+}
+
+// ---------- the load generator, in the client namespace ----------
+async function startLoad(ns, args) {
+  const child = ns.spawnClient(process.execPath, [LOAD, ...args, '--timeout', String(TIMEOUT_MS), '--duration', String(RUN_HARD_LIMIT_MS)]);
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  child.stdin.on('error', () => {});
+  const exited = new Promise((r) => child.once('exit', r));
+  await h.waitFor(() => {
+    if (child.exitCode !== null) throw new Error(`load exited early: ${stderr}`);
+    return /^start \d+/m.test(stderr);
+  }, 10_000, 'the load generator to start');
+  const finish = async () => {
+    child.stdin.end('stop\n');
+    const t = setTimeout(() => {
+      try {
+        process.kill(-child.pid, 'SIGKILL');
+      } catch {}
+    }, TIMEOUT_MS + 8000);
+    await exited;
+    clearTimeout(t);
+    try {
+      return JSON.parse(stdout.trim().split('\n').pop());
+    } catch {
+      throw new Error(`load gave no result: ${stderr.slice(-500)}`);
+    }
+  };
+  return { finish };
+}
+
+// ---------- phase 1: one contender under one load mode ----------
+async function runContender(mode, name) {
+  const c = contenders[name];
+  return withNetns(async (ns) => {
+    const ctx = { ns };
+    let url;
+    try {
+      url = await c.setup(ctx);
+    } catch (err) {
+      await c.teardown(ctx).catch(() => {});
+      if (name === 'pm2') return { title: c.title, skipped: `pm2 could not run here: ${err.message}` };
+      throw err;
+    }
+    const restarts = [];
+    let load;
+    try {
+      load = await startLoad(ns, ['--url', url, '--mode', mode, '--rate', String(CFG.rate)]);
+      const t0 = Date.now();
+      await sleep(CFG.leadMs);
+      if (c.restarts) {
+        for (let i = 1; i <= CFG.restarts; i++) {
+          const start = Date.now();
+          let detail;
+          let error;
+          try {
+            detail = await c.restart(ctx, i);
+          } catch (err) {
+            error = err.message;
+            log(`  ${name} restart ${i} failed: ${error}`);
+          }
+          const end = Date.now();
+          restarts.push({ start, end, durationMs: end - start, ...(detail ?? {}), ...(error ? { error } : {}) });
+          if (error) break; // the app may be down; the rest of the run would not be a restart benchmark
+          if (i < CFG.restarts) await sleep(Math.max(start + CFG.spacingMs, end + CFG.gapAfterMs) - Date.now());
+        }
+        await sleep(Math.max(CFG.tailMs, CFG.gapAfterMs));
+      } else {
+        await sleep(Math.max(0, t0 + CFG.baselineMs - Date.now()));
+      }
+    } finally {
+      const result = load ? await load.finish() : undefined;
+      await c.teardown(ctx).catch((err) => log(`  teardown ${name}: ${err.message}`));
+      ctx.result = result;
+    }
+    const { t0, records, firstErrors } = ctx.result;
+    const rel = restarts.map((r) => ({ ...r, startMs: r.start - t0, endMs: r.end - t0 }));
+    const windows = windowsOf(rel);
+    const durationMs = records.length ? records[records.length - 1][0] + 1 : 0;
+    return {
+      title: c.title,
+      url,
+      durationMs,
+      restarts: rel,
+      restartWindows: windows,
+      overall: summarize(records),
+      windows: summarize(inWindows(records, windows)),
+      firstErrors,
+      series: series(records, durationMs),
+    };
+  });
+}
+
+// ---------- phase 2: the redirect's steady-state cost ----------
+async function runCost() {
+  return withNetns(async (ns) => {
+    const dirs = h.tmpDirs();
+    try {
+      const d = await portflipDeploy(ns, dirs, 'v0');
+      const targets = { public: `http://${h.SERVER_ADDR}:${PUBLIC_PORT}/`, direct: `http://${h.SERVER_ADDR}:${d.port}/` };
+      const out = {};
+      for (const mode of modes) {
+        const acc = { public: { ok: 0, ms: 0, lat: [], rounds: [] }, direct: { ok: 0, ms: 0, lat: [], rounds: [] } };
+        for (let round = 0; round < CFG.costRounds; round++) {
+          // ABBA order, so drift over time (a warming JIT, a busy neighbour) does not favour one side.
+          for (const target of round % 2 ? ['direct', 'public'] : ['public', 'direct']) {
+            const load = await startLoad(ns, ['--url', targets[target], '--mode', mode, '--closed', String(CFG.costConcurrency)]);
+            await sleep(CFG.costMs);
+            const r = await load.finish();
+            const ok = r.records.filter((x) => x[2] === 'ok');
+            const lastSched = r.records.length ? r.records[r.records.length - 1][0] : CFG.costMs;
+            const span = Math.max(lastSched, 1);
+            acc[target].ok += ok.length;
+            acc[target].ms += span;
+            for (const x of r.records) acc[target].lat.push(x[1]);
+            acc[target].rounds.push({ reqPerS: Math.round((ok.length / span) * 1000), failed: r.records.length - ok.length });
+          }
+        }
+        const res = {};
+        for (const t of ['public', 'direct']) {
+          const a = acc[t];
+          a.lat.sort((x, y) => x - y);
+          res[t] = { reqPerS: Math.round((a.ok / a.ms) * 1000), p50: percentile(a.lat, 50), p99: percentile(a.lat, 99), rounds: a.rounds };
+        }
+        res.throughputRatio = res.public.reqPerS / res.direct.reqPerS;
+        res.p99Ratio = res.public.p99 / res.direct.p99;
+        out[mode] = res;
+        log(`  cost ${mode}: public ${res.public.reqPerS} req/s p99 ${fmtMs(res.public.p99)} ms, direct ${res.direct.reqPerS} req/s p99 ${fmtMs(res.direct.p99)} ms`);
+      }
+      await h.portflip(ns, ['stop', 'web', '--json'], dirs, { timeoutMs: 20_000, env: CLEAN_ENV }).catch(() => {});
+      return { concurrency: CFG.costConcurrency, roundMs: CFG.costMs, rounds: CFG.costRounds, instancePort: d.port, modes: out };
+    } finally {
+      dirs.cleanup();
+    }
+  });
+}
+
+// ---------- phase 3: switch commit time with many apps' chains present ----------
+async function runScale() {
+  return withNetns(async (ns) => {
+    const dirs = h.tmpDirs();
+    try {
+      let d = await portflipDeploy(ns, dirs, 'v0');
+      let fakes = 0;
+      const rows = [];
+      let version = 1;
+      for (const size of CFG.scaleSizes) {
+        // Other apps as portflip would lay them out: a PF- chain with its redirect, and a jump from PORTFLIP.
+        const lines = ['*nat'];
+        for (let k = fakes + 1; k <= size - 1; k++) lines.push(`:PF-fake${k} - [0:0]`);
+        for (let k = fakes + 1; k <= size - 1; k++) {
+          lines.push(`-A PF-fake${k} -p tcp -j REDIRECT --to-ports ${40000 + k}`);
+          lines.push(`-A PORTFLIP -p tcp -m tcp --dport ${30000 + k} -j PF-fake${k}`);
+        }
+        lines.push('COMMIT', '');
+        if (size - 1 > fakes) {
+          const r = await ns.exec('iptables-restore', ['--noflush'], { input: lines.join('\n'), timeoutMs: 60_000 });
+          if (r.code !== 0) throw new Error(`adding fake chains failed: ${r.stderr}`);
+          fakes = size - 1;
+        }
+        const save = await ns.exec('iptables-save', ['-t', 'nat']);
+        const chains = save.stdout.split('\n').filter((l) => l.startsWith(':PF-')).length;
+        const switches = [];
+        for (let i = 0; i < CFG.scaleDeploys; i++) {
+          d = await portflipDeploy(ns, dirs, `v${version++}`, 0); // no traffic here: skip the 1 s start-up
+          switches.push(d.steps.switchMs);
+        }
+        // The commit alone, as the process sees it: the same text a switch commits, to the port already active.
+        const text = `*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports ${d.port}\nCOMMIT\n`;
+        const commits = [];
+        for (let i = 0; i < CFG.commitReps; i++) {
+          const t = performance.now();
+          const r = await ns.exec('iptables-restore', ['--noflush'], { input: text });
+          commits.push(performance.now() - t);
+          if (r.code !== 0) throw new Error(`iptables-restore of the switch text failed: ${r.stderr}`);
+        }
+        rows.push({ apps: size, pfChains: chains, switchMs: switches, switchMedianMs: median(switches), commitMs: commits, commitMedianMs: median(commits) });
+        log(`  scale ${size} apps (${chains} PF- chains): switch step median ${fmtMs(median(switches))} ms, bare iptables-restore ${fmtMs(median(commits))} ms`);
+      }
+      await h.portflip(ns, ['stop', 'web', '--json'], dirs, { timeoutMs: 20_000, env: CLEAN_ENV }).catch(() => {});
+      const base = rows[0];
+      for (const r of rows) {
+        r.switchRatio = r.switchMedianMs / base.switchMedianMs;
+        r.commitRatio = r.commitMedianMs / base.commitMedianMs;
+      }
+      return rows;
+    } finally {
+      dirs.cleanup();
+    }
+  });
+}
+
+// ---------- the summary ----------
+function verdictFor(results) {
+  const lines = [];
+  let pass = true;
+  for (const mode of modes) {
+    const run = results.runs[mode];
+    const p = run?.contenders.portflip;
+    const b = run?.contenders.baseline;
+    if (!p || !b || p.skipped) {
+      pass = false;
+      lines.push(`- ${MODES[mode]}: not measured in this run.`);
+      continue;
+    }
+    const restartErrors = p.restarts.filter((r) => r.error);
+    const failedOk = p.overall.failed === 0;
+    const ratio = p.windows.p99 / b.overall.p99;
+    const latOk = ratio <= 1.5;
+    const doneOk = restartErrors.length === 0 && p.restarts.length === CFG.restarts;
+    pass &&= failedOk && latOk && doneOk;
+    lines.push(`- ${MODES[mode]}: ${p.overall.failed} failed of ${p.overall.requests} (${failedOk ? 'met' : '**missed**'}); p99 in restart windows ${fmtMs(p.windows.p99)} ms = ${ratio.toFixed(2)}x baseline p99 ${fmtMs(b.overall.p99)} ms (${latOk ? 'met' : '**missed**'}, mark 1.5x)${doneOk ? '' : `; **${restartErrors.length ? `restart failed: ${restartErrors[0].error}` : `only ${p.restarts.length} of ${CFG.restarts} restarts`}**`}.`);
+  }
+  return { pass, lines };
+}
+
+function markdown(results) {
+  const v = verdictFor(results);
+  const md = [];
+  md.push('# Benchmark: restarts under load');
+  md.push('');
+  md.push(`Generated by \`npm run bench${opt.quick ? ' -- --quick' : ''}\` on ${results.date} (${results.host.cpus} CPUs, ${results.host.cpuModel}, Node ${process.version}, ${results.host.iptables}). Took ${Math.round(results.elapsedS)} s. Load average (1/5/15 min) at start ${results.host.loadavgAtStart.map((x) => x.toFixed(2)).join('/')}, at end ${results.host.loadavgAtEnd.map((x) => x.toFixed(2)).join('/')}: anything above 0 besides this benchmark is a neighbour competing for the same CPUs.`);
+  if (PARTIAL) md.push(`\n**Quick or partial run**: not the full benchmark.`);
+  md.push('');
+  md.push(`Setup: a server and a client network namespace joined by a veth pair; the client sends ${CFG.rate} req/s **open loop** (each request is scheduled at a fixed time whatever happened to earlier ones, and its latency counts from that scheduled time, so a stall shows as latency) to \`GET /\` of the fixture app (\`test/fixtures/app.mjs\`, ${START_DELAY_MS} ms start-up, graceful SIGTERM drain). Per-request timeout ${TIMEOUT_MS} ms from the scheduled time. Each contender gets a fresh namespace pair and ${CFG.restarts} restarts, spaced at least ${CFG.spacingMs / 1000} s apart and ${CFG.gapAfterMs / 1000} s after the previous one finished. Latency percentiles include failed requests.`);
+  md.push('');
+  md.push(`**Restart window**: from the moment a restart starts until ${WINDOW_AFTER_MS / 1000} s after it has finished. This contains the issue's "2 s after each restart starts" and also covers what happens later in a slow restart (portflip's switch and drain come after its 1 s start-up; pm2's reload takes as long).`);
+  md.push('');
+  md.push('Contenders: **portflip** deploys through an iptables REDIRECT from port 80 (`--ready` HTTP, default `--drain signal`); **plain restart** sends SIGTERM, waits for the exit, starts the new instance on the same port; **SYN-drop restart** does the same between `iptables -I INPUT -p tcp --dport 8080 --syn -j DROP` and its deletion; **pm2 reload** runs the app in cluster mode (1 instance, `listen_timeout` and `kill_timeout` 10 s, `PM2_KILL_SIGNAL=SIGTERM` so the app drains); the **baseline** never restarts. All but portflip are reached on the instance port directly.');
+  md.push('');
+  md.push('## Verdict for portflip');
+  md.push('');
+  md.push(`Mark: 0 failed requests in both modes, and p99 inside the restart windows within 1.5x the baseline p99. **${v.pass ? 'portflip met its mark in this run.' : 'portflip MISSED its mark in this run.'}**`);
+  md.push('');
+  md.push(...v.lines);
+  for (const mode of modes) {
+    const run = results.runs[mode];
+    if (!run) continue;
+    md.push('');
+    md.push(`## ${MODES[mode]}`);
+    md.push('');
+    md.push(modeTable(run));
+    md.push('');
+    md.push(`![${MODES[mode]}](${run.svg})`);
+    const errs = Object.values(run.contenders).filter((c) => c.firstErrors?.length);
+    if (errs.length) {
+      md.push('');
+      md.push('First errors seen:');
+      for (const c of errs) md.push(`- ${c.title}: ${[...new Set(c.firstErrors)].slice(0, 3).map((e) => `\`${e}\``).join(', ')}`);
+    }
+    const restartErrs = Object.values(run.contenders).flatMap((c) => (c.restarts ?? []).filter((r) => r.error).map((r) => `${c.title}: ${r.error}`));
+    if (restartErrs.length) md.push('', 'Restarts that failed:', ...restartErrs.map((e) => `- ${e.slice(0, 400)}`));
+  }
+  md.push('');
+  md.push('## portflip step timings (median over its restarts, from `--json` step events)');
+  md.push('');
+  md.push('| mode | restarts | start-to-ready ms | switch commit ms | drain ms | total (done event) ms | whole command ms |');
+  md.push('|---|---:|---:|---:|---:|---:|---:|');
+  for (const mode of modes) {
+    const p = results.runs[mode]?.contenders.portflip;
+    if (!p?.restarts) continue;
+    const s = p.restarts.filter((r) => r.steps).map((r) => r.steps);
+    md.push(`| ${MODES[mode]} | ${s.length} | ${fmtMs(median(s.map((x) => x.startToReadyMs)))} | ${fmtMs(median(s.map((x) => x.switchMs)))} | ${fmtMs(median(s.map((x) => x.drainMs)))} | ${fmtMs(median(s.map((x) => x.totalMs)))} | ${fmtMs(median(p.restarts.map((r) => r.durationMs)))} |`);
+  }
+  md.push('');
+  md.push('start-to-ready is the `start` plus `ready` steps (the app takes 1 s to start); "switch commit" is the `switch` step, which includes running `iptables-restore`; "whole command" includes Node start-up and preflight.');
+  if (results.cost) {
+    md.push('');
+    md.push('## Steady-state cost of the redirect');
+    md.push('');
+    md.push(`Closed loop, ${results.cost.concurrency} concurrent requests, ${results.cost.rounds} rounds of ${results.cost.roundMs / 1000} s per side, alternated (public port ${PUBLIC_PORT} through the REDIRECT, then instance port ${results.cost.instancePort} directly, ABBA order), in the same namespace pair. Client and server share the same CPUs, so throughput is bounded by both.`);
+    md.push('');
+    md.push('| mode | public req/s | direct req/s | throughput ratio (public/direct) | public p99 ms | direct p99 ms | p99 ratio (public/direct) |');
+    md.push('|---|---:|---:|---:|---:|---:|---:|');
+    for (const [mode, r] of Object.entries(results.cost.modes)) {
+      md.push(`| ${MODES[mode]} | ${r.public.reqPerS} | ${r.direct.reqPerS} | ${r.throughputRatio.toFixed(3)} | ${fmtMs(r.public.p99)} | ${fmtMs(r.direct.p99)} | ${r.p99Ratio.toFixed(3)} |`);
+    }
+  }
+  if (results.scale) {
+    md.push('');
+    md.push('## Scale: switch commit time with many apps present');
+    md.push('');
+    md.push(`Other apps are simulated with \`PF-fakeN\` chains (a REDIRECT each, and a jump from \`PORTFLIP\`) added with iptables-restore inside the namespace. "switch step" is the median \`switch\` durationMs of ${CFG.scaleDeploys} real deploy(s); "bare commit" is the median wall time of ${CFG.commitReps} runs of \`iptables-restore --noflush\` with the switch text (process start-up included).`);
+    md.push('');
+    md.push('| apps | PF- chains | switch step ms | ratio to 1 app | bare commit ms | ratio to 1 app |');
+    md.push('|---:|---:|---:|---:|---:|---:|');
+    for (const r of results.scale) md.push(`| ${r.apps} | ${r.pfChains} | ${fmtMs(r.switchMedianMs)} | ${r.switchRatio.toFixed(2)}x | ${fmtMs(r.commitMedianMs)} | ${r.commitRatio.toFixed(2)}x |`);
+  }
+  if (results.phaseErrors.length) {
+    md.push('', '## Phases that failed', '', ...results.phaseErrors.map((e) => `- ${e}`));
+  }
+  md.push('');
+  md.push('Raw results: `bench/results/latest.json` (not committed). Numbers are measured, never tuned; a neighbour on the same CPUs during the run shows up in every column.');
+  md.push('');
+  return md.join('\n');
+}
+
+// ---------- main ----------
+async function main() {
+  mkdirSync(OUT, { recursive: true });
+  const ipt = spawnSync('iptables', ['--version'], { encoding: 'utf8' }).stdout?.trim() ?? 'iptables ?';
+  const results = {
+    date: new Date().toISOString(),
+    quick: opt.quick,
+    config: CFG,
+    host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model ?? '?', node: process.version, iptables: ipt, loadavgAtStart: os.loadavg() },
+    runs: {},
+    phaseErrors: [],
+  };
+  for (const mode of modes) {
+    const run = { mode, modeTitle: MODES[mode], rate: CFG.rate, contenders: {} };
+    for (const name of names) {
+      log(`${MODES[mode]}: ${contenders[name].title}`);
+      try {
+        const r = await runContender(mode, name);
+        run.contenders[name] = r;
+        if (r.skipped) log(`  skipped: ${r.skipped}`);
+        else log(`  ${r.overall.requests} requests, ${r.overall.failed} failed ${JSON.stringify(r.overall.errors)}, p99 ${fmtMs(r.overall.p99)} ms, in windows ${fmtMs(r.windows.p99)} ms, max ${fmtMs(r.overall.max)} ms`);
+      } catch (err) {
+        results.phaseErrors.push(`${MODES[mode]} / ${contenders[name].title}: ${err.message}`);
+        log(`  FAILED: ${err.stack}`);
+        run.contenders[name] = { title: contenders[name].title, skipped: `run failed: ${err.message}` };
+      }
+    }
+    const file = `${mode === 'new' ? 'new-connection' : 'keep-alive'}.svg`;
+    writeFileSync(path.join(OUT, file), chartSvg(run));
+    run.svg = file;
+    results.runs[mode] = run;
+  }
+  if (!opt['skip-cost']) {
+    log('steady-state cost of the redirect');
+    try {
+      results.cost = await runCost();
+    } catch (err) {
+      results.phaseErrors.push(`steady-state cost: ${err.message}`);
+      log(`  FAILED: ${err.stack}`);
+    }
+  }
+  if (!opt['skip-scale']) {
+    log('switch commit time with many apps');
+    try {
+      results.scale = await runScale();
+    } catch (err) {
+      results.phaseErrors.push(`scale: ${err.message}`);
+      log(`  FAILED: ${err.stack}`);
+    }
+  }
+  results.elapsedS = (performance.now() - began) / 1000;
+  results.host.loadavgAtEnd = os.loadavg();
+  writeFileSync(path.join(OUT, 'latest.json'), `${JSON.stringify(results, null, 1)}\n`);
+  const md = markdown(results);
+  writeFileSync(path.join(OUT, 'SUMMARY.md'), md);
+  process.stdout.write(`${md}\n`);
+  log(`wrote ${OUT}/SUMMARY.md, latest.json and the SVGs${PARTIAL ? ' (a quick or partial run: bench/results/ left alone)' : ''}`);
+  const v = verdictFor(results);
+  if (!v.pass) log('portflip missed its mark in this run (see the verdict above)');
+  process.exitCode = v.pass && results.phaseErrors.length === 0 ? 0 : 1;
+}
+
+await main();
