@@ -1,5 +1,6 @@
 // Test runner for `npm test`: runs each built dist/test/**/*.test.js in its own process and sums uvu's summaries.
 // Usage: node scripts/test.mjs [substring ...]   (runs only files whose path contains one of the substrings)
+// PORTFLIP_TEST_ONLY=a,b filters the same way, on top of argv: the fresh-clone test runs `npm test` with it set to unit.
 import { spawn } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import path from 'node:path';
@@ -60,9 +61,12 @@ function runFile(file) {
   });
 }
 
-const filters = process.argv.slice(2);
+const argvFilters = process.argv.slice(2);
+const envFilters = (process.env.PORTFLIP_TEST_ONLY ?? '').split(',').map((s) => s.trim()).filter(Boolean);
+const filters = [...argvFilters, ...envFilters];
+const matches = (list, f) => list.length === 0 || list.some((s) => path.relative(root, f).includes(s));
 const files = findTests(testDir)
-  .filter((f) => filters.length === 0 || filters.some((s) => path.relative(root, f).includes(s)))
+  .filter((f) => matches(argvFilters, f) && matches(envFilters, f))
   .sort();
 
 let passed = 0;
