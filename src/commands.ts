@@ -1,7 +1,6 @@
 // The commands around a deploy: status, rollback, stop, restore, cleanup, and the kept-instance reaper.
 
 import { open, readFile } from 'node:fs/promises';
-import pidusage from 'pidusage';
 import { fail, PortflipError } from './errors.js';
 import { drainAndStop } from './instance.js';
 import { retire } from './deploy.js';
@@ -165,6 +164,7 @@ export interface AppStatus {
 export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
   const apps = only ? [only] : await listApps(ctx.paths);
   const socks = await tcpSockets(ctx.sys);
+  const { default: pidusage } = await import('pidusage'); // loaded only where it is used
   const out: AppStatus[] = [];
   for (const app of apps) {
     const st = await readState(ctx.paths, app);

@@ -2,43 +2,45 @@
 
 import { readFile, writeFile, mkdir } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { parse, TomlError } from 'smol-toml';
-import { z } from 'zod';
+import type { z as Zod } from 'zod';
 import { fail } from './errors.js';
 
 export const configDir = (env: NodeJS.ProcessEnv = process.env) => env.PORTFLIP_CONFIG_DIR || '/etc/portflip';
 
-const duration = z.union([z.string(), z.number().nonnegative()], { error: 'expected a duration such as "30s" or a number of seconds' });
-const port = z.number({ error: 'expected a port number' }).int().min(1).max(65535);
-const hook = z.string({ error: 'expected a shell command (a string)' });
-
 export const HOOKS = ['before_start', 'after_ready', 'after_switch', 'after_drain', 'on_failure'] as const;
 export type HookName = (typeof HOOKS)[number];
 
-const schema = z.strictObject({
-  listen: port.optional(),
-  ports: z.array(port, { error: 'expected a list of ports such as [8001, 8002]' }).min(2).optional(),
-  command: z.array(z.string(), { error: 'expected a list of strings such as ["node", "server.js", "--port", "{port}"]' }).min(1).optional(),
-  cwd: z.string().optional(),
-  user: z.string().optional(),
-  env: z.record(z.string(), z.string(), { error: 'expected a table of strings such as { NODE_ENV = "production" }' }).optional(),
-  ready: z.string().optional(),
-  ready_cmd: z.string().optional(),
-  ready_timeout: duration.optional(),
-  drain: z.enum(['signal', 'idle'], { error: 'expected "signal" or "idle"' }).optional(),
-  drain_timeout: duration.optional(),
-  stop_signal: z.string().optional(),
-  kill_after: duration.optional(),
-  keep_old: duration.optional(),
-  ipv6: z.enum(['auto', 'on', 'off'], { error: 'expected "auto", "on" or "off"' }).optional(),
-  before_start: hook.optional(),
-  after_ready: hook.optional(),
-  after_switch: hook.optional(),
-  after_drain: hook.optional(),
-  on_failure: hook.optional(),
-});
+// The parser and the schema library load only when a config file is read: most runs have none,
+// and every deploy's CPU time competes with the requests the old instance is serving.
+function makeSchema(z: typeof Zod) {
+  const duration = z.union([z.string(), z.number().nonnegative()], { error: 'expected a duration such as "30s" or a number of seconds' });
+  const port = z.number({ error: 'expected a port number' }).int().min(1).max(65535);
+  const hook = z.string({ error: 'expected a shell command (a string)' });
+  return z.strictObject({
+    listen: port.optional(),
+    ports: z.array(port, { error: 'expected a list of ports such as [8001, 8002]' }).min(2).optional(),
+    command: z.array(z.string(), { error: 'expected a list of strings such as ["node", "server.js", "--port", "{port}"]' }).min(1).optional(),
+    cwd: z.string().optional(),
+    user: z.string().optional(),
+    env: z.record(z.string(), z.string(), { error: 'expected a table of strings such as { NODE_ENV = "production" }' }).optional(),
+    ready: z.string().optional(),
+    ready_cmd: z.string().optional(),
+    ready_timeout: duration.optional(),
+    drain: z.enum(['signal', 'idle'], { error: 'expected "signal" or "idle"' }).optional(),
+    drain_timeout: duration.optional(),
+    stop_signal: z.string().optional(),
+    kill_after: duration.optional(),
+    keep_old: duration.optional(),
+    ipv6: z.enum(['auto', 'on', 'off'], { error: 'expected "auto", "on" or "off"' }).optional(),
+    before_start: hook.optional(),
+    after_ready: hook.optional(),
+    after_switch: hook.optional(),
+    after_drain: hook.optional(),
+    on_failure: hook.optional(),
+  });
+}
 
-export type AppConfig = z.infer<typeof schema>;
+export type AppConfig = Zod.infer<ReturnType<typeof makeSchema>>;
 
 /**
  * Reads the app's config file. The default path may be absent (flags then say everything);
@@ -54,11 +56,13 @@ export async function readConfig(app: string | undefined, file: string | undefin
     if (!file && (err as NodeJS.ErrnoException).code === 'ENOENT') return { path: null, config: {} };
     return fail('config', `${path}: cannot read it (${(err as NodeJS.ErrnoException).code ?? err})`);
   }
+  const [{ parse }, { z }] = await Promise.all([import('smol-toml'), import('zod')]);
+  const schema = makeSchema(z);
   let data: unknown;
   try {
     data = parse(text);
   } catch (err) {
-    const e = err as TomlError;
+    const e = err as { line?: number; message: string };
     return fail('config', `${path}:${e.line ?? '?'}: ${String(e.message).split('\n')[0]}`);
   }
   const r = schema.safeParse(data);

@@ -7,7 +7,7 @@
 //   -A PF-APP -p tcp -j REDIRECT --to-ports PORT               the one rule a switch rewrites
 
 import { fail } from './errors.js';
-import type { Sys } from './sys.js';
+import { which, type Sys } from './sys.js';
 
 export type Family = 'ipv4' | 'ipv6';
 export type Backend = 'nft' | 'legacy' | 'default';
@@ -160,9 +160,7 @@ export class Iptables {
 
 const firstLine = (s: string) => s.trim().split('\n')[0] || 'no output';
 
-async function exists(sys: Sys, cmd: string): Promise<boolean> {
-  return (await sys.run('sh', ['-c', `command -v "$0"`, cmd])).code === 0;
-}
+const exists = async (_sys: Sys, cmd: string) => (await which(cmd)) !== null;
 
 const countRules = (text: string) => text.split('\n').filter((l) => l.startsWith('-A ')).length;
 

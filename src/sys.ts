@@ -1,7 +1,8 @@
 // The one door to the operating system: commands, signals, files and the clock, so step logic can be faked.
 
-import { readFile } from 'node:fs/promises';
-import { $ } from 'zx';
+import { spawn } from 'node:child_process';
+import { access, constants, readFile } from 'node:fs/promises';
+import { delimiter, join } from 'node:path';
 
 export interface RunResult {
   code: number;
@@ -24,34 +25,20 @@ export interface Sys {
   sleep(ms: number, signal?: AbortSignal): Promise<void>;
 }
 
-/**
- * zx runs each command through bash with a socket on stdin. Bash takes that for a remote shell and,
- * when SHLVL is unset (sudo, systemd, npm scripts), sources ~/.bashrc first: slow at best, and its
- * output would mix with iptables-save's. SHLVL >= 1 and no BASH_ENV keep every call clean.
- */
-function quietShellEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  const out: NodeJS.ProcessEnv = { ...env, SHLVL: String(Math.max(1, Number(env.SHLVL) || 0)) };
-  delete out.BASH_ENV;
-  return out;
-}
-
 export const realSys: Sys = {
-  async run(cmd, args, opts = {}) {
-    const p = $({
-      input: opts.input,
-      env: quietShellEnv(opts.env ?? process.env),
-      cwd: opts.cwd,
-      nothrow: true,
-      quiet: true,
-      timeout: opts.timeoutMs,
-    })`${cmd} ${args}`;
-    try {
-      const out = await p;
-      return { code: out.exitCode ?? 1, stdout: out.stdout, stderr: out.stderr };
-    } catch (err) {
-      // zx rejects only when the command cannot be spawned at all
-      return { code: 127, stdout: '', stderr: String((err as Error).message ?? err) };
-    }
+  // argv straight to execve, no shell: nothing to quote, no ~/.bashrc, and a few ms per iptables call
+  run(cmd, args, opts = {}) {
+    return new Promise((resolve) => {
+      const child = spawn(cmd, args, { env: opts.env ?? process.env, cwd: opts.cwd, stdio: ['pipe', 'pipe', 'pipe'], timeout: opts.timeoutMs });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.setEncoding('utf8').on('data', (d) => (stdout += d));
+      child.stderr.setEncoding('utf8').on('data', (d) => (stderr += d));
+      child.stdin.on('error', () => {}); // a command may exit without reading its input
+      child.stdin.end(opts.input ?? '');
+      child.once('error', (err) => resolve({ code: 127, stdout, stderr: stderr + err.message }));
+      child.once('close', (code, signal) => resolve({ code: code ?? (signal ? 128 : 1), stdout, stderr }));
+    });
   },
   async readText(path) {
     try {
@@ -81,3 +68,12 @@ export const realSys: Sys = {
       signal?.addEventListener('abort', done, { once: true });
     }),
 };
+
+/** Finds a command in PATH the way execvp does, without starting a shell. */
+export async function which(cmd: string, pathVar = process.env.PATH ?? ''): Promise<string | null> {
+  for (const dir of pathVar.split(delimiter).filter(Boolean)) {
+    const full = join(dir, cmd);
+    if (await access(full, constants.X_OK).then(() => true, () => false)) return full;
+  }
+  return null;
+}
