@@ -7,7 +7,7 @@ import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { fail } from './errors.js';
-import { groupMembers, isAlive, openConnections, pendingAccepts, tcpSockets } from './proc.js';
+import { groupMembers, isAlive, openConnections, pendingAccepts, restorePriority, tcpSockets } from './proc.js';
 import type { Emit } from './events.js';
 import type { Instance, StopPolicy } from './state.js';
 import type { Sys } from './sys.js';
@@ -84,6 +84,7 @@ export async function spawnInstance(spec: SpawnSpec): Promise<Spawned> {
       child.once('error', rej);
     });
     child.unref();
+    restorePriority(child.pid!);
     return { pid: child.pid!, child, exited };
   } finally {
     await fh.close();

@@ -1,6 +1,7 @@
 // Reads procfs: process identity (pid + start time), process groups, and TCP sockets by port.
 
 import { readdir, readlink } from 'node:fs/promises';
+import os from 'node:os';
 import type { Sys } from './sys.js';
 
 export interface ProcStat {
@@ -182,4 +183,30 @@ export async function pidsListeningOn(sys: Sys, port: number): Promise<number[]>
 export function hasNetAdmin(status: string): boolean {
   const m = /^CapEff:\s*([0-9a-f]+)/m.exec(status);
   return !!m && (BigInt('0x' + m[1]) & (1n << 12n)) !== 0n;
+}
+
+/**
+ * portflip's own CPU time competes with the requests the old instance is serving, so it runs
+ * niced; instances get the priority portflip started with back. Only where that is allowed
+ * (real root: in a user namespace a niced process cannot be raised again), else nothing changes.
+ */
+export const startPriority = os.getPriority();
+
+export function yieldCpu(uidMap: string | null): void {
+  const realRoot = process.getuid?.() === 0 && /^\s*0\s+0\s+4294967295\s*$/.test(uidMap ?? '');
+  if (!realRoot) return;
+  try {
+    os.setPriority(Math.min(19, startPriority + 10));
+  } catch {
+    // not allowed here: run at the normal priority
+  }
+}
+
+export function restorePriority(pid: number): void {
+  if (os.getPriority() === startPriority) return;
+  try {
+    os.setPriority(pid, startPriority);
+  } catch {
+    // best effort: the instance keeps portflip's priority
+  }
 }
