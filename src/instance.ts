@@ -156,7 +156,7 @@ export async function waitReady(
       const e = exit as { code: number | null; signal: NodeJS.Signals | null };
       return { ready: false, reason: `candidate pid ${inst.pid} exited (${e.signal ? `signal ${e.signal}` : `code ${e.code}`}) before it was ready` };
     }
-    if (abort.aborted) return { ready: false, reason: 'interrupted' };
+    if (abort.aborted) return { ready: false, reason: `interrupted while waiting for the candidate (pid ${inst.pid}) to be ready; nothing was switched` };
     const left = deadline - sys.now();
     if (left <= 0) return { ready: false, reason: `candidate pid ${inst.pid} was not ready on port ${inst.port} after ${Math.round(timeoutMs / 1000)}s (--ready-timeout)` };
     if (await attempt(check, inst.port, Math.min(left, 2000), env)) {

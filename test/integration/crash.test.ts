@@ -83,6 +83,23 @@ test('restore after a deploy killed right after the switch finishes the job', as
   });
 });
 
+test('Ctrl-C during a deploy undoes it: the candidate is stopped and the redirect stays', async () => {
+  await inWorld(async (w) => {
+    const ports = await freePorts(2);
+    assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v1']))).code, 0);
+    const before = await w.save();
+    const child = w.pfSpawn(deployArgs(ports, ['--json'], ['--version', 'v2', '--start-delay', '3000']));
+    const exited = new Promise<number>((r) => child.once('exit', (c) => r(c ?? -1)));
+    const started = await waitEvent(child, (e) => e.step === 'start');
+    child.kill('SIGINT');
+    assert.is(await exited, 1);
+    assert.not.ok(alive(started.pid), 'the candidate was stopped');
+    assert.is(await w.save(), before, 'the redirect did not move');
+    assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
+    assert.is(JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0].others.length, 0);
+  });
+});
+
 test('a concurrent deploy fails at once naming the holder; a stale lock is taken over', async () => {
   await inWorld(async (w) => {
     const ports = await freePorts(2);
