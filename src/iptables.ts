@@ -149,7 +149,8 @@ export class Iptables {
 
   async restore(family: Family, text: string): Promise<void> {
     const cmd = tool(family, this.backend, 'restore');
-    const r = await this.sys.run(cmd, ['--noflush'], { input: text });
+    // -w: legacy iptables serialises writers with a lock; wait for it rather than fail (nft ignores it)
+    const r = await this.sys.run(cmd, ['--noflush', '-w', '5'], { input: text });
     if (r.code !== 0) throw new Error(`${cmd} --noflush failed: ${firstLine(r.stderr)}\n${text}`);
   }
 

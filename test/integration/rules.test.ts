@@ -76,7 +76,7 @@ test('the switch is one iptables-restore --noflush commit of its own chain, with
       const r = await w.pf(deployArgs(ports, [], ['--version', 'v2']), env);
       assert.is(r.code, 0, show(r));
       const calls = readFileSync(log, 'utf8').split('=== ').filter(Boolean);
-      assert.equal(calls.map((c) => c.split('\n')[0]), ['iptables-nft-restore --noflush', 'ip6tables-nft-restore --noflush']);
+      assert.equal(calls.map((c) => c.split('\n')[0]), ['iptables-nft-restore --noflush -w 5', 'ip6tables-nft-restore --noflush -w 5']);
       const target = /--to-ports (\d+)/.exec(calls[0])![1];
       assert.is(calls[0].split('\n').slice(1).join('\n').trim(), `*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports ${target}\nCOMMIT`);
       const after = (await w.save()).split('\n');
