@@ -109,4 +109,25 @@ test('restore brings traffic back after iptables -t nat -F; status sees missing 
   });
 });
 
+test('the legacy backend works too when forced, and status names it', async () => {
+  if (process.getuid?.() !== 0) return console.log('  (skipped: iptables-legacy needs real root; CI runs as root)');
+  await inWorld(async (w) => {
+    const env = { PORTFLIP_IPTABLES: 'legacy' };
+    const ports = await freePorts(2);
+    for (const v of ['v1', 'v2']) assert.is((await w.pf(deployArgs(ports, [], ['--version', v]), env)).code, 0);
+    assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v2');
+    const legacy = await w.ns.exec('iptables-legacy-save', ['-t', 'nat']);
+    assert.match(legacy.stdout, /-A PF-web -p tcp -j REDIRECT/);
+    assert.not.match((await w.ns.exec('iptables-nft-save', ['-t', 'nat'])).stdout, /PF-web/);
+    const st = JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0];
+    assert.is(st.backend, 'legacy');
+    assert.is(st.rules, 'ok');
+    // the recorded backend is used without forcing it again
+    assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v3']))).code, 0);
+    assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v3');
+    assert.is((await w.pf(['stop', 'web'])).code, 0);
+    assert.not.match((await w.ns.exec('iptables-legacy-save', ['-t', 'nat'])).stdout, /PF-|PORTFLIP/);
+  });
+});
+
 test.run();
