@@ -5,7 +5,7 @@ import { fail, PortflipError } from './errors.js';
 import { drainAndStop } from './instance.js';
 import { retire } from './deploy.js';
 import { cleanupText, detectBackend, type Backend, type Family } from './iptables.js';
-import { describe, openIptables, pointAt, reconcile, removeApp, requireNetAdmin, rulesState, type Ctx } from './ops.js';
+import { openIptables, pointAt, reconcile, removeApp, requireNetAdmin, rulesState, type Ctx } from './ops.js';
 import { isAlive, openConnections, tcpSockets, uptimeSeconds } from './proc.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState } from './state.js';
 
@@ -278,4 +278,3 @@ export async function logs(ctx: Ctx, app: string, opts: { follow: boolean; lines
 
 const fmtUptime = (s: number) => (s < 60 ? `${s}s` : s < 3600 ? `${Math.floor(s / 60)}m${s % 60}s` : `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`);
 
-export { describe };
