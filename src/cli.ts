@@ -41,6 +41,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     stopSignal: from('stopSignal', 'stop_signal', 'SIGTERM'),
     killAfter: from('killAfter', 'kill_after', '10s'),
     keepOld: from('keepOld', 'keep_old'),
+    verify: from('verify', 'verify'),
     ipv6: from('ipv6', 'ipv6', 'auto'),
     dryRun: flags.dryRun,
     env: flags.env,
@@ -81,6 +82,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
       killAfterMs: dur(a.killAfter, '--kill-after'),
     },
     keepOldMs: a.keepOld === undefined ? undefined : dur(a.keepOld, '--keep-old'),
+    verifyMs: a.verify === undefined ? undefined : dur(a.verify, '--verify'),
     ipv6: a.ipv6,
     dryRun: !!a.dryRun,
     hooks: Object.fromEntries(HOOKS.filter((h) => cfg[h]).map((h) => [h, cfg[h]!])),
@@ -105,6 +107,7 @@ const deployFlags = (y: Argv) =>
     .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
     .option('kill-after', { type: 'string', describe: 'default 10s' })
     .option('keep-old', { type: 'string', describe: 'keep the previous instance this long for an instant rollback' })
+    .option('verify', { type: 'string', describe: 'after the switch, watch the new instance this long; switch back if it dies or fails its check' })
     .option('ipv6', { type: 'string', describe: 'auto: redirect IPv6 when the host has it and the app listens on ::; on; off' })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 

@@ -31,6 +31,7 @@ function makeSchema(z: typeof Zod) {
     stop_signal: z.string().optional(),
     kill_after: duration.optional(),
     keep_old: duration.optional(),
+    verify: duration.optional(),
     ipv6: z.enum(['auto', 'on', 'off'], { error: 'expected "auto", "on" or "off"' }).optional(),
     before_start: hook.optional(),
     after_ready: hook.optional(),

@@ -10,10 +10,10 @@ import { join } from 'node:path';
 import { HOOKS, type HookName } from './config.js';
 import { fail, PortflipError } from './errors.js';
 import type { StepName } from './events.js';
-import { drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type User } from './instance.js';
+import { checkOnce, drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type User } from './instance.js';
 import { appChain, ensureText, parseSave, switchText, type Family, type Iptables, type NatView } from './iptables.js';
 import { describe, openIptables, pointAt, reconcile, removeApp, spawnReaper, type Ctx } from './ops.js';
-import { bindProblem, listenersOn, readStat, tcpSockets } from './proc.js';
+import { bindProblem, isAlive, listenersOn, readStat, tcpSockets } from './proc.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type Instance, type StopPolicy } from './state.js';
 
 export interface DeployOptions {
@@ -31,6 +31,25 @@ export interface DeployOptions {
   ipv6: 'auto' | 'on' | 'off';
   dryRun: boolean;
   hooks?: Partial<Record<HookName, string>>;
+  verifyMs?: number;
+}
+
+/** Watches the new instance for --verify: alive, and its readiness check passing, the whole time. */
+async function verify(ctx: Ctx, o: DeployOptions, check: ReadyCheck, cand: Instance, exited: Promise<unknown>, env: NodeJS.ProcessEnv): Promise<void> {
+  let gone = false;
+  void exited.then(() => (gone = true));
+  const until = ctx.sys.now() + o.verifyMs!;
+  let failures = 0;
+  while (ctx.sys.now() < until) {
+    if (gone || !(await isAlive(ctx.sys, cand.pid, cand.startTime))) {
+      throw new PortflipError('deployFailed', `the new instance (pid ${cand.pid}) exited during --verify; switched back`);
+    }
+    // one failed check can be a blip; two in a row is a failing instance
+    failures = (await checkOnce(check, cand.port, 2000, { ...env, PORT: String(cand.port) })) ? 0 : failures + 1;
+    if (failures >= 2) throw new PortflipError('deployFailed', `the new instance on port ${cand.port} failed its readiness check during --verify; switched back`);
+    if (ctx.abort.aborted) throw new PortflipError('deployFailed', 'interrupted during --verify; switched back');
+    await ctx.sys.sleep(250, ctx.abort);
+  }
 }
 
 /** Ports chosen when --ports is not given: below the kernel's ephemeral range, so clients never hold them. */
@@ -102,8 +121,8 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     } });
 
     // 4. ready: the check passes before the deadline and before the candidate exits
+    const check = o.ready.kind === 'cmd' ? { ...o.ready, user } : o.ready;
     await step('ready', async () => {
-      const check = o.ready.kind === 'cmd' ? { ...o.ready, user } : o.ready;
       const r = await waitReady(sys, check, { pid: spawned.pid, port: cand.port, exited: spawned.exited }, o.readyTimeoutMs, { ...env, PORT: String(cand.port) }, ctx.abort);
       if (!r.ready) throw new PortflipError('deployFailed', r.reason);
     }, cand.port, () => cand.pid);
@@ -130,6 +149,13 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
           throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
         }
       }
+      const before = { families: st.families, oldState: old?.state };
+      undo.push({ title: `state back on ${old ? `port ${old.port}` : 'no instance'}`, run: async () => {
+        st.families = before.families;
+        cand.state = 'candidate';
+        if (old) [old.state, old.keepUntil] = [before.oldState!, undefined];
+        await writeState(paths, st);
+      } });
       st.families = families;
       cand.state = 'active';
       if (old) {
@@ -139,10 +165,16 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       st.stop = o.stop;
       await writeState(paths, st);
     }, cand.port, () => cand.pid, () => (old ? `from port ${old.port}` : 'first instance'));
+
+    // 7. verify (--verify): the new instance must stay alive and ready; the old one still accepts,
+    // so a failure here switches back in one commit per family
+    if (o.verifyMs) {
+      await step('verify', () => verify(ctx, o, check, cand, spawned.exited, env), cand.port, () => cand.pid);
+    }
     undo.length = 0; // past this point the new instance serves; nothing is switched back
     await hook('after_switch', cand.port, false);
 
-    // 7. drain: the replaced instance (unless kept) and any older ones, in parallel
+    // 8. drain: the replaced instance (unless kept) and any older ones, in parallel
     const retiring = st.instances.filter((i) => i.state === 'draining' || (i.state === 'kept' && i !== old));
     if (retiring.length) {
       await step('drain', () => Promise.all(retiring.map((i) => retire(ctx, st, i))).then(() => undefined), old?.port, () => old?.pid,

@@ -16,6 +16,7 @@ export type StepName =
   | 'rollback'
   | 'restore'
   | 'cleanup'
+  | 'verify'
   | 'done'
   | HookName;
 

@@ -93,7 +93,7 @@ export async function spawnInstance(spec: SpawnSpec): Promise<Spawned> {
 
 export type ReadyCheck = { kind: 'tcp' } | { kind: 'http'; url: string } | { kind: 'cmd'; command: string; cwd: string; user?: User };
 
-const attempt = (check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS.ProcessEnv): Promise<boolean> => {
+export const checkOnce = (check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS.ProcessEnv): Promise<boolean> => {
   switch (check.kind) {
     case 'tcp':
       return tcpOpen('127.0.0.1', port, timeoutMs).then((ok) => ok || tcpOpen('::1', port, timeoutMs));
@@ -159,7 +159,7 @@ export async function waitReady(
     if (abort.aborted) return { ready: false, reason: `interrupted while waiting for the candidate (pid ${inst.pid}) to be ready; nothing was switched` };
     const left = deadline - sys.now();
     if (left <= 0) return { ready: false, reason: `candidate pid ${inst.pid} was not ready on port ${inst.port} after ${Math.round(timeoutMs / 1000)}s (--ready-timeout)` };
-    if (await attempt(check, inst.port, Math.min(left, 2000), env)) {
+    if (await checkOnce(check, inst.port, Math.min(left, 2000), env)) {
       if (!exit) return { ready: true };
     }
     await sys.sleep(Math.min(100, Math.max(0, deadline - sys.now())), abort);

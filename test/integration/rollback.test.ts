@@ -2,7 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { freePorts, startLoad, waitFor } from '../helpers/netns.js';
+import { freePorts, startLoad, waitFor, fixture } from '../helpers/netns.js';
 import { inWorld, deployArgs, events, show, get, alive } from './lib.js';
 
 test('rollback under load points back at the kept instance with zero failed requests', async () => {
@@ -50,6 +50,34 @@ test('the detached reaper stops the kept instance when --keep-old runs out', asy
     await waitFor(() => !alive(oldPid), 10_000, 'the reaper to stop the kept instance');
     await waitFor(async () => JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0].others.length === 0, 5000, 'the state to forget it');
     assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v2');
+  });
+});
+
+test('--verify switches back to the old instance when the new one dies right after the switch', async () => {
+  await inWorld(async (w) => {
+    const ports = await freePorts(2);
+    assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v1']))).code, 0);
+    const before = await w.save();
+    const load = await startLoad(w.ns, 'server', { url: 'http://127.0.0.1:80/', mode: 'new', durationMs: 30_000 });
+    // passes its checks, then dies 1.5 s later
+    const dying = ['--', 'sh', '-c', `${process.execPath} ${fixture('app.mjs')} --port $PORT --version v2 & p=$!; sleep 1.5; kill -9 $p`];
+    const r = await w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--verify', '4s', '--json', ...dying]);
+    assert.is(r.code, 1, show(r));
+    assert.match(r.stderr, /during --verify; switched back/);
+    const steps = events(r.stdout).filter((e) => e.kind === 'step').map((e) => `${e.step}:${e.status}`);
+    assert.ok(steps.includes('switch:ok') && steps.includes('verify:failed'), steps.join());
+    assert.is(await w.save(), before, 'the redirect is back on the old instance');
+    assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
+    const res = await load.stop();
+    assert.ok(res.versions.includes('v2'), 'the new instance served for a while');
+    assert.equal(res.versions.at(-1), 'v1');
+    const st = JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0];
+    assert.is(st.active.state, 'active');
+    assert.is(st.others.length, 0);
+    // a healthy instance passes --verify and the old one is drained as usual
+    const ok = await w.pf(deployArgs(ports, ['--verify', '1s'], ['--version', 'v3']));
+    assert.is(ok.code, 0, show(ok));
+    assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v3');
   });
 });
 
