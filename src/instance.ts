@@ -167,8 +167,8 @@ export async function waitReady(
 }
 
 export async function logTail(path: string, lines = 20): Promise<string[]> {
-  const text = await readFile(path, 'utf8').catch(() => '');
-  return text.trimEnd().split('\n').slice(-lines).filter((l, i, a) => a.length > 1 || l);
+  const text = (await readFile(path, 'utf8').catch(() => '')).trimEnd();
+  return text ? text.split('\n').slice(-lines) : [];
 }
 
 /** Signals the instance's process group (falling back to the pid if it left its group). */

@@ -161,7 +161,6 @@ export class Iptables {
 
 const firstLine = (s: string) => s.trim().split('\n')[0] || 'no output';
 
-const exists = async (_sys: Sys, cmd: string) => (await which(cmd)) !== null;
 
 const countRules = (text: string) => text.split('\n').filter((l) => l.startsWith('-A ')).length;
 
@@ -170,8 +169,8 @@ const countRules = (text: string) => text.split('\n').filter((l) => l.startsWith
  * chain, else the one with rules in it, else nft. PORTFLIP_IPTABLES=nft|legacy forces it.
  */
 export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables> {
-  const hasNft = await exists(sys, 'iptables-nft-restore');
-  const hasLegacy = await exists(sys, 'iptables-legacy-restore');
+  const hasNft = await which('iptables-nft-restore');
+  const hasLegacy = await which('iptables-legacy-restore');
   let backend: Backend;
   if (forced === 'default') forced = undefined; // recorded for a host with one plain iptables
   if (forced) {
@@ -189,7 +188,7 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
     else backend = countRules(legacy.stdout) > countRules(nft.stdout) ? 'legacy' : 'nft';
   } else if (hasNft || hasLegacy) {
     backend = hasNft ? 'nft' : 'legacy';
-  } else if (await exists(sys, 'iptables-restore')) {
+  } else if (await which('iptables-restore')) {
     backend = 'default';
   } else {
     return fail('noIptables', 'iptables is not installed; install it (apt-get install -y iptables) and run again');
@@ -197,7 +196,7 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
   const probe = await sys.run(tool('ipv4', backend, 'save'), ['-t', 'nat']);
   if (probe.code !== 0) fail('noIptables', `iptables does not work here (${tool('ipv4', backend, 'save')}: ${firstLine(probe.stderr)})`);
   const families: Family[] = ['ipv4'];
-  const v6 = (await sys.readText('/proc/net/if_inet6')) !== null && (await exists(sys, tool('ipv6', backend, 'restore')));
+  const v6 = (await sys.readText('/proc/net/if_inet6')) !== null && (await which(tool('ipv6', backend, 'restore'))) !== null;
   if (v6 && (await sys.run(tool('ipv6', backend, 'save'), ['-t', 'nat'])).code === 0) families.push('ipv6');
   return new Iptables(sys, backend, families);
 }
