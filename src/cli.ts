@@ -7,12 +7,13 @@ import { cleanup, formatStatus, logs, reap, restore, rollback, status, stop } fr
 import { parseDuration } from './duration.js';
 import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './config.js';
 import { ExitCode, PortflipError, fail } from './errors.js';
+import { canonicalCidr } from './iptables.js';
 import { makeEmitter } from './events.js';
-import type { Ctx } from './ops.js';
+import { conntrackFill, requireNetAdmin, watch, type Ctx } from './ops.js';
 import { paths } from './state.js';
 import { realSys } from './sys.js';
 import { requestReload, supervise } from './supervisor.js';
-import { appUnit, execPrefix, restoreUnit } from './systemd.js';
+import { appUnit, execPrefix, restoreUnit, watchUnit } from './systemd.js';
 import type { DrainMode } from './state.js';
 
 const SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH', 'SIGKILL'];
@@ -43,6 +44,9 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     keepOld: from('keepOld', 'keep_old'),
     verify: from('verify', 'verify'),
     ipv6: from('ipv6', 'ipv6', 'auto'),
+    firewall: from('firewall', 'firewall', 'auto'),
+    exposePorts: from('exposePorts', 'expose_ports', false),
+    allowFrom: flags.allowFrom ?? cfg.allow_from ?? [],
     dryRun: flags.dryRun,
     env: flags.env,
   };
@@ -57,6 +61,11 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
   if (!SIGNALS.includes(signal)) fail('usage', `--stop-signal ${a.stopSignal}: use one of ${SIGNALS.join(', ')}`);
   if (a.drain !== 'signal' && a.drain !== 'idle') fail('usage', `--drain ${a.drain}: use signal or idle`);
   if (!['auto', 'on', 'off'].includes(a.ipv6)) fail('usage', `--ipv6 ${a.ipv6}: use auto, on or off`);
+  if (!['auto', 'off'].includes(a.firewall)) fail('usage', `--firewall ${a.firewall}: use auto or off`);
+  const allowFrom = [a.allowFrom].flat().flatMap((v) => String(v).split(',')).map((v) => v.trim()).filter(Boolean).map((v) => {
+    return canonicalCidr(v) ?? fail('usage', `--allow-from ${v}: not an address or network; write it like 192.0.2.0/24 or 2001:db8::/32`);
+  });
+  if (allowFrom.length && a.firewall === 'off') fail('usage', '--allow-from needs portflip\'s filter chain; drop --firewall off');
   const env: Record<string, string> = { ...cfg.env };
   for (const kv of [a.env ?? []].flat().map(String)) {
     const i = kv.indexOf('=');
@@ -84,6 +93,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     keepOldMs: a.keepOld === undefined ? undefined : dur(a.keepOld, '--keep-old'),
     verifyMs: a.verify === undefined ? undefined : dur(a.verify, '--verify'),
     ipv6: a.ipv6,
+    firewall: { mode: a.firewall, exposePorts: !!a.exposePorts, allowFrom: [...new Set(allowFrom)] },
     dryRun: !!a.dryRun,
     hooks: Object.fromEntries(HOOKS.filter((h) => cfg[h]).map((h) => [h, cfg[h]!])),
   };
@@ -109,6 +119,9 @@ const deployFlags = (y: Argv) =>
     .option('keep-old', { type: 'string', describe: 'keep the previous instance this long for an instant rollback' })
     .option('verify', { type: 'string', describe: 'after the switch, watch the new instance this long; switch back if it dies or fails its check' })
     .option('ipv6', { type: 'string', describe: 'auto: redirect IPv6 when the host has it and the app listens on ::; on; off' })
+    .option('firewall', { type: 'string', describe: 'auto (default): accept redirected traffic in the filter table; off: never touch it' })
+    .option('expose-ports', { type: 'boolean', describe: 'let other hosts reach instance ports directly (private by default)' })
+    .option('allow-from', { type: 'string', array: true, describe: 'accept redirected traffic only from these networks (CIDR, repeatable or comma-separated)' })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 
 /** The app named on the command line, or the one a -c file stands for (web.toml -> web). */
@@ -175,13 +188,23 @@ export async function main(argv: string[]): Promise<number> {
     .command('reload [app]', 'ask the running `portflip run APP` for a zero-downtime deploy (config file re-read); waits for the result', (y) => appArg(y), (a) =>
       run(() => requestReload(ctx, appName(a))),
     )
-    .command('systemd [app]', 'print a systemd unit for `portflip run APP`; with --restore, a unit that restores the rules at boot', (y) =>
-      appArg(y).option('restore', { type: 'boolean', describe: 'print the boot-time `portflip restore` unit instead' }),
+    .command('systemd [app]', 'print a systemd unit for `portflip run APP`; with --restore, a unit that restores the rules at boot; with --watch, one that heals them', (y) =>
+      appArg(y)
+        .option('restore', { type: 'boolean', describe: 'print the boot-time `portflip restore` unit instead' })
+        .option('watch', { type: 'boolean', describe: 'print the `portflip watch` unit instead (heals rules after a firewall reload)' }),
       (a) =>
         run(async () => {
           const exec = execPrefix(resolve(process.argv[1]), process.execPath);
           const config = a.config ? resolve(String(a.config)) : undefined;
-          process.stdout.write(a.restore ? restoreUnit(exec) : appUnit({ app: appName(a), exec, config }));
+          process.stdout.write(a.restore ? restoreUnit(exec) : a.watch ? watchUnit(exec) : appUnit({ app: appName(a), exec, config }));
+        }),
+    )
+    .command('watch', "keep every app's rules in line with its state file: repair them within a second after a firewall reload", (y) =>
+      y.option('interval', { type: 'string', describe: 'how often to compare (default 500ms)' }),
+      (a) =>
+        run(async () => {
+          await requireNetAdmin(ctx.sys);
+          await watch(ctx, a.interval === undefined ? 500 : parseDuration(String(a.interval), '--interval'));
         }),
     )
     .command('status [app]', 'show apps, instances and whether the live rules agree', (y) =>
@@ -193,8 +216,9 @@ export async function main(argv: string[]): Promise<number> {
           const every = a.watch === undefined ? 0 : a.watch === '' ? 2000 : parseDuration(String(a.watch), '--watch');
           do {
             const apps = await status(ctx, a.app || a.config ? appName(a) : undefined);
-            if (json) process.stdout.write(JSON.stringify({ apps }) + '\n');
-            else process.stdout.write((every && tty ? '\x1b[H\x1b[2J' : '') + formatStatus(apps, colour) + '\n' + (every ? '\n' : ''));
+            const conntrack = await conntrackFill(ctx.sys);
+            if (json) process.stdout.write(JSON.stringify({ apps, conntrack }) + '\n');
+            else process.stdout.write((every && tty ? '\x1b[H\x1b[2J' : '') + formatStatus(apps, colour, conntrack) + '\n' + (every ? '\n' : ''));
             if (every) await ctx.sys.sleep(every, abort.signal);
           } while (every && !abort.signal.aborted);
         }),
@@ -213,7 +237,7 @@ export async function main(argv: string[]): Promise<number> {
       (a) => run(() => cleanup(ctx, !!a.stopInstances)),
     )
     .command('_reap <app>', false, (y) => appArg(y), (a) => run(() => reap(ctx, String(a.app))))
-    .demandCommand(1, 'name a command: deploy, status, logs, rollback, stop, restore, cleanup, init, run, reload or systemd')
+    .demandCommand(1, 'name a command: deploy, status, logs, rollback, stop, restore, cleanup, init, run, reload, watch or systemd')
     .strict()
     .help()
     .version()

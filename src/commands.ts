@@ -4,8 +4,9 @@ import { open, readFile } from 'node:fs/promises';
 import { fail, PortflipError } from './errors.js';
 import { drainAndStop } from './instance.js';
 import { retire } from './deploy.js';
-import { cleanupText, detectBackend, type Backend, type Family } from './iptables.js';
-import { openIptables, pointAt, reconcile, removeApp, requireNetAdmin, rulesState, type Ctx } from './ops.js';
+import { appChain, cleanupText, detectBackend, type Backend, type Family, type Verdict } from './iptables.js';
+import { GUARD_PREFIX, guardScript } from './nftguard.js';
+import { applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, openGuard, openIptables, reconcile, removeApp, requireNetAdmin, rulesState, settle, syncGuard, syncGuardCheck, wantedSpec, type Ctx } from './ops.js';
 import { isAlive, openConnections, tcpSockets, uptimeSeconds } from './proc.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState } from './state.js';
 
@@ -22,6 +23,7 @@ async function withApp<T>(ctx: Ctx, app: string, what: string, fn: (st: AppState
     const out = await fn(st, ipt);
     // instances an earlier run left draining are finished by whichever run comes next
     for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i);
+    await settle(ctx, ipt, st, undefined, true); // the ports of instances that are gone leave the filter chain
     return out;
   } finally {
     await lock.release();
@@ -34,10 +36,10 @@ export async function rollback(ctx: Ctx, app: string): Promise<void> {
     const kept = st.instances.filter((i) => i.state === 'kept').sort((a, b) => (b.keepUntil ?? 0) - (a.keepUntil ?? 0))[0];
     if (!kept) fail('nothingToDo', `"${app}" has no kept previous instance alive to roll back to; deploy with --keep-old DURATION to keep one`);
     const bad = st.instances.find((i) => i.state === 'active');
-    for (const f of st.families.filter((f) => ipt.families.includes(f))) await pointAt(ipt, f, app, st.listen, kept.port);
     kept.state = 'active';
     delete kept.keepUntil;
     if (bad) bad.state = 'draining';
+    for (const f of ipt.families) await applySpec(ipt, f, wantedSpec(st, f));
     await writeState(ctx.paths, st);
     ctx.emit({ kind: 'step', step: 'rollback', app, status: 'ok', port: kept.port, pid: kept.pid, durationMs: ctx.sys.now() - started, detail: bad ? `from port ${bad.port}` : undefined });
     if (bad) {
@@ -51,7 +53,12 @@ export async function rollback(ctx: Ctx, app: string): Promise<void> {
 export async function stop(ctx: Ctx, app: string): Promise<void> {
   await withApp(ctx, app, 'stop', async (st, ipt) => {
     const started = ctx.sys.now();
-    for (const f of ipt.families) await removeApp(ipt, f, app);
+    const foreign = new Set<string>();
+    for (const f of ipt.families) for (const r of await removeApp(ipt, f, app)) foreign.add(r);
+    await syncGuard(ctx, st, 'absent');
+    if (foreign.size) {
+      ctx.emit({ kind: 'notice', app, message: `rules outside portflip still jump to ${appChain(app)} (${[...foreign].join('; ')}); its chain was emptied but left in place: delete those rules, then run portflip cleanup` });
+    }
     // the public port now refuses; stop every instance right away under the grace period
     const policy = { ...st.stop, drain: 'signal' as const };
     await Promise.all(st.instances.map((i) => drainAndStop(ctx.sys, app, i, policy, ctx.emit, async () => {})));
@@ -88,6 +95,13 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
     for (const app of apps) {
       const b = (await readState(ctx.paths, app).catch(() => null))?.backend;
       if (b) backends.add(b);
+    }
+    const guard = await openGuard(ctx.sys);
+    const chains = await guard.chains();
+    const guarded = new Set(chains.flatMap((c) => c.ours.map((r) => r.comment.slice(GUARD_PREFIX.length).split(' ')[0])));
+    for (const app of guarded) {
+      const script = guardScript(chains, app, null);
+      if (script) await guard.apply(script);
     }
     for (const b of backends) {
       const ipt = b === detected.backend ? detected : await detectBackend(ctx.sys, b).catch(() => null);
@@ -157,7 +171,8 @@ export interface AppStatus {
   families: Family[];
   active: InstanceStatus | null;
   others: InstanceStatus[];
-  rules: 'ok' | 'missing' | 'mismatch' | 'unknown';
+  rules: Verdict | 'unknown'; // the nat redirect
+  firewall: Verdict | 'off' | 'unknown'; // the filter chain and the nftables accept
   restarts: number; // crash restarts by `portflip run`
 }
 
@@ -186,15 +201,23 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
     }
     const active = insts.find((i) => i.state === 'active') ?? null;
     let rules: AppStatus['rules'] = 'unknown';
+    let firewall: AppStatus['firewall'] = st.firewall?.mode === 'off' ? 'off' : 'unknown';
     try {
       const ipt = await openIptables(ctx, st.backend);
-      const verdicts = [];
-      for (const f of ipt.families) verdicts.push(rulesState(await ipt.save(f), app, st.listen, st.families.includes(f) ? active?.port ?? null : null));
-      rules = verdicts.includes('missing') ? 'missing' : verdicts.includes('mismatch') ? 'mismatch' : 'ok';
+      // what the state file wants, counting only instances that are still alive
+      const live = { ...st, instances: st.instances.filter((i) => insts.find((s) => s.port === i.port)?.alive) };
+      const worst = (vs: Verdict[]) => (vs.includes('missing') ? 'missing' : vs.includes('mismatch') ? 'mismatch' : 'ok');
+      const checks = [];
+      for (const f of ipt.families) checks.push(rulesState(await ipt.save(f), wantedSpec(live, f), f));
+      rules = worst(checks.map((c) => c.nat));
+      if (firewall !== 'off') {
+        const guardMissing = !!(await syncGuardCheck(ctx, live));
+        firewall = worst([...checks.map((c) => c.filter), guardMissing ? 'missing' : 'ok']);
+      }
     } catch {
       rules = 'unknown'; // not root: the state is still worth showing
     }
-    out.push({ app, listen: st.listen, backend: st.backend, families: st.families, active, others: insts.filter((i) => i !== active), rules, restarts: st.restarts ?? 0 });
+    out.push({ app, listen: st.listen, backend: st.backend, families: st.families, active, others: insts.filter((i) => i !== active), rules, firewall, restarts: st.restarts ?? 0 });
   }
   pidusage.clear();
   return out;
@@ -203,17 +226,29 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
 const paint = (on: boolean, code: number, s: string) => (on ? `\x1b[${code}m${s}\x1b[0m` : s);
 const STATE_COLOUR: Record<string, number> = { active: 32, kept: 36, draining: 33, candidate: 35, gone: 31 };
 
-export function formatStatus(apps: AppStatus[], colour = false): string {
+export type ConntrackFill = Awaited<ReturnType<typeof conntrackFill>>;
+
+/** The status table, then one line on the connection-tracking table when it is loaded. */
+export function formatStatus(apps: AppStatus[], colour = false, conntrack: ConntrackFill = null): string {
+  const table = formatApps(apps, colour);
+  if (!conntrack) return table;
+  const warn = conntrack.percent >= CONNTRACK_WARN_PERCENT;
+  const line = `conntrack: ${conntrack.count} of ${conntrack.max} entries (${conntrack.percent}%)${warn ? ` WARNING: ${conntrackWarning(conntrack)}` : ''}`;
+  return `${table}\n${paint(colour && warn, 31, line)}`;
+}
+
+function formatApps(apps: AppStatus[], colour: boolean): string {
   if (!apps.length) return 'no apps';
-  const rows = [['APP', 'LISTEN', 'PORT', 'PID', 'STATE', 'UPTIME', 'CPU%', 'MEM', 'CONNS', 'RULES']];
+  const rows = [['APP', 'LISTEN', 'PORT', 'PID', 'STATE', 'UPTIME', 'CPU%', 'MEM', 'CONNS', 'FIREWALL', 'RULES']];
   for (const a of apps) {
     const list = [a.active, ...a.others].filter(Boolean) as InstanceStatus[];
-    if (!list.length) rows.push([a.app, String(a.listen), '-', '-', 'none', '-', '-', '-', '-', a.rules]);
+    if (!list.length) rows.push([a.app, String(a.listen), '-', '-', 'none', '-', '-', '-', '-', a.firewall, a.rules]);
     for (const i of list) {
       rows.push([
         a.app, String(a.listen), String(i.port), String(i.pid ?? '-'), i.state,
         i.uptimeSeconds === null ? '-' : fmtUptime(i.uptimeSeconds), i.cpu === null ? '-' : i.cpu.toFixed(1),
-        i.memory === null ? '-' : `${(i.memory / 1048576).toFixed(1)}M`, String(i.connections), i === list[0] ? `${a.rules} (${a.backend} ${a.families.join('+')})` : '',
+        i.memory === null ? '-' : `${(i.memory / 1048576).toFixed(1)}M`, String(i.connections),
+        i === list[0] ? a.firewall : '', i === list[0] ? `${a.rules} (${a.backend} ${a.families.join('+')})` : '',
       ]);
     }
   }
@@ -226,7 +261,7 @@ export function formatStatus(apps: AppStatus[], colour = false): string {
           const cell = v.padEnd(widths[c]);
           if (i === 0) return paint(colour, 1, cell);
           if (c === 4) return paint(colour, STATE_COLOUR[v] ?? 0, cell);
-          if (c === 9 && v) return paint(colour, v.startsWith('ok') ? 32 : 31, cell);
+          if ((c === 9 || c === 10) && v && v !== 'off') return paint(colour, v.startsWith('ok') ? 32 : 31, cell);
           return cell;
         })
         .join('  ')

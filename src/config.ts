@@ -33,6 +33,9 @@ function makeSchema(z: typeof Zod) {
     keep_old: duration.optional(),
     verify: duration.optional(),
     ipv6: z.enum(['auto', 'on', 'off'], { error: 'expected "auto", "on" or "off"' }).optional(),
+    firewall: z.enum(['auto', 'off'], { error: 'expected "auto" or "off"' }).optional(),
+    expose_ports: z.boolean({ error: 'expected true or false' }).optional(),
+    allow_from: z.array(z.string(), { error: 'expected a list of networks such as ["192.0.2.0/24", "2001:db8::/32"]' }).optional(),
     before_start: hook.optional(),
     after_ready: hook.optional(),
     after_switch: hook.optional(),
@@ -110,6 +113,12 @@ stop_signal = "SIGTERM"
 kill_after = "10s"
 # keep_old = "5m"    # keep the previous instance for an instant "portflip rollback"
 # ipv6 = "auto"
+
+# Firewall: "auto" accepts the connections portflip redirected in its own filter chain, so a default-deny
+# firewall (ufw) that opens only the public port keeps working; "off" never touches the filter table.
+# firewall = "auto"
+# expose_ports = false                 # true: other hosts may connect to instance ports directly
+# allow_from = ["192.0.2.0/24"]        # accept redirected traffic only from these networks (and this host)
 
 # Hooks: shell commands run as the app's user, with PORTFLIP_APP, PORTFLIP_PORT, PORTFLIP_PREVIOUS_PORT
 # and PORTFLIP_STEP set. A failing before_start or after_ready aborts the deploy with nothing switched.

@@ -11,10 +11,10 @@ import { HOOKS, type HookName } from './config.js';
 import { fail, PortflipError } from './errors.js';
 import type { StepName } from './events.js';
 import { checkOnce, drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type User } from './instance.js';
-import { appChain, ensureText, parseSave, switchText, type Family, type Iptables, type NatView } from './iptables.js';
-import { describe, openIptables, pointAt, reconcile, removeApp, spawnReaper, type Ctx } from './ops.js';
+import { appChain, appText, parseSave, wouldDrop, type AppSpec, type Family, type Iptables, type RulesView } from './iptables.js';
+import { applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, describe, firewallOf, openGuard, openIptables, reconcile, settle, spawnReaper, syncGuard, wantedSpec, type Ctx } from './ops.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpSockets } from './proc.js';
-import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type Instance, type StopPolicy } from './state.js';
+import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type FirewallSettings, type Instance, type StopPolicy } from './state.js';
 
 export interface DeployOptions {
   app: string;
@@ -32,6 +32,7 @@ export interface DeployOptions {
   dryRun: boolean;
   hooks?: Partial<Record<HookName, string>>;
   verifyMs?: number;
+  firewall: FirewallSettings;
 }
 
 /** Watches the new instance for --verify: alive, and its readiness check passing, the whole time. */
@@ -132,19 +133,28 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
 
     await hook('after_ready', cand.port, true);
 
-    // 6. switch: one commit per family. Undo: point back at the old instance, which still accepts.
+    // 6. switch: one commit per family, its filter accept before its redirect. Undo: point back at the
+    // old instance, which still accepts.
     const old = st.instances.find((i) => i.state === 'active');
     await step('switch', async () => {
+      const firstFirewall = JSON.stringify(st.firewall);
+      st.firewall = o.firewall;
+      const open = [...st.instances.filter((i) => i.state !== 'candidate').map((i) => i.port), cand.port];
+      const spec = (target: number | null, ports: number[]): AppSpec => ({ app: o.app, listen: o.listen, target, open: ports, firewall: firewallOf(st) });
+      // native nftables chains that drop by default learn the public port before anything points at it
+      if ((await syncGuard(ctx, st, 'present')).length && !old) {
+        undo.push({ title: 'nftables accept removed', run: async () => void (await syncGuard(ctx, st, 'absent')) });
+      }
       for (const f of ipt.families) {
-        const had = st.families.includes(f) || !!pre.views.get(f)?.chains.has(appChain(o.app));
+        const had = st.families.includes(f) || !!pre.views.get(f)?.nat.chains.has(appChain(o.app));
         if (!families.includes(f) && !had) continue;
         undo.push({ title: `${f} redirect ${old && had ? `back on port ${old.port}` : 'removed'}`, run: async () => {
-          if (old && had && st.families.includes(f)) await pointAt(ipt, f, o.app, o.listen, old.port);
-          else await removeApp(ipt, f, o.app);
+          st.firewall = JSON.parse(firstFirewall ?? 'null') ?? undefined;
+          const back = old && had && st.families.includes(f);
+          await applySpec(ipt, f, spec(back ? old.port : null, [...open]));
         } });
         try {
-          if (families.includes(f)) await pointAt(ipt, f, o.app, o.listen, cand.port, pre.views.get(f));
-          else await removeApp(ipt, f, o.app);
+          await applySpec(ipt, f, spec(families.includes(f) ? cand.port : null, open), pre.views.get(f));
         } catch (err) {
           throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
         }
@@ -175,12 +185,16 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     await hook('after_switch', cand.port, false);
 
     // 8. drain: the replaced instance (unless kept) and any older ones, in parallel
+    // their ports leave the filter chain only once they are gone: open connections pass until then
     const retiring = st.instances.filter((i) => i.state === 'draining' || (i.state === 'kept' && i !== old));
     if (retiring.length) {
-      await step('drain', () => Promise.all(retiring.map((i) => retire(ctx, st, i))).then(() => undefined), old?.port, () => old?.pid,
-        () => `${retiring.length} instance${retiring.length > 1 ? 's' : ''} stopped`);
+      const drain = async () => {
+        await Promise.all(retiring.map((i) => retire(ctx, st, i)));
+        await settle(ctx, ipt, st, undefined, true);
+      };
+      await step('drain', drain, old?.port, () => old?.pid, () => `${retiring.length} instance${retiring.length > 1 ? 's' : ''} stopped`);
+      await hook('after_drain', cand.port, false);
     }
-    if (retiring.length) await hook('after_drain', cand.port, false);
     if (o.keepOldMs && old) {
       const pid = spawnReaper(ctx, o.app);
       emit({ kind: 'notice', app: o.app, message: `keeping ${describe(old)} for instant rollback until ${new Date(old.keepUntil!).toISOString()}; a detached reaper (pid ${pid}) stops it then, or the next portflip run` });
@@ -191,6 +205,8 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       await u.run().catch(() => {});
       emit({ kind: 'notice', app: o.app, message: `undo: ${u.title}` });
     }
+    // the candidate is gone: its port leaves the filter chain (nothing to do before the switch)
+    if (undo.length) await settle(ctx, ipt, st).catch(() => {});
     if (pre.fresh && !st.instances.length) await removeState(paths, o.app);
     if (candidateLog && err instanceof PortflipError && err.kind === 'deployFailed' && !HOOKS.includes(current as HookName)) {
       emit({ kind: 'log-tail', app: o.app, port: pre.port, log: candidateLog, lines: await logTail(candidateLog) });
@@ -218,7 +234,7 @@ interface Preflight {
   env: NodeJS.ProcessEnv;
   state: AppState;
   port: number;
-  views: Map<Family, NatView>;
+  views: Map<Family, RulesView>;
   fresh: boolean; // no state file before this deploy
 }
 
@@ -260,10 +276,27 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
     state.listen = o.listen;
     state.backend = ipt.backend;
     const port = await pickPort(o, ctx, state);
+    await warnFirewall(o, ctx, views, port);
     return { ipt, lock, user, env, state, port, views, fresh: !existing };
   } catch (err) {
     await lock.release();
     throw err;
+  }
+}
+
+/** Warnings that change nothing: a filling conntrack table, and with --firewall off, a filter that would drop. */
+async function warnFirewall(o: DeployOptions, ctx: Ctx, views: Map<Family, RulesView>, port: number): Promise<void> {
+  const note = (message: string) => ctx.emit({ kind: 'notice', app: o.app, message });
+  const fill = await conntrackFill(ctx.sys);
+  if (fill && fill.percent >= CONNTRACK_WARN_PERCENT) note(conntrackWarning(fill));
+  if (o.firewall.mode !== 'off') return;
+  for (const [f, view] of views) {
+    if (!wouldDrop(view.filter, port)) continue;
+    const tool = f === 'ipv4' ? 'iptables' : 'ip6tables';
+    note(`--firewall off: ${tool}'s INPUT drops what it does not accept, and nothing accepts connections redirected to port ${port}, so clients on other hosts will get no answer. Fix: ${tool} -I INPUT -p tcp -m conntrack --ctstate DNAT --ctorigdstport ${o.listen} -j ACCEPT, or deploy with --firewall auto`);
+  }
+  for (const c of await (await openGuard(ctx.sys)).chains()) {
+    note(`--firewall off: nftables chain "${c.family} ${c.table} ${c.chain}" drops by default and will drop connections redirected to port ${port}. Fix: nft insert rule ${c.family} ${c.table} ${c.chain} ct status dnat ct original proto-dst ${o.listen} accept, or deploy with --firewall auto`);
   }
 }
 
@@ -316,10 +349,14 @@ function plan(o: DeployOptions, ctx: Ctx, pre: Preflight): void {
       { step: 'start', does: `run ${JSON.stringify(cmd)} in ${o.cwd}${o.user ? ` as ${o.user}` : ''} with PORT=${port}, log to ${join(ctx.paths.logDir, `${o.app}-${port}.log`)}`, undo: 'kill its process group' },
       { step: 'ready', does: `wait up to ${o.readyTimeoutMs}ms for ${o.ready.kind === 'tcp' ? `a TCP connect to port ${port}` : o.ready.kind === 'http' ? o.ready.url.replaceAll('{port}', String(port)) : `"${o.ready.command}" to exit 0`}`, undo: 'kill the candidate' },
       { step: 'bind-check', does: `check the candidate listens on all addresses (0.0.0.0 or ::) on port ${port}`, undo: 'kill the candidate' },
-      { step: 'switch', does: `redirect port ${o.listen} to ${port} in one iptables-restore --noflush commit${old ? ` (from ${old.port})` : ''}`, undo: old ? `redirect back to ${old.port}` : 'remove the rules' },
+      { step: 'switch', does: `${o.firewall.mode === 'off' ? '' : `accept redirected connections to ${port} (filter), then `}redirect port ${o.listen} to ${port} (nat), one iptables-restore --noflush commit per family${old ? ` (from ${old.port})` : ''}`, undo: old ? `redirect back to ${old.port}` : 'remove the rules' },
       { step: 'drain', does: old ? `${o.keepOldMs ? `keep port ${old.port} for ${o.keepOldMs}ms, then ` : ''}${o.stop.drain === 'idle' ? `wait until port ${old.port} has no open connections (at most ${o.stop.drainTimeoutMs}ms), then ` : ''}send ${o.stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${o.stop.killAfterMs}ms` : 'nothing to drain (first instance)', undo: '' },
     ],
-    rules: [{ family: 'ipv4', text: old ? switchText(o.app, port) : ensureText(view, o.app, o.listen, port) }],
+    rules: (['ipv4', 'ipv6'] as const).map((family) => {
+      const st = { ...pre.state, listen: o.listen, firewall: o.firewall, families: [family] };
+      const spec = { ...wantedSpec(st, family), target: port, open: [...wantedSpec(st, family).open, port] };
+      return { family, text: appText(view, spec, family) ?? '' };
+    }),
   });
 }
 

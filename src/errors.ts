@@ -11,6 +11,7 @@ export const ExitCode = {
   commandNotFound: 7, // the app command cannot be resolved
   config: 8, // unknown user, missing directory, unreadable config
   nothingToDo: 9, // rollback with no kept instance, unknown app
+  rules: 10, // iptables refused portflip's rules (a foreign rule in the way, a kernel without a match)
   internal: 70,
 } as const;
 

@@ -21,7 +21,7 @@ export type StepName =
   | HookName;
 
 export type Event =
-  | { kind: 'step'; step: StepName; app: string; status: 'ok' | 'failed'; port?: number; pid?: number | null; durationMs: number; detail?: string }
+  | { kind: 'step'; step: StepName; app: string; status: 'ok' | 'failed'; port?: number; pid?: number | null; durationMs: number; detail?: string; missing?: string[] }
   | { kind: 'notice'; app?: string; message: string }
   | { kind: 'signal'; app: string; port: number; pid: number; signal: string; reason: string }
   | { kind: 'connections'; app: string; port: number; pid: number; open: number }
@@ -31,7 +31,7 @@ export type Event =
   | { kind: 'supervisor'; app: string; action: SupervisorAction; pid?: number | null; port?: number; detail?: string };
 
 /** What `portflip run` is doing: the lines a person reads in `journalctl -u portflip-APP`. */
-export type SupervisorAction = 'started' | 'reload' | 'reloaded' | 'reload-failed' | 'restart' | 'restarted' | 'restart-failed' | 'adopted' | 'stopping' | 'exit';
+export type SupervisorAction = 'started' | 'reload' | 'reloaded' | 'reload-failed' | 'restart' | 'restarted' | 'restart-failed' | 'adopted' | 'stopping' | 'exit' | 'heal-failed';
 
 export type Emit = (e: Event) => void;
 

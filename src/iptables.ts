@@ -1,20 +1,29 @@
 // The only module that speaks iptables: pure rule builders and a parser, plus one small executor.
 //
-// Layout (nat table, iptables and ip6tables alike; nothing else is ever touched):
-//   -A PREROUTING -m addrtype --dst-type LOCAL -j PORTFLIP     traffic from other hosts
-//   -A OUTPUT     -m addrtype --dst-type LOCAL -j PORTFLIP     clients on this host
-//   -A PORTFLIP -p tcp -m tcp --dport LISTEN -j PF-APP         one jump per app
-//   -A PF-APP -p tcp -j REDIRECT --to-ports PORT               the one rule a switch rewrites
+// Layout (iptables and ip6tables alike; nothing else is ever touched):
+//   nat    -A PREROUTING -m addrtype --dst-type LOCAL -j PORTFLIP     traffic from other hosts
+//          -A OUTPUT     -m addrtype --dst-type LOCAL -j PORTFLIP     clients on this host
+//          -A PORTFLIP -p tcp -m tcp --dport LISTEN -j PF-APP         one jump per app
+//          -A PF-APP -p tcp -j REDIRECT --to-ports PORT               the one rule a switch rewrites
+//   filter -A INPUT -j PORTFLIP                                       first in INPUT, so default-deny sees
+//          -A PORTFLIP -p tcp -j PF-APP                               nothing of ours
+//          -A PF-APP -p tcp -m conntrack --ctstate DNAT --ctorigdstport LISTEN --ctreplsrcport PORT -j ACCEPT
+//          -A PF-APP ! -i lo -p tcp -m tcp --dport PORT -j REJECT --reject-with tcp-reset   (private ports)
+//
+// The filter chain exists because INPUT sees a redirected packet with the instance port, not the public
+// one: a firewall that opens only the public port would drop every redirected connection.
 
-import { fail } from './errors.js';
+import { fail, PortflipError } from './errors.js';
+import { compressV6 } from './proc.js';
 import { which, type Sys } from './sys.js';
 
 export type Family = 'ipv4' | 'ipv6';
 export type Backend = 'nft' | 'legacy' | 'default';
+export type Table = 'nat' | 'filter';
 
 export const ROOT_CHAIN = 'PORTFLIP';
 export const APP_PREFIX = 'PF-';
-const HOOKS = ['PREROUTING', 'OUTPUT'] as const;
+const NAT_HOOKS = ['PREROUTING', 'OUTPUT'] as const;
 const MAX_CHAIN = 28; // iptables' limit on chain names
 
 /** App names map one to one onto chain names; anything that would not is refused, never truncated. */
@@ -29,28 +38,115 @@ export function appChain(app: string): string {
 export const hookRule = (hook: string) => `-A ${hook} -m addrtype --dst-type LOCAL -j ${ROOT_CHAIN}`;
 export const jumpRule = (app: string, listen: number) => `-A ${ROOT_CHAIN} -p tcp -m tcp --dport ${listen} -j ${appChain(app)}`;
 export const redirectRule = (app: string, port: number) => `-A ${appChain(app)} -p tcp -j REDIRECT --to-ports ${port}`;
+export const FILTER_HOOK = `-A INPUT -j ${ROOT_CHAIN}`;
+export const filterJumpRule = (app: string) => `-A ${ROOT_CHAIN} -p tcp -j ${appChain(app)}`;
 
-/** What iptables-save says of the nat table, reduced to what portflip needs. */
-export interface NatView {
+/** What portflip's filter chain for an app should say; null means portflip keeps out of the filter table. */
+export interface FirewallSpec {
+  exposePorts: boolean; // instance ports reachable straight from other hosts
+  allowFrom: string[]; // canonical CIDRs; empty: redirected traffic from anywhere
+}
+
+/** Everything an app's rules depend on: what a switch, a repair or a removal renders. */
+export interface AppSpec {
+  app: string;
+  listen: number;
+  target: number | null; // the redirect's port; null: the app has no rules at all
+  open: number[]; // instance ports whose redirected connections the filter chain accepts
+  firewall: FirewallSpec | null;
+}
+
+/** Rule lines (as iptables-save prints them) of the app's filter chain for one family. */
+export function filterRules(spec: AppSpec, family: Family): string[] {
+  if (!spec.firewall) return [];
+  const chain = appChain(spec.app);
+  const redirected = (port: number) => `-p tcp -m conntrack --ctstate DNAT --ctorigdstport ${spec.listen} --ctreplsrcport ${port}`;
+  const ports = [...new Set(spec.open)].sort((a, b) => a - b);
+  const lines: string[] = [];
+  const sources = spec.firewall.allowFrom.filter((c) => cidrFamily(c) === family);
+  if (!spec.firewall.allowFrom.length) {
+    for (const p of ports) lines.push(`-A ${chain} ${redirected(p)} -j ACCEPT`);
+  } else {
+    // clients on this host always pass; other sources only from the allowed networks
+    for (const p of ports) lines.push(`-A ${chain} -i lo ${redirected(p)} -j ACCEPT`);
+    for (const src of sources) for (const p of ports) lines.push(`-A ${chain} -s ${src} ${redirected(p)} -j ACCEPT`);
+    lines.push(`-A ${chain} -p tcp -m conntrack --ctstate DNAT --ctorigdstport ${spec.listen} -j DROP`);
+  }
+  if (!spec.firewall.exposePorts) {
+    for (const p of ports) lines.push(`-A ${chain} ! -i lo -p tcp -m tcp --dport ${p} -j REJECT --reject-with tcp-reset`);
+  }
+  return lines;
+}
+
+// ---- CIDRs, in the form iptables-save prints them -------------------------------------------
+
+export const cidrFamily = (cidr: string): Family => (cidr.includes(':') ? 'ipv6' : 'ipv4');
+
+/** "10.1.2.3/8" -> "10.0.0.0/8", "fd00::1" -> "fd00::1/128"; null when it is not an address or network. */
+export function canonicalCidr(text: string): string | null {
+  const m = /^([^/]+)(?:\/(\d{1,3}))?$/.exec(text.trim());
+  if (!m) return null;
+  if (m[1].includes(':')) {
+    const groups = parseV6(m[1]);
+    const bits = m[2] === undefined ? 128 : Number(m[2]);
+    if (!groups || bits > 128) return null;
+    const masked = groups.map((g, i) => g & maskBits(bits - i * 16, 16));
+    return `${compressV6(masked)}/${bits}`;
+  }
+  const parts = m[1].split('.');
+  if (parts.length !== 4 || parts.some((p) => !/^\d{1,3}$/.test(p) || Number(p) > 255)) return null;
+  const bits = m[2] === undefined ? 32 : Number(m[2]);
+  if (bits > 32) return null;
+  return `${parts.map((p, i) => Number(p) & maskBits(bits - i * 8, 8)).join('.')}/${bits}`;
+}
+
+const maskBits = (bits: number, width: number) => (bits >= width ? (1 << width) - 1 : bits <= 0 ? 0 : ((1 << width) - 1) ^ ((1 << (width - bits)) - 1));
+
+function parseV6(text: string): number[] | null {
+  const halves = text.split('::');
+  if (halves.length > 2) return null;
+  const part = (s: string) => (s ? s.split(':') : []);
+  const [head, tail] = [part(halves[0]), part(halves[1] ?? '')];
+  const fill = halves.length === 2 ? 8 - head.length - tail.length : 0;
+  if (fill < 0 || (halves.length === 1 && head.length !== 8)) return null;
+  const all = [...head, ...Array(fill).fill('0'), ...tail];
+  if (all.length !== 8 || all.some((g) => !/^[0-9a-fA-F]{1,4}$/.test(g))) return null;
+  return all.map((g) => parseInt(g, 16));
+}
+
+// ---- reading what is live -------------------------------------------------------------------
+
+export interface TableView {
   chains: Set<string>;
+  policies: Map<string, string>; // built-in chain -> ACCEPT/DROP
   rules: string[]; // every "-A" line, as printed
 }
 
-export function parseSave(text: string): NatView {
-  const chains = new Set<string>();
-  const rules: string[] = [];
-  let inNat = false;
-  for (const raw of text.split('\n')) {
-    const line = raw.trim();
-    if (line.startsWith('*')) inNat = line === '*nat';
-    else if (!inNat) continue;
-    else if (line.startsWith(':')) chains.add(line.slice(1).split(/\s+/)[0]);
-    else if (line.startsWith('-A ')) rules.push(line.replace(/\s+/g, ' '));
-  }
-  return { chains, rules };
+/** What iptables-save says of the nat and filter tables, reduced to what portflip needs. */
+export interface RulesView {
+  nat: TableView;
+  filter: TableView;
 }
 
-const rulesIn = (view: NatView, chain: string) => view.rules.filter((r) => r.startsWith(`-A ${chain} `));
+const emptyTable = (): TableView => ({ chains: new Set(), policies: new Map(), rules: [] });
+
+export function parseSave(text: string): RulesView {
+  const view: RulesView = { nat: emptyTable(), filter: emptyTable() };
+  let table: TableView | null = null;
+  for (const raw of text.split('\n')) {
+    const line = raw.trim();
+    if (line.startsWith('*')) table = line === '*nat' ? view.nat : line === '*filter' ? view.filter : null;
+    else if (!table) continue;
+    else if (line.startsWith(':')) {
+      const [name, policy] = line.slice(1).split(/\s+/);
+      table.chains.add(name);
+      if (policy && policy !== '-') table.policies.set(name, policy);
+    } else if (line.startsWith('-A ')) table.rules.push(line.replace(/\s+/g, ' '));
+  }
+  return view;
+}
+
+const rulesIn = (t: TableView, chain: string) => t.rules.filter((r) => r.startsWith(`-A ${chain} `));
 const asDelete = (rule: string) => rule.replace(/^-A /, '-D ');
 
 export interface AppRules {
@@ -59,70 +155,174 @@ export interface AppRules {
   hooked: boolean; // both hooks jump to the root chain
 }
 
-export function appRules(view: NatView, app: string): AppRules {
+export function appRules(view: RulesView, app: string): AppRules {
   const chain = appChain(app);
-  const jumps = rulesIn(view, ROOT_CHAIN)
+  const jumps = rulesIn(view.nat, ROOT_CHAIN)
     .filter((r) => r.endsWith(` -j ${chain}`))
     .map((r) => Number(/--dport (\d+)/.exec(r)?.[1] ?? NaN));
-  const redirects = rulesIn(view, chain).map((r) => /--to-ports (\d+)/.exec(r)?.[1]);
+  const redirects = rulesIn(view.nat, chain).map((r) => /--to-ports (\d+)/.exec(r)?.[1]);
   const target = redirects.length === 1 && redirects[0] ? Number(redirects[0]) : null;
-  const hooked = HOOKS.every((h) => view.rules.includes(hookRule(h)));
+  const hooked = NAT_HOOKS.every((h) => view.nat.rules.includes(hookRule(h)));
   return { jumps, target, hooked };
 }
 
-/** The switch: one transaction that redeclares (so empties) the app chain and adds its one rule. */
-export function switchText(app: string, port: number): string {
-  return ['*nat', `:${appChain(app)} - [0:0]`, redirectRule(app, port), 'COMMIT', ''].join('\n');
+/** Rules outside portflip's own chains that jump to an app chain: they keep it from being deleted. */
+export function foreignJumps(t: TableView, chain: string): string[] {
+  return t.rules.filter((r) => r.endsWith(` -j ${chain}`) && !r.startsWith(`-A ${ROOT_CHAIN} `));
+}
+
+export type Verdict = 'ok' | 'missing' | 'mismatch';
+
+export interface AppCheck {
+  nat: Verdict;
+  filter: Verdict;
+  missing: string[]; // what differs, for people: "filter: PF-web rules (accept 8002)"
+}
+
+/** Do the live rules of one family say what the spec says? */
+export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppCheck {
+  const chain = appChain(spec.app);
+  const missing: string[] = [];
+  const live = appRules(view, spec.app);
+  let nat: Verdict = 'ok';
+  if (spec.target === null) {
+    if (view.nat.chains.has(chain) || live.jumps.length) [nat] = ['mismatch', missing.push(`nat: ${chain} should be gone`)];
+  } else {
+    if (!live.hooked) missing.push('nat: PREROUTING/OUTPUT hooks');
+    if (!view.nat.chains.has(chain)) missing.push(`nat: chain ${chain}`);
+    if (!live.jumps.length) missing.push(`nat: jump for port ${spec.listen}`);
+    if (missing.length) nat = 'missing';
+    else if (live.target !== spec.target || live.jumps.join() !== String(spec.listen)) {
+      nat = 'mismatch';
+      if (live.target !== spec.target) missing.push(`nat: redirect to ${spec.target} (it is ${live.target ?? 'absent'})`);
+      else missing.push(`nat: public port ${spec.listen} (it is ${live.jumps.join(',')})`);
+    }
+  }
+  let filter: Verdict = 'ok';
+  const want = spec.target === null ? [] : filterRules(spec, family);
+  const has = view.filter.chains.has(chain);
+  if (!spec.firewall || spec.target === null) {
+    if (has || rulesIn(view.filter, ROOT_CHAIN).includes(filterJumpRule(spec.app))) {
+      filter = 'mismatch';
+      missing.push(`filter: ${chain} should be gone`);
+    }
+  } else {
+    const lacks = [
+      ...(view.filter.rules.includes(FILTER_HOOK) ? [] : ['filter: INPUT hook']),
+      ...(has ? [] : [`filter: chain ${chain}`]),
+      ...(view.filter.rules.includes(filterJumpRule(spec.app)) ? [] : [`filter: jump to ${chain}`]),
+    ];
+    missing.push(...lacks);
+    if (lacks.length) filter = 'missing';
+    else if (rulesIn(view.filter, chain).join('\n') !== want.join('\n')) {
+      filter = 'mismatch';
+      missing.push(`filter: ${chain} should accept ${spec.open.join(',') || 'nothing'}`);
+    }
+  }
+  return { nat, filter, missing };
 }
 
 /**
- * Everything the app needs, added to what is live without disturbing it: declaring an existing
- * chain in --noflush mode empties it, so the shared root chain is declared only when missing.
+ * Would the filter table drop a connection redirected to `port`? INPUT drops what it does not accept
+ * (policy DROP, or a final rule that drops or rejects everything) and no rule accepts DNATed traffic,
+ * the instance port, or everything. A heuristic for a warning: it reads rules, it does not run them.
  */
-export function ensureText(view: NatView, app: string, listen: number, port: number): string {
-  const chain = appChain(app);
-  const lines = ['*nat'];
-  if (!view.chains.has(ROOT_CHAIN)) lines.push(`:${ROOT_CHAIN} - [0:0]`);
+export function wouldDrop(t: TableView, port: number): boolean {
+  const input = rulesIn(t, 'INPUT');
+  const denies = t.policies.get('INPUT') === 'DROP' || input.some((r) => /^-A INPUT -j (DROP|REJECT)( |$)/.test(r));
+  if (!denies) return false;
+  const accepts = (r: string) => / -j ACCEPT$/.test(r);
+  const opens = t.rules.some((r) => accepts(r) && (/ctstate \S*DNAT/.test(r) || new RegExp(`--dports? (\\S*,)?${port}(,|:| |$)`).test(r) || r === '-A INPUT -j ACCEPT'));
+  return !opens;
+}
+
+// ---- writing --------------------------------------------------------------------------------
+
+/**
+ * One iptables-restore --noflush text that makes one family say what the spec says, touching only
+ * what differs. Declaring an existing chain in --noflush mode empties it, so the shared root chains
+ * are declared only when missing. The filter table comes first when the app gains a port (the way
+ * is open before the redirect points at it) and last when the app goes. Null: nothing to do.
+ */
+export function appText(view: RulesView, spec: AppSpec, family: Family): string | null {
+  const check = checkApp(view, spec, family);
+  const nat = check.nat === 'ok' ? [] : spec.target === null ? natRemoval(view, spec.app) : natEnsure(view, spec);
+  const filter = check.filter === 'ok' ? [] : spec.firewall && spec.target !== null ? filterEnsure(view, spec, family) : filterRemoval(view, spec.app);
+  const section = (table: Table, lines: string[]) => (lines.length ? [`*${table}`, ...lines, 'COMMIT'] : []);
+  const parts = spec.target === null ? [...section('nat', nat), ...section('filter', filter)] : [...section('filter', filter), ...section('nat', nat)];
+  return parts.length ? [...parts, ''].join('\n') : null;
+}
+
+function natEnsure(view: RulesView, spec: AppSpec): string[] {
+  const chain = appChain(spec.app);
+  const lines: string[] = [];
+  if (!view.nat.chains.has(ROOT_CHAIN)) lines.push(`:${ROOT_CHAIN} - [0:0]`);
   lines.push(`:${chain} - [0:0]`);
-  for (const h of HOOKS) if (!view.rules.includes(hookRule(h))) lines.push(hookRule(h));
-  const want = jumpRule(app, listen);
-  for (const r of rulesIn(view, ROOT_CHAIN)) if (r.endsWith(` -j ${chain}`) && r !== want) lines.push(asDelete(r));
-  if (!view.rules.includes(want)) lines.push(want);
-  lines.push(redirectRule(app, port), 'COMMIT', '');
-  return lines.join('\n');
-}
-
-/** Removes one app; takes the root chain and hooks away too when no other app is left. */
-export function removeAppText(view: NatView, app: string): string | null {
-  const chain = appChain(app);
-  const jumps = rulesIn(view, ROOT_CHAIN).filter((r) => r.endsWith(` -j ${chain}`));
-  if (!view.chains.has(chain) && !jumps.length) return null;
-  const others = rulesIn(view, ROOT_CHAIN).filter((r) => !r.endsWith(` -j ${chain}`));
-  const lines = ['*nat'];
-  if (view.chains.has(chain)) lines.push(`:${chain} - [0:0]`);
-  lines.push(...jumps.map(asDelete));
-  if (view.chains.has(chain)) lines.push(`-X ${chain}`);
-  if (!others.length) lines.push(...rootRemoval(view));
-  lines.push('COMMIT', '');
-  return lines.join('\n');
-}
-
-function rootRemoval(view: NatView): string[] {
-  const lines = view.rules.filter((r) => / -j PORTFLIP$/.test(r) && !r.startsWith(`-A ${ROOT_CHAIN} `)).map(asDelete);
-  if (view.chains.has(ROOT_CHAIN)) lines.unshift(`:${ROOT_CHAIN} - [0:0]`), lines.push(`-X ${ROOT_CHAIN}`);
+  for (const h of NAT_HOOKS) if (!view.nat.rules.includes(hookRule(h))) lines.push(hookRule(h));
+  const want = jumpRule(spec.app, spec.listen);
+  for (const r of rulesIn(view.nat, ROOT_CHAIN)) if (r.endsWith(` -j ${chain}`) && r !== want) lines.push(asDelete(r));
+  if (!view.nat.rules.includes(want)) lines.push(want);
+  lines.push(redirectRule(spec.app, spec.target!));
   return lines;
 }
 
-/** Every chain and rule portflip owns, gone; other rules stay as they are. */
-export function cleanupText(view: NatView): string | null {
-  const ours = [...view.chains].filter((c) => c.startsWith(APP_PREFIX));
-  if (!ours.length && !view.chains.has(ROOT_CHAIN) && !view.rules.some((r) => r.endsWith(' -j PORTFLIP'))) return null;
-  const lines = ['*nat', ...ours.map((c) => `:${c} - [0:0]`)];
-  const root = rootRemoval(view);
-  // declarations first, then deletes
-  lines.push(...root.filter((l) => l.startsWith(':')), ...root.filter((l) => l.startsWith('-D')));
-  lines.push(...ours.map((c) => `-X ${c}`), ...root.filter((l) => l.startsWith('-X')), 'COMMIT', '');
-  return lines.join('\n');
+function filterEnsure(view: RulesView, spec: AppSpec, family: Family): string[] {
+  const chain = appChain(spec.app);
+  const lines: string[] = [];
+  if (!view.filter.chains.has(ROOT_CHAIN)) lines.push(`:${ROOT_CHAIN} - [0:0]`);
+  lines.push(`:${chain} - [0:0]`);
+  // first in INPUT: a default-deny rule before it would drop what portflip redirected
+  if (!view.filter.rules.includes(FILTER_HOOK)) lines.push(`-I INPUT 1 -j ${ROOT_CHAIN}`);
+  if (!view.filter.rules.includes(filterJumpRule(spec.app))) lines.push(filterJumpRule(spec.app));
+  lines.push(...filterRules(spec, family));
+  return lines;
+}
+
+/** Removes one app from a table; takes the root chain and hooks away too when no other app is left. */
+function removal(t: TableView, app: string): string[] {
+  const chain = appChain(app);
+  const jumps = rulesIn(t, ROOT_CHAIN).filter((r) => r.endsWith(` -j ${chain}`));
+  if (!t.chains.has(chain) && !jumps.length) return [];
+  const others = rulesIn(t, ROOT_CHAIN).filter((r) => !r.endsWith(` -j ${chain}`));
+  const lines: string[] = [];
+  if (t.chains.has(chain)) lines.push(`:${chain} - [0:0]`);
+  lines.push(...jumps.map(asDelete));
+  // a foreign rule that still jumps here would make the delete fail: leave the chain empty instead
+  if (t.chains.has(chain) && !foreignJumps(t, chain).length) lines.push(`-X ${chain}`);
+  if (!others.length) lines.push(...rootRemoval(t));
+  return lines;
+}
+
+const natRemoval = (view: RulesView, app: string) => removal(view.nat, app);
+const filterRemoval = (view: RulesView, app: string) => removal(view.filter, app);
+
+/** Removes one app's rules in both tables of one family (nat first: nothing is pointed at a closed port). */
+export function removeAppText(view: RulesView, app: string): string | null {
+  return appText(view, { app, listen: 0, target: null, open: [], firewall: null }, 'ipv4');
+}
+
+function rootRemoval(t: TableView): string[] {
+  const lines = t.rules.filter((r) => / -j PORTFLIP$/.test(r) && !r.startsWith(`-A ${ROOT_CHAIN} `)).map(asDelete);
+  if (t.chains.has(ROOT_CHAIN)) lines.unshift(`:${ROOT_CHAIN} - [0:0]`), lines.push(`-X ${ROOT_CHAIN}`);
+  return lines;
+}
+
+/** Every chain and rule portflip owns, gone, nat first; other rules stay as they are. */
+export function cleanupText(view: RulesView): string | null {
+  const sections: string[] = [];
+  for (const table of ['nat', 'filter'] as const) {
+    const t = view[table];
+    const ours = [...t.chains].filter((c) => c.startsWith(APP_PREFIX));
+    if (!ours.length && !t.chains.has(ROOT_CHAIN) && !t.rules.some((r) => r.endsWith(' -j PORTFLIP'))) continue;
+    const kept = ours.filter((c) => foreignJumps(t, c).length);
+    const lines = [`*${table}`, ...ours.map((c) => `:${c} - [0:0]`)];
+    const root = rootRemoval(t);
+    // declarations first, then deletes
+    lines.push(...root.filter((l) => l.startsWith(':')), ...root.filter((l) => l.startsWith('-D')));
+    lines.push(...ours.filter((c) => !kept.includes(c)).map((c) => `-X ${c}`), ...root.filter((l) => l.startsWith('-X')), 'COMMIT');
+    sections.push(...lines);
+  }
+  return sections.length ? [...sections, ''].join('\n') : null;
 }
 
 // ---- the executor -------------------------------------------------------------------------
@@ -140,10 +340,11 @@ export class Iptables {
     readonly families: Family[],
   ) {}
 
-  async save(family: Family): Promise<NatView> {
+  /** One read of both tables: one process per family, whatever else the host holds. */
+  async save(family: Family): Promise<RulesView> {
     const cmd = tool(family, this.backend, 'save');
-    const r = await this.sys.run(cmd, ['-t', 'nat']);
-    if (r.code !== 0) fail('noIptables', `${cmd} -t nat failed: ${firstLine(r.stderr)}`);
+    const r = await this.sys.run(cmd, []);
+    if (r.code !== 0) fail('noIptables', `${cmd} failed: ${firstLine(r.stderr)}`);
     return parseSave(r.stdout);
   }
 
@@ -151,7 +352,10 @@ export class Iptables {
     const cmd = tool(family, this.backend, 'restore');
     // -w: legacy iptables serialises writers with a lock; wait for it rather than fail (nft ignores it)
     const r = await this.sys.run(cmd, ['--noflush', '-w', '5'], { input: text });
-    if (r.code !== 0) throw new Error(`${cmd} --noflush failed: ${firstLine(r.stderr)}\n${text}`);
+    if (r.code !== 0) {
+      const what = text.trim().split('\n').filter((l) => !l.startsWith('*') && l !== 'COMMIT').slice(0, 3).join('; ');
+      throw new PortflipError('rules', `${cmd} refused portflip's rules (${firstLine(r.stderr)}) while applying: ${what}`);
+    }
   }
 
   describe(): string {

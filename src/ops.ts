@@ -1,13 +1,14 @@
 // Shared moves of every command: check the environment, find out what is real, and repair it.
 
 import { spawn } from 'node:child_process';
-import { fail } from './errors.js';
-import type { Emit } from './events.js';
+import { fail, PortflipError } from './errors.js';
+import type { Emit, StepName } from './events.js';
 import { killNow } from './instance.js';
-import { appChain, appRules, detectBackend, ensureText, removeAppText, switchText, type Family, type Iptables, type NatView } from './iptables.js';
+import { appChain, appRules, appText, checkApp, detectBackend, foreignJumps, removeAppText, type AppCheck, type AppSpec, type Family, type FirewallSpec, type Iptables, type RulesView } from './iptables.js';
+import { guardScript, NftGuard } from './nftguard.js';
 import { hasNetAdmin, isAlive, pidsListeningOn, readStat } from './proc.js';
-import { writeState, type AppState, type Instance, type Paths } from './state.js';
-import type { Sys } from './sys.js';
+import { listApps, readState, takeLock, writeState, type AppState, type Instance, type Paths } from './state.js';
+import { which, type Sys } from './sys.js';
 
 export interface Ctx {
   sys: Sys;
@@ -27,27 +28,118 @@ export async function openIptables(ctx: Ctx, recorded?: string): Promise<Iptable
   return detectBackend(ctx.sys, ctx.env.PORTFLIP_IPTABLES || recorded);
 }
 
-/** Is the app's chain wired from both hooks and its listen port, with exactly one redirect? */
-export function rulesState(view: NatView, app: string, listen: number, port: number | null): 'ok' | 'missing' | 'mismatch' {
-  const chain = appChain(app);
-  const live = appRules(view, app);
-  if (!view.chains.has(chain) && !live.jumps.length) return port === null ? 'ok' : 'missing';
-  if (!live.hooked || !view.chains.has(chain) || !live.jumps.length) return 'missing';
-  if (port === null || live.target !== port || live.jumps.length !== 1 || live.jumps[0] !== listen) return 'mismatch';
-  return 'ok';
+/** The app's firewall settings as rule builders take them; null: portflip keeps out of the filter table. */
+export function firewallOf(st: AppState): FirewallSpec | null {
+  const fw = st.firewall;
+  if (fw?.mode === 'off') return null;
+  return { exposePorts: fw?.exposePorts ?? false, allowFrom: fw?.allowFrom ?? [] };
 }
 
-/** Points the app at `port` in one commit: the bare switch when the wiring is intact, else the full set. */
-export async function pointAt(ipt: Iptables, family: Family, app: string, listen: number, port: number, view?: NatView): Promise<void> {
+/**
+ * What one family's rules should say according to the state file: the redirect at the active
+ * instance (if the family is the app's), and the way open to every instance that is not a candidate,
+ * draining ones included, since their open connections still pass the filter.
+ */
+export function wantedSpec(st: AppState, family: Family): AppSpec {
+  const active = st.instances.find((i) => i.state === 'active');
+  const target = active && st.families.includes(family) ? active.port : null;
+  const open = st.instances.filter((i) => i.state !== 'candidate').map((i) => i.port);
+  return { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st) };
+}
+
+/** Rules verdict for status: the worse of the tables, per table for the FIREWALL column. */
+export function rulesState(view: RulesView, spec: AppSpec, family: Family): AppCheck {
+  return checkApp(view, spec, family);
+}
+
+/** Makes one family say what the spec says, in one commit; returns what was missing (empty: nothing to do). */
+export async function applySpec(ipt: Iptables, family: Family, spec: AppSpec, view?: RulesView): Promise<string[]> {
   const v = view ?? (await ipt.save(family));
-  const state = rulesState(v, app, listen, port);
-  const wired = state === 'ok' || (state === 'mismatch' && appRules(v, app).jumps.join() === String(listen) && appRules(v, app).hooked);
-  await ipt.restore(family, wired ? switchText(app, port) : ensureText(v, app, listen, port));
+  const text = appText(v, spec, family);
+  if (text) await ipt.restore(family, text);
+  return text ? checkApp(v, spec, family).missing : [];
 }
 
-export async function removeApp(ipt: Iptables, family: Family, app: string): Promise<void> {
-  const text = removeAppText(await ipt.save(family), app);
+/** Removes the app's rules from one family; returns the foreign rules that kept its chains from going. */
+export async function removeApp(ipt: Iptables, family: Family, app: string): Promise<string[]> {
+  const view = await ipt.save(family);
+  const text = removeAppText(view, app);
   if (text) await ipt.restore(family, text);
+  return [...foreignJumps(view.nat, appChain(app)), ...foreignJumps(view.filter, appChain(app))];
+}
+
+/** How full the connection-tracking table is; null where conntrack is not loaded (no rule needs it yet). */
+export async function conntrackFill(sys: Sys): Promise<{ count: number; max: number; percent: number } | null> {
+  const [count, max] = await Promise.all(['count', 'max'].map((k) => sys.readText(`/proc/sys/net/netfilter/nf_conntrack_${k}`)));
+  if (count === null || max === null || !Number(max)) return null;
+  const c = Number(count.trim());
+  const m = Number(max.trim());
+  return { count: c, max: m, percent: Math.round((c / m) * 1000) / 10 };
+}
+
+/** Past this share a full table is close: new SYNs are dropped once it is full, and clients time out. */
+export const CONNTRACK_WARN_PERCENT = 75;
+
+export function conntrackWarning(fill: { count: number; max: number; percent: number }): string {
+  return `the connection-tracking table is ${fill.percent}% full (${fill.count} of ${fill.max}); when it is full new connections are dropped. Raise net.netfilter.nf_conntrack_max (and net.netfilter.nf_conntrack_buckets), or shorten net.netfilter.nf_conntrack_tcp_timeout_time_wait; see README "Firewalls"`;
+}
+
+let nftPath: Promise<string | null> | undefined;
+export const openGuard = async (sys: Sys) => new NftGuard(sys, await (nftPath ??= which('nft')));
+
+/**
+ * Makes native nftables input chains that drop by default accept the app's redirected connections
+ * (or forget them when `want` is null). Returns what it changed, for the repair event.
+ */
+export async function syncGuard(ctx: Ctx, st: AppState, mode: 'auto' | 'present' | 'absent' = 'auto'): Promise<string[]> {
+  const guard = await openGuard(ctx.sys);
+  const fw = firewallOf(st);
+  const live = mode === 'present' || (mode === 'auto' && st.instances.some((i) => i.state !== 'candidate'));
+  const want = mode !== 'absent' && fw && live ? { listen: st.listen, fw } : null;
+  const chains = await guard.chains();
+  const script = guardScript(chains, st.app, want);
+  if (!script) return [];
+  const err = await guard.apply(script);
+  if (err) {
+    ctx.emit({ kind: 'notice', app: st.app, message: `could not update portflip's accept rule in nftables (${err}); redirected traffic may be dropped there` });
+    return [];
+  }
+  return chains.map((c) => `nft: ${want ? 'accept in' : 'remove from'} ${c.family} ${c.table} ${c.chain}`);
+}
+
+/** What syncGuard would change, without changing it: null when nothing. */
+export async function syncGuardCheck(ctx: Ctx, st: AppState): Promise<string | null> {
+  const fw = firewallOf(st);
+  const want = fw && st.instances.some((i) => i.state !== 'candidate') ? { listen: st.listen, fw } : null;
+  return guardScript(await (await openGuard(ctx.sys)).chains(), st.app, want);
+}
+
+/**
+ * Brings every family's rules and the nftables guard in line with the state file. Each change is a
+ * repair event saying what was missing, unless `quiet`: closing the port of an instance that just
+ * drained is part of the drain, not a repair.
+ */
+export async function settle(ctx: Ctx, ipt: Iptables, st: AppState, views?: Map<Family, RulesView>, quiet = false): Promise<void> {
+  const step: StepName = 'repair';
+  for (const f of ipt.families) {
+    const spec = wantedSpec(st, f);
+    const started = ctx.sys.now();
+    const missing = await applySpec(ipt, f, spec, views?.get(f));
+    if (!missing.length || quiet) continue;
+    views?.set(f, await ipt.save(f));
+    const active = st.instances.find((i) => i.state === 'active');
+    ctx.emit({
+      kind: 'step', step, app: st.app, status: 'ok', port: spec.target ?? undefined, pid: active?.pid, durationMs: ctx.sys.now() - started, missing,
+      detail: spec.target !== null
+        ? `${f} rules were out of line (${missing.join('; ')}); port ${st.listen} points at ${spec.target}`
+        : `${f} rules pointed at no live instance; removed them`,
+    });
+  }
+  const started = ctx.sys.now();
+  const changed = await syncGuard(ctx, st);
+  if (changed.length && !quiet) {
+    ctx.emit({ kind: 'step', step, app: st.app, status: 'ok', durationMs: ctx.sys.now() - started, missing: changed, detail: changed.join('; ') });
+  }
 }
 
 export const describe = (i: Instance) => `port ${i.port}${i.pid ? ` (pid ${i.pid})` : ''}`;
@@ -58,10 +150,10 @@ export const describe = (i: Instance) => `port ${i.port}${i.pid ? ` (pid ${i.pid
  * an orphan of an interrupted deploy and is stopped; rules that point nowhere live are fixed or
  * removed. Returns the views it read so callers can switch without reading again.
  */
-export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<Map<Family, NatView>> {
+export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<Map<Family, RulesView>> {
   const { sys, emit } = ctx;
   const app = st.app;
-  const views = new Map<Family, NatView>();
+  const views = new Map<Family, RulesView>();
   const before = JSON.stringify(st);
   for (const f of ipt.families) views.set(f, await ipt.save(f));
 
@@ -97,20 +189,7 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   const now = Date.now();
   for (const kept of st.instances.filter((i) => i.state === 'kept' && (i.keepUntil ?? 0) <= now)) kept.state = 'draining';
 
-  for (const f of ipt.families) {
-    const view = views.get(f)!;
-    const want = active && st.families.includes(f) ? active.port : null;
-    const now = rulesState(view, app, st.listen, want);
-    if (now === 'ok') continue;
-    const started = sys.now();
-    if (want !== null) await pointAt(ipt, f, app, st.listen, want, view);
-    else await removeApp(ipt, f, app);
-    views.set(f, await ipt.save(f));
-    emit({
-      kind: 'step', step: 'repair', app, status: 'ok', port: want ?? undefined, pid: active?.pid, durationMs: sys.now() - started,
-      detail: want !== null ? `${f} rules were ${now}; the redirect points at port ${want} again` : `${f} rules pointed at no live instance; removed them`,
-    });
-  }
+  await settle(ctx, ipt, st, views);
   if (JSON.stringify(st) !== before) await writeState(ctx.paths, st);
   return views;
 }
@@ -124,4 +203,66 @@ export function spawnReaper(ctx: Ctx, app: string): number | undefined {
   });
   child.unref();
   return child.pid;
+}
+
+/** Live rules against the state file, for `portflip run` and `portflip watch`; repairs under the app's lock. */
+export class Healer {
+  private ipts = new Map<string, Promise<Iptables>>();
+  constructor(private ctx: Ctx) {}
+
+  private iptables(st: AppState): Promise<Iptables> {
+    // detecting the backend costs several processes: once per backend, not once a second
+    let ipt = this.ipts.get(st.backend);
+    if (!ipt) this.ipts.set(st.backend, (ipt = openIptables(this.ctx, st.backend)));
+    ipt.catch(() => this.ipts.delete(st.backend));
+    return ipt;
+  }
+
+  /** What differs from the state file (empty: nothing), read without the lock. */
+  async check(st: AppState): Promise<string[]> {
+    const ipt = await this.iptables(st);
+    const missing: string[] = [];
+    for (const f of ipt.families) missing.push(...checkApp(await ipt.save(f), wantedSpec(st, f), f).missing);
+    if (await syncGuardCheck(this.ctx, st)) missing.push('nft: portflip accept in a default-deny input chain');
+    return missing;
+  }
+
+  /**
+   * Repairs the app if its rules differ: reconcile under the lock, which emits one repair event per
+   * family with what was missing. A held lock means a deploy is running; it leaves the rules right.
+   */
+  async heal(app: string): Promise<'ok' | 'repaired' | 'busy' | 'gone'> {
+    const st = await readState(this.ctx.paths, app).catch(() => null);
+    if (!st) return 'gone';
+    const missing = await this.check(st);
+    if (!missing.length) return 'ok';
+    let lock;
+    try {
+      lock = await takeLock(this.ctx.sys, this.ctx.paths, app, `heal ${app}`, (m) => this.ctx.emit({ kind: 'notice', app, message: m }));
+    } catch (err) {
+      if (err instanceof PortflipError && err.kind === 'lockHeld') return 'busy';
+      throw err;
+    }
+    try {
+      const fresh = await readState(this.ctx.paths, app);
+      if (!fresh) return 'gone';
+      this.ctx.emit({ kind: 'notice', app, message: `rules changed behind portflip's back (${missing.join('; ')}); repairing` });
+      await reconcile(this.ctx, await this.iptables(fresh), fresh);
+      return 'repaired';
+    } finally {
+      await lock.release();
+    }
+  }
+}
+
+/** `portflip watch`: heals every app's rules after a firewall reload, for apps deployed with the plain CLI. */
+export async function watch(ctx: Ctx, everyMs: number): Promise<void> {
+  const healer = new Healer(ctx);
+  ctx.emit({ kind: 'notice', message: `watching the rules of every app in ${ctx.paths.stateDir} every ${everyMs}ms` });
+  while (!ctx.abort.aborted) {
+    for (const app of await listApps(ctx.paths)) {
+      await healer.heal(app).catch((err) => ctx.emit({ kind: 'notice', app, message: `could not repair: ${(err as Error).message}` }));
+    }
+    await ctx.sys.sleep(everyMs, ctx.abort);
+  }
 }

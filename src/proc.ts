@@ -83,7 +83,7 @@ function hexToIp(hex: string, family: 'ipv4' | 'ipv6'): string {
   return compressV6(groups);
 }
 
-function compressV6(groups: number[]): string {
+export function compressV6(groups: number[]): string {
   let best = -1;
   let bestLen = 1;
   for (let i = 0; i < 8; ) {

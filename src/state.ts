@@ -35,6 +35,13 @@ export interface StopPolicy {
   killAfterMs: number;
 }
 
+/** How portflip treats the host's filter table for an app (--firewall, --expose-ports, --allow-from). */
+export interface FirewallSettings {
+  mode: 'auto' | 'off';
+  exposePorts: boolean;
+  allowFrom: string[]; // canonical CIDRs
+}
+
 export interface AppState {
   schema: typeof SCHEMA;
   app: string;
@@ -45,6 +52,7 @@ export interface AppState {
   instances: Instance[];
   updatedAt: string;
   restarts?: number; // times `portflip run` brought the app back after its active instance died
+  firewall?: FirewallSettings; // absent in state files older than the filter chain: auto
 }
 
 export interface Paths {

@@ -13,7 +13,7 @@ import { stop } from './commands.js';
 import { deploy, type DeployOptions } from './deploy.js';
 import { ExitCode, fail, PortflipError, type ExitCodeName } from './errors.js';
 import type { Emit, Event, SupervisorAction } from './events.js';
-import type { Ctx } from './ops.js';
+import { Healer, type Ctx } from './ops.js';
 import { isAlive } from './proc.js';
 import { ensureDirs, readState, takeLock, writeState, type Paths } from './state.js';
 
@@ -23,6 +23,8 @@ export interface RunOptions {
 }
 
 export const POLL_MS = 250;
+/** How often the live rules are compared with the state file: a firewall reload is healed within a second. */
+export const HEAL_MS = 500;
 export const BACKOFF = { firstMs: 1000, maxMs: 30_000, resetAfterMs: 60_000 };
 export const backoffMs = (streak: number) => Math.min(BACKOFF.maxMs, BACKOFF.firstMs * 2 ** streak);
 export const socketPath = (p: Paths, app: string) => join(p.runDir, `${app}.sock`);
@@ -110,6 +112,8 @@ export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
     }
     let streak = 0; // crashes in a row, for the backoff
     let restartAt: number | null = null; // set while the app is down and a restart is due
+    const healer = new Healer({ ...ctx, emit });
+    let healAt = sys.now() + HEAL_MS;
 
     for (;;) {
       if (inbox.stop) return await stopApp(ctx, app, say, emit);
@@ -169,7 +173,14 @@ export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
         continue;
       }
 
-      await inbox.wait(restartAt === null ? POLL_MS : Math.min(POLL_MS, restartAt - sys.now()));
+      if (sys.now() >= healAt) {
+        // a firewall reload (nft flush ruleset, iptables-restore of a saved file) took the rules away
+        await healer.heal(app).catch((err) => say('heal-failed', { detail: asPortflipError(err).message }));
+        healAt = sys.now() + HEAL_MS;
+      }
+
+      const next = Math.min(POLL_MS, healAt - sys.now(), restartAt === null ? POLL_MS : restartAt - sys.now());
+      await inbox.wait(next);
     }
   } finally {
     for (const s of SIGNALS) process.off(s, onSignal);

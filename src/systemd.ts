@@ -31,6 +31,7 @@ export interface AppUnitOptions {
 
 export const appUnitName = (app: string) => `portflip-${app}.service`;
 export const RESTORE_UNIT = 'portflip-restore.service';
+export const WATCH_UNIT = 'portflip-watch.service';
 
 export function appUnit(o: AppUnitOptions): string {
   appChain(o.app); // refuses a name portflip itself would refuse
@@ -73,6 +74,24 @@ After=network-pre.target
 Type=oneshot
 ExecStart=${line([...exec, 'restore'])}
 RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+`;
+}
+
+export function watchUnit(exec: string[]): string {
+  return `# ${WATCH_UNIT}: written by \`portflip systemd --watch\`. Install it as /etc/systemd/system/${WATCH_UNIT},
+# then: systemctl daemon-reload && systemctl enable --now ${WATCH_UNIT}
+[Unit]
+Description=portflip: put every app's rules back within a second when a firewall reload removes them
+After=network-pre.target ${RESTORE_UNIT}
+
+[Service]
+Type=simple
+ExecStart=${line([...exec, 'watch'])}
+Restart=always
+RestartSec=1s
 
 [Install]
 WantedBy=multi-user.target

@@ -89,6 +89,7 @@ test('--dry-run prints the steps and exact rules and changes nothing', async () 
     assert.match(r.stderr, /dry run, nothing is changed/);
     assert.match(r.stderr, /-A PF-web -p tcp -j REDIRECT --to-ports 8001/);
     assert.match(r.stderr, /-A PORTFLIP -p tcp -m tcp --dport 80 -j PF-web/);
+    assert.match(r.stderr, /ipv4 rules[^]*--ctreplsrcport 8001 -j ACCEPT[^]*ipv6 rules/, 'the filter accept, for both families');
     assert.is(await w.save(), before);
     assert.equal(JSON.parse((await w.pf(['status', '--json'])).stdout).apps, []);
   });

@@ -76,12 +76,23 @@ test('the switch is one iptables-restore --noflush commit of its own chain, with
       const r = await w.pf(deployArgs(ports, [], ['--version', 'v2']), env);
       assert.is(r.code, 0, show(r));
       const calls = readFileSync(log, 'utf8').split('=== ').filter(Boolean);
-      assert.equal(calls.map((c) => c.split('\n')[0]), ['iptables-nft-restore --noflush -w 5', 'ip6tables-nft-restore --noflush -w 5']);
+      // the switch (filter accept, then the redirect), then after the drain the filter alone closes the old port
+      assert.equal(calls.map((c) => c.split('\n')[0]), [
+        'iptables-nft-restore --noflush -w 5', 'ip6tables-nft-restore --noflush -w 5',
+        'iptables-nft-restore --noflush -w 5', 'ip6tables-nft-restore --noflush -w 5',
+      ]);
       const target = /--to-ports (\d+)/.exec(calls[0])![1];
-      assert.is(calls[0].split('\n').slice(1).join('\n').trim(), `*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports ${target}\nCOMMIT`);
+      const body = (c: string) => c.split('\n').slice(1).filter(Boolean);
+      for (const c of calls) {
+        for (const l of body(c)) assert.ok(['*filter', '*nat', 'COMMIT', ':PF-web - [0:0]'].includes(l) || l.startsWith('-A PF-web '), `only the app's own chains: ${l}`);
+      }
+      assert.ok(body(calls[0]).join('\n').endsWith(`*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports ${target}\nCOMMIT`));
+      assert.ok(body(calls[0]).indexOf('*filter') < body(calls[0]).indexOf('*nat'), 'the accept goes in before the redirect');
+      assert.not.ok(body(calls[2]).includes('*nat'), 'closing the old port touches only filter');
       const after = (await w.save()).split('\n');
       const changed = after.filter((l) => !before.includes(l));
-      assert.equal(changed, [`-A PF-web -p tcp -j REDIRECT --to-ports ${target}`, `-A PF-web -p tcp -j REDIRECT --to-ports ${target}`]);
+      assert.ok(changed.length > 0 && changed.every((l) => l.startsWith('-A PF-web ')), `only the app's own rules changed: ${changed}`);
+      assert.ok(changed.includes(`-A PF-web -p tcp -j REDIRECT --to-ports ${target}`));
       assert.is(after.filter((l) => /PF-app/.test(l)).length, before.filter((l) => /PF-app/.test(l)).length);
     });
   } finally {

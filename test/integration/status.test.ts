@@ -18,8 +18,9 @@ test('status: a table without colour in a pipe, with colour on a terminal; --wat
     const ports = await freePorts(2);
     assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v1']))).code, 0);
     const plain = await w.pf(['status']);
-    assert.match(plain.stdout, /^APP\s+LISTEN\s+PORT\s+PID\s+STATE\s+UPTIME\s+CPU%\s+MEM\s+CONNS\s+RULES/);
-    assert.match(plain.stdout, /web\s+80\s+\d+\s+\d+\s+active\s+\d+s\s+[\d.]+\s+[\d.]+M\s+\d+\s+ok/);
+    assert.match(plain.stdout, /^APP\s+LISTEN\s+PORT\s+PID\s+STATE\s+UPTIME\s+CPU%\s+MEM\s+CONNS\s+FIREWALL\s+RULES/);
+    assert.match(plain.stdout, /web\s+80\s+\d+\s+\d+\s+active\s+\d+s\s+[\d.]+\s+[\d.]+M\s+\d+\s+ok\s+ok/);
+    assert.match(plain.stdout, /\nconntrack: \d+ of \d+ entries \([\d.]+%\)/);
     assert.not.match(plain.stdout, /\x1b\[/);
     const main = `${process.execPath} ${repoRoot}/dist/src/main.js`;
     const tty = await w.ns.exec('script', ['-qec', `${main} status`, '/dev/null'], { env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir } });

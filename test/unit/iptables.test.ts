@@ -2,9 +2,12 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { appChain, appRules, cleanupText, ensureText, parseSave, removeAppText, switchText } from '../../src/iptables.js';
+import { appChain, appRules, appText, canonicalCidr, checkApp, cleanupText, filterRules, parseSave, removeAppText, wouldDrop, type AppSpec } from '../../src/iptables.js';
 import { PortflipError } from '../../src/errors.js';
-import { rulesState } from '../../src/ops.js';
+
+const spec = (app: string, listen: number, target: number | null, o: Partial<AppSpec> = {}): AppSpec => ({ app, listen, target, open: target === null ? [] : [target], firewall: null, ...o });
+const ensureText = (view: ReturnType<typeof parseSave>, app: string, listen: number, port: number) => appText(view, spec(app, listen, port), 'ipv4')!;
+const rulesState = (view: ReturnType<typeof parseSave>, app: string, listen: number, port: number | null) => checkApp(view, spec(app, listen, port), 'ipv4').nat;
 
 const live = (rules: string[], chains: string[] = []) =>
   parseSave(['*filter', ':INPUT ACCEPT [0:0]', '-A INPUT -p tcp --dport 22 -j ACCEPT', 'COMMIT', '*nat', ':PREROUTING ACCEPT [0:0]', ':OUTPUT ACCEPT [0:0]', ...chains.map((c) => `:${c} - [0:0]`), ...rules, 'COMMIT'].join('\n'));
@@ -30,12 +33,15 @@ test('app names map onto chain names or are refused', () => {
 });
 
 test('the switch redeclares only the app chain and adds one rule', () => {
-  assert.is(switchText('web', 8002), '*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports 8002\nCOMMIT\n');
+  assert.is(ensureText(wired, 'web', 80, 8002), '*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports 8002\nCOMMIT\n');
+  assert.is(appText(wired, spec('web', 80, 8001), 'ipv4'), null, 'nothing to do when the rules already say it');
 });
 
-test('parseSave keeps only nat', () => {
-  assert.ok(wired.chains.has('DOCKER'));
-  assert.not.ok(wired.rules.some((r) => r.includes('INPUT')));
+test('parseSave keeps nat and filter apart', () => {
+  assert.ok(wired.nat.chains.has('DOCKER'));
+  assert.not.ok(wired.nat.rules.some((r) => r.includes('INPUT')));
+  assert.ok(wired.filter.rules.includes('-A INPUT -p tcp --dport 22 -j ACCEPT'));
+  assert.is(wired.filter.policies.get('INPUT'), 'ACCEPT');
   assert.equal(appRules(wired, 'web'), { jumps: [80], target: 8001, hooked: true });
   assert.equal(appRules(wired, 'nope'), { jumps: [], target: null, hooked: true });
 });
@@ -80,7 +86,7 @@ test('removing one app leaves the others and the hooks', () => {
 });
 
 test('removing the last app removes the root chain and hooks', () => {
-  const one = live(wired.rules.filter((r) => !r.includes('api')), ['PORTFLIP', 'PF-web']);
+  const one = live(wired.nat.rules.filter((r) => !r.includes('api')), ['PORTFLIP', 'PF-web']);
   const text = removeAppText(one, 'web')!;
   assert.ok(text.includes('-D PREROUTING -m addrtype --dst-type LOCAL -j PORTFLIP'));
   assert.ok(text.includes('-X PORTFLIP'));
@@ -105,8 +111,87 @@ test('rulesState says ok, missing or mismatch', () => {
   assert.is(rulesState(wired, 'web', 81, 8001), 'mismatch');
   assert.is(rulesState(live([]), 'web', 80, 8001), 'missing');
   assert.is(rulesState(live([]), 'web', 80, null), 'ok');
-  const unhooked = live(wired.rules.filter((r) => !r.startsWith('-A OUTPUT')), [...wired.chains]);
+  const unhooked = live(wired.nat.rules.filter((r) => !r.startsWith('-A OUTPUT')), [...wired.nat.chains]);
   assert.is(rulesState(unhooked, 'web', 80, 8001), 'missing');
+});
+
+const fw = { exposePorts: false, allowFrom: [] as string[] };
+
+test('the filter chain accepts exactly what was redirected to the open ports, and keeps them private', () => {
+  assert.equal(filterRules(spec('web', 80, 8002, { open: [8002, 8001], firewall: fw }), 'ipv4'), [
+    '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8001 -j ACCEPT',
+    '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8002 -j ACCEPT',
+    '-A PF-web ! -i lo -p tcp -m tcp --dport 8001 -j REJECT --reject-with tcp-reset',
+    '-A PF-web ! -i lo -p tcp -m tcp --dport 8002 -j REJECT --reject-with tcp-reset',
+  ]);
+  assert.equal(filterRules(spec('web', 80, 8002, { firewall: { exposePorts: true, allowFrom: [] } }), 'ipv4'), [
+    '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8002 -j ACCEPT',
+  ]);
+  assert.equal(filterRules(spec('web', 80, 8002), 'ipv4'), [], 'nothing with --firewall off');
+});
+
+test('--allow-from keeps this host and the given networks of each family, and drops the rest', () => {
+  const s = spec('web', 80, 8002, { firewall: { exposePorts: true, allowFrom: ['192.0.2.0/24', '2001:db8::/32'] } });
+  assert.equal(filterRules(s, 'ipv4'), [
+    '-A PF-web -i lo -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8002 -j ACCEPT',
+    '-A PF-web -s 192.0.2.0/24 -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8002 -j ACCEPT',
+    '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 -j DROP',
+  ]);
+  assert.ok(filterRules(s, 'ipv6').includes('-A PF-web -s 2001:db8::/32 -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8002 -j ACCEPT'));
+});
+
+test('CIDRs are written the way iptables-save prints them', () => {
+  assert.is(canonicalCidr('10.1.2.3/8'), '10.0.0.0/8');
+  assert.is(canonicalCidr('192.0.2.7'), '192.0.2.7/32');
+  assert.is(canonicalCidr('2001:DB8:0:0:1::/32'), '2001:db8::/32');
+  assert.is(canonicalCidr('fd00::1'), 'fd00::1/128');
+  assert.is(canonicalCidr('::/0'), '::/0');
+  for (const bad of ['10.0.0.256', '10.0.0.0/33', 'fd00::/129', 'example.com', '1:2:3']) assert.is(canonicalCidr(bad), null, bad);
+});
+
+test('a switch with the firewall opens the new port in filter before nat points at it, in one text', () => {
+  const both = parseSave(['*nat', ...wired.nat.rules, 'COMMIT', '*filter', ':INPUT DROP [0:0]', ':PORTFLIP - [0:0]', ':PF-web - [0:0]',
+    '-A INPUT -j PORTFLIP', '-A PORTFLIP -p tcp -j PF-web',
+    '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8001 -j ACCEPT', 'COMMIT'].join('\n'));
+  both.nat.chains = new Set(wired.nat.chains);
+  const text = appText(both, spec('web', 80, 8002, { open: [8001, 8002], firewall: { exposePorts: true, allowFrom: [] } }), 'ipv4')!;
+  assert.is(text, [
+    '*filter', ':PF-web - [0:0]',
+    '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8001 -j ACCEPT',
+    '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8002 -j ACCEPT', 'COMMIT',
+    '*nat', ':PF-web - [0:0]', '-A PF-web -p tcp -j REDIRECT --to-ports 8002', 'COMMIT', '',
+  ].join('\n'));
+  const first = appText(live([]), spec('web', 80, 8002, { firewall: fw }), 'ipv4')!;
+  assert.ok(first.indexOf('*filter') < first.indexOf('*nat'));
+  assert.ok(first.includes('-I INPUT 1 -j PORTFLIP'), 'the filter hook goes first in INPUT');
+  const gone = removeAppText(both, 'web')!;
+  assert.ok(gone.indexOf('*nat') < gone.indexOf('*filter'), 'removal takes the redirect away before the accept');
+  assert.ok(gone.includes('-D INPUT -j PORTFLIP') && gone.includes('-X PF-web'));
+});
+
+test('a foreign rule that jumps to an app chain keeps it from being deleted, and is left alone', () => {
+  const v = live([...wired.nat.rules, '-A OUTPUT -p udp -j PF-web'], [...wired.nat.chains]);
+  const text = removeAppText(v, 'web')!;
+  assert.ok(text.includes(':PF-web - [0:0]'), 'emptied');
+  assert.not.ok(text.includes('-X PF-web'), 'not deleted');
+  assert.not.ok(text.includes('udp'), 'the foreign rule is not touched');
+  assert.not.ok(cleanupText(v)!.includes('-X PF-web'));
+});
+
+test('checkApp names what is missing', () => {
+  const c = checkApp(live([]), spec('web', 80, 8001, { firewall: fw }), 'ipv4');
+  assert.is(c.nat, 'missing');
+  assert.is(c.filter, 'missing');
+  assert.ok(c.missing.includes('filter: INPUT hook'));
+});
+
+test('wouldDrop: a default-deny INPUT with nothing that accepts redirected traffic', () => {
+  const t = (lines: string[], policy = 'DROP') => parseSave(['*filter', `:INPUT ${policy} [0:0]`, ...lines, 'COMMIT'].join('\n')).filter;
+  assert.ok(wouldDrop(t(['-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT']), 8002));
+  assert.not.ok(wouldDrop(t(['-A INPUT -p tcp -m tcp --dport 8002 -j ACCEPT']), 8002));
+  assert.not.ok(wouldDrop(t(['-A INPUT -m conntrack --ctstate DNAT -j ACCEPT']), 8002));
+  assert.not.ok(wouldDrop(t([], 'ACCEPT'), 8002));
+  assert.ok(wouldDrop(t(['-A INPUT -j REJECT --reject-with icmp-port-unreachable'], 'ACCEPT'), 8002));
 });
 
 test.run();
