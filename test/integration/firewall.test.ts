@@ -111,6 +111,9 @@ test('real ufw (default deny incoming, allow 80/tcp): deploys under load from an
       await threeDeploysUnderLoad(w, ports);
       for (const p of ports) assert.match(await direct(w, p), /^ERR /, `direct ${p} from another host`);
       assert.is(hostFilter(await w.save()), before, "ufw's rules are byte for byte what they were");
+      const reload = await w.sh('ufw reload');
+      assert.is(reload.code, 0, show(reload));
+      assert.is(await get(w.ns, `http://${w.ns.serverAddr}:80/`, 'client'), 'v3', 'ufw reload leaves portflip in place');
     }, { peer: true });
   } finally {
     putBack();
