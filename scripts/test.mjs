@@ -30,7 +30,8 @@ function parseSummary(text) {
   const plain = text.replace(/\x1b\[[0-9;]*m/g, '');
   const grab = (label) => [...plain.matchAll(new RegExp(`^\\s*${label}:\\s+(\\d+)`, 'gm'))].reduce((n, m) => n + Number(m[1]), 0);
   const found = /^\s*Total:\s+\d+/m.test(plain);
-  return { found, total: grab('Total'), passed: grab('Passed'), skipped: grab('Skipped') };
+  const failures = [...plain.matchAll(/^\s*FAIL\s+(?:"(.*)"|(.*))$/gm)].map((m) => m[1] ?? m[2]);
+  return { found, total: grab('Total'), passed: grab('Passed'), skipped: grab('Skipped'), failures };
 }
 
 function runFile(file) {
@@ -84,13 +85,15 @@ for (const file of files) {
     fileFailed = Math.max(fileFailed, 1);
     broken.push(`${rel}: ${r.timedOut ? 'timed out' : `exited ${r.signal ?? r.code}`}${s.found ? '' : ', no uvu summary'}`);
   }
+  for (const name of s.failures) broken.push(`${rel}: FAIL "${name}"`);
   passed += s.passed;
   failed += fileFailed;
   skipped += s.skipped;
 }
 
 if (files.length === 0) process.stdout.write(`no test files under ${path.relative(root, testDir)}${filters.length ? ` matching ${filters.join(', ')}` : ''}\n`);
-for (const line of broken) process.stdout.write(`${line}\n`);
+// the names of what failed, last, where a CI log shows them without scrolling
+if (broken.length) process.stdout.write(`\nfailed:\n${broken.map((l) => `  ${l}`).join('\n')}\n`);
 const ran = passed + failed;
 process.stdout.write(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}\n`);
 process.exitCode = failed > 0 || ran === 0 ? 1 : 0;

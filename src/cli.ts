@@ -6,7 +6,7 @@ import { deploy, type DeployOptions } from './deploy.js';
 import { cleanup, formatStatus, logs, reap, restore, rollback, status, stop } from './commands.js';
 import { parseDuration } from './duration.js';
 import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './config.js';
-import { ExitCode, PortflipError, fail } from './errors.js';
+import { ExitCode, PortflipError, fail, fromSystemError } from './errors.js';
 import { canonicalCidr } from './iptables.js';
 import { makeEmitter } from './events.js';
 import { conntrackFill, requireNetAdmin, watch, type Ctx } from './ops.js';
@@ -254,7 +254,8 @@ export async function main(argv: string[]): Promise<number> {
     await parser.parseAsync();
     await command;
     return ExitCode.ok;
-  } catch (err) {
+  } catch (caught) {
+    const err = fromSystemError(caught) ?? caught;
     if (err instanceof PortflipError) {
       if (json) process.stdout.write(JSON.stringify({ kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message }) + '\n');
       process.stderr.write(`portflip: ${err.message}\n`);

@@ -12,6 +12,7 @@ export const ExitCode = {
   config: 8, // unknown user, missing directory, unreadable config
   nothingToDo: 9, // rollback with no kept instance, unknown app
   rules: 10, // iptables refused portflip's rules (a foreign rule in the way, a kernel without a match)
+  system: 11, // the OS refused a file or process operation (permissions, a read-only or full disk)
   internal: 70,
 } as const;
 
@@ -32,3 +33,21 @@ export class PortflipError extends Error {
 export const fail = (kind: ExitCodeName, message: string): never => {
   throw new PortflipError(kind, message);
 };
+
+const ERRNO_HINT: Record<string, string> = {
+  EACCES: 'permission denied; run it as root (sudo) or fix the permissions',
+  EPERM: 'operation not permitted; run it as root (sudo)',
+  ENOSPC: 'no space left on the device; free some and run again',
+  EROFS: 'the file system is read-only; point PORTFLIP_STATE_DIR / PORTFLIP_RUN_DIR at a writable place',
+  ENOENT: 'no such file or directory',
+  ENOTDIR: 'a part of the path is not a directory',
+  EMFILE: 'too many open files; raise the limit (ulimit -n)',
+};
+
+/** An error from the OS (it has an errno code and a syscall) as a one-line failure of its own class. */
+export function fromSystemError(err: unknown): PortflipError | null {
+  const e = err as (NodeJS.ErrnoException & { dest?: string }) | null;
+  if (!e || typeof e.code !== 'string' || !e.syscall) return null;
+  const what = [e.syscall, e.path, e.dest && `-> ${e.dest}`].filter(Boolean).join(' ');
+  return new PortflipError('system', `${what}: ${ERRNO_HINT[e.code] ?? e.code} (${e.code})`);
+}

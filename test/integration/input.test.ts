@@ -50,6 +50,8 @@ test('bad input: each error has its own exit code and message, and changes nothi
     await refused(w, deploy(['--cwd', '/no/such/dir']), 8, /--cwd \/no\/such\/dir: no such directory/);
     await refused(w, ['rollback', 'web'], 9, /no app named "web"/);
     await refused(w, ['stop', 'web'], 9, /no app named "web"/);
+    // the OS refuses: a state dir that cannot be made is one line and exit 11, not a stack trace
+    await refused(w, deploy([]), 11, /^portflip: mkdir \/dev\/null\/state: a part of the path is not a directory \(ENOTDIR\)$/, ['env', 'PORTFLIP_STATE_DIR=/dev/null/state']);
   });
 });
 
