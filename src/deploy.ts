@@ -137,36 +137,37 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     // old instance, which still accepts.
     const old = st.instances.find((i) => i.state === 'active');
     await step('switch', async () => {
-      const firstFirewall = JSON.stringify(st.firewall);
-      st.firewall = o.firewall;
       const open = [...st.instances.filter((i) => i.state !== 'candidate').map((i) => i.port), cand.port];
-      const spec = (target: number | null, ports: number[]): AppSpec => ({ app: o.app, listen: o.listen, target, open: ports, firewall: firewallOf(st) });
+      const spec = (target: number | null, firewall: FirewallSettings | undefined): AppSpec =>
+        ({ app: o.app, listen: o.listen, target, open, firewall: firewallOf({ firewall }) });
       // native nftables chains that drop by default learn the public port before anything points at it
-      if ((await syncGuard(ctx, st, 'present')).length && !old) {
+      if ((await syncGuard(ctx, { ...st, firewall: o.firewall }, 'present')).length && !old) {
         undo.push({ title: 'nftables accept removed', run: async () => void (await syncGuard(ctx, st, 'absent')) });
       }
       for (const f of ipt.families) {
         const had = st.families.includes(f) || !!pre.views.get(f)?.nat.chains.has(appChain(o.app));
         if (!families.includes(f) && !had) continue;
+        const previous = st.firewall;
         undo.push({ title: `${f} redirect ${old && had ? `back on port ${old.port}` : 'removed'}`, run: async () => {
-          st.firewall = JSON.parse(firstFirewall ?? 'null') ?? undefined;
           const back = old && had && st.families.includes(f);
-          await applySpec(ipt, f, spec(back ? old.port : null, [...open]));
+          await applySpec(ipt, f, spec(back ? old.port : null, previous));
         } });
         try {
-          await applySpec(ipt, f, spec(families.includes(f) ? cand.port : null, open), pre.views.get(f));
+          await applySpec(ipt, f, spec(families.includes(f) ? cand.port : null, o.firewall), pre.views.get(f));
         } catch (err) {
           throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
         }
       }
-      const before = { families: st.families, oldState: old?.state };
+      const before = { families: st.families, oldState: old?.state, firewall: st.firewall };
       undo.push({ title: `state back on ${old ? `port ${old.port}` : 'no instance'}`, run: async () => {
         st.families = before.families;
+        st.firewall = before.firewall;
         cand.state = 'candidate';
         if (old) [old.state, old.keepUntil] = [before.oldState!, undefined];
         await writeState(paths, st);
       } });
       st.families = families;
+      st.firewall = o.firewall;
       cand.state = 'active';
       if (old) {
         old.state = o.keepOldMs ? 'kept' : 'draining';

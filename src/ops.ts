@@ -29,7 +29,7 @@ export async function openIptables(ctx: Ctx, recorded?: string): Promise<Iptable
 }
 
 /** The app's firewall settings as rule builders take them; null: portflip keeps out of the filter table. */
-export function firewallOf(st: AppState): FirewallSpec | null {
+export function firewallOf(st: Pick<AppState, 'firewall'>): FirewallSpec | null {
   const fw = st.firewall;
   if (fw?.mode === 'off') return null;
   return { exposePorts: fw?.exposePorts ?? false, allowFrom: fw?.allowFrom ?? [] };
