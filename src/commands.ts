@@ -3,6 +3,7 @@
 import { open, readFile } from 'node:fs/promises';
 import { fail, PortflipError } from './errors.js';
 import { drainAndStop } from './instance.js';
+import { move } from './lifecycle.js';
 import { retire } from './deploy.js';
 import { appChain, cleanupText, detectBackend, type Backend, type Family, type Verdict } from './iptables.js';
 import { GUARD_PREFIX, guardScript } from './nftguard.js';
@@ -36,9 +37,9 @@ export async function rollback(ctx: Ctx, app: string): Promise<void> {
     const kept = st.instances.filter((i) => i.state === 'kept').sort((a, b) => (b.keepUntil ?? 0) - (a.keepUntil ?? 0))[0];
     if (!kept) fail('nothingToDo', `"${app}" has no kept previous instance alive to roll back to; deploy with --keep-old DURATION to keep one`);
     const bad = st.instances.find((i) => i.state === 'active');
-    kept.state = 'active';
+    move(kept, 'active');
     delete kept.keepUntil;
-    if (bad) bad.state = 'draining';
+    if (bad) move(bad, 'draining');
     for (const f of ipt.families) await applySpec(ipt, f, wantedSpec(st, f));
     await writeState(ctx.paths, st);
     ctx.emit({ kind: 'step', step: 'rollback', app, status: 'ok', port: kept.port, pid: kept.pid, durationMs: ctx.sys.now() - started, detail: bad ? `from port ${bad.port}` : undefined });

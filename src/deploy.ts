@@ -8,12 +8,13 @@ import { spawn } from 'node:child_process';
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { HOOKS, type HookName } from './config.js';
+import { move } from './lifecycle.js';
 import { fail, PortflipError } from './errors.js';
 import type { StepName } from './events.js';
 import { checkOnce, drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type User } from './instance.js';
 import { appChain, appText, parseSave, wouldDrop, type AppSpec, type Family, type Iptables, type RulesView } from './iptables.js';
 import { applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, describe, firewallOf, openGuard, openIptables, reconcile, settle, spawnReaper, syncGuard, wantedSpec, type Ctx } from './ops.js';
-import { bindProblem, isAlive, listenersOn, readStat, tcpSockets } from './proc.js';
+import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './proc.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type FirewallSettings, type Instance, type StopPolicy } from './state.js';
 
 export interface DeployOptions {
@@ -94,9 +95,14 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     await run().catch((err) => emit({ kind: 'notice', app: o.app, message: `${(err as Error).message}; the deploy goes on` }));
   };
   try {
-    // 2. retire: the chosen port is still held by our own kept or draining instance
-    const holder = st.instances.find((i) => i.port === pre.port && i.state !== 'active');
-    if (holder) await step('retire', () => retire(ctx, st, holder), holder.port, () => holder.pid);
+    // 2. retire: instances an earlier run kept or left draining go first, so that with the candidate
+    // there are never more than three (lifecycle.ts); one may hold the chosen port
+    const stale = st.instances.filter((i) => i.state === 'kept' || i.state === 'draining');
+    if (stale.length) {
+      const first = stale.find((i) => i.port === pre.port) ?? stale[0];
+      await step('retire', () => Promise.all(stale.map((i) => retire(ctx, st, i))).then(() => undefined), first.port, () => first.pid,
+        () => `${stale.length} earlier instance${stale.length > 1 ? 's' : ''} stopped`);
+    }
 
     await hook('before_start', pre.port, true);
 
@@ -162,15 +168,15 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       undo.push({ title: `state back on ${old ? `port ${old.port}` : 'no instance'}`, run: async () => {
         st.families = before.families;
         st.firewall = before.firewall;
-        cand.state = 'candidate';
-        if (old) [old.state, old.keepUntil] = [before.oldState!, undefined];
+        move(cand, 'candidate');
+        if (old) [move(old, before.oldState!).keepUntil] = [undefined];
         await writeState(paths, st);
       } });
       st.families = families;
       st.firewall = o.firewall;
-      cand.state = 'active';
+      move(cand, 'active');
       if (old) {
-        old.state = o.keepOldMs ? 'kept' : 'draining';
+        move(old, o.keepOldMs ? 'kept' : 'draining');
         if (o.keepOldMs) old.keepUntil = Date.now() + o.keepOldMs;
       }
       st.stop = o.stop;
@@ -221,7 +227,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
 
 /** Drains and stops one instance under the app's stop policy, keeping the state file true as it goes. */
 export async function retire(ctx: Ctx, st: AppState, inst: Instance): Promise<void> {
-  inst.state = 'draining';
+  move(inst, 'draining');
   await writeState(ctx.paths, st);
   await drainAndStop(ctx.sys, st.app, inst, st.stop, ctx.emit, () => writeState(ctx.paths, st));
   st.instances = st.instances.filter((i) => i !== inst);
@@ -306,7 +312,7 @@ const freshState = (o: DeployOptions, backend: AppState['backend'], families: Fa
 });
 
 async function pickPort(o: DeployOptions, ctx: Ctx, st: AppState): Promise<number> {
-  const socks = await tcpSockets(ctx.sys);
+  const socks = await tcpListeners(ctx.sys);
   const taken = new Set<number>();
   for (const other of await listApps(ctx.paths)) {
     if (other === o.app) continue;
@@ -328,7 +334,7 @@ async function pickPort(o: DeployOptions, ctx: Ctx, st: AppState): Promise<numbe
 }
 
 async function bindCheck(o: DeployOptions, ctx: Ctx, ipt: Iptables, port: number): Promise<Family[]> {
-  const listeners = listenersOn(await tcpSockets(ctx.sys), port);
+  const listeners = listenersOn(await tcpListeners(ctx.sys), port);
   const v6only = ((await ctx.sys.readText('/proc/sys/net/ipv6/bindv6only')) ?? '0').trim() === '1';
   const hostV6 = ipt.families.includes('ipv6');
   const listensV6 = listeners.some((s) => s.family === 'ipv6' && s.localAddr === '::');

@@ -2,6 +2,7 @@
 
 import { spawn } from 'node:child_process';
 import { fail, PortflipError } from './errors.js';
+import { invariantProblem, move } from './lifecycle.js';
 import type { Emit, StepName } from './events.js';
 import { killNow } from './instance.js';
 import { appChain, appRules, appText, checkApp, detectBackend, foreignJumps, removeAppText, type AppCheck, type AppSpec, type Family, type FirewallSpec, type Iptables, type RulesView } from './iptables.js';
@@ -175,11 +176,11 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   let active = v4.jumps.includes(st.listen) ? alive.find((i) => i.port === v4.target) : undefined;
   if (active && active.state !== 'active') {
     emit({ kind: 'notice', app, message: `an earlier run switched to ${describe(active)} and was interrupted; it is the active instance` });
-    for (const other of alive) if (other !== active && other.state === 'active') other.state = 'draining';
-    active.state = 'active';
+    for (const other of alive) if (other !== active && other.state === 'active') move(other, 'draining');
+    move(active, 'active');
   }
   if (!active) active = alive.find((i) => i.state === 'active') ?? alive.find((i) => i.state === 'kept');
-  if (active) active.state = 'active';
+  if (active) move(active, 'active');
 
   for (const orphan of alive.filter((i) => i.state === 'candidate')) {
     emit({ kind: 'notice', app, message: `stopping the candidate on ${describe(orphan)} left by an interrupted deploy` });
@@ -187,7 +188,16 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
     st.instances = st.instances.filter((i) => i !== orphan);
   }
   const now = Date.now();
-  for (const kept of st.instances.filter((i) => i.state === 'kept' && (i.keepUntil ?? 0) <= now)) kept.state = 'draining';
+  for (const kept of st.instances.filter((i) => i.state === 'kept' && (i.keepUntil ?? 0) <= now)) move(kept, 'draining');
+  // a state file written before the invariant was kept can hold more instances than it allows:
+  // the oldest ones that are not active go at once, before anything is written
+  while (invariantProblem(st.instances)) {
+    const extra = st.instances.find((i) => i.state !== 'active' && i.state !== 'candidate');
+    if (!extra) break;
+    emit({ kind: 'notice', app, message: `stopping the ${extra.state} instance on ${describe(extra)}: more instances than an app may have` });
+    await killNow(sys, extra);
+    st.instances = st.instances.filter((i) => i !== extra);
+  }
 
   await settle(ctx, ipt, st, views);
   if (JSON.stringify(st) !== before) await writeState(ctx.paths, st);

@@ -1,18 +1,19 @@
 // Per-app state files (atomic, versioned) and the per-app lock.
 //
-// Invariant this file helps guard: an app has at most two instances outside a deploy's own
-// candidate, and at most one of all its instances is not ready (the candidate).
+// Every write checks the instance invariant of lifecycle.ts: a state file that breaks it is a bug,
+// and is refused rather than written.
 
 import { mkdir, open, readFile, readdir, rename, unlink, writeFile, link, chmod } from 'node:fs/promises';
 import { join } from 'node:path';
-import { fail } from './errors.js';
+import { fail, PortflipError } from './errors.js';
+import { invariantProblem, type InstanceState } from './lifecycle.js';
 import { isAlive, readStat } from './proc.js';
+export type { InstanceState } from './lifecycle.js';
 import type { Backend, Family } from './iptables.js';
 import type { Sys } from './sys.js';
 
 export const SCHEMA = 1;
 
-export type InstanceState = 'candidate' | 'active' | 'draining' | 'kept';
 
 export interface Instance {
   port: number;
@@ -106,6 +107,8 @@ let writes: Promise<void> = Promise.resolve();
  * Writes are queued so parallel drains of one app cannot interleave.
  */
 export function writeState(p: Paths, state: AppState): Promise<void> {
+  const problem = invariantProblem(state.instances);
+  if (problem) return Promise.reject(new PortflipError('internal', `refused to write the state of "${state.app}": ${problem}`));
   const next = writes.then(() => writeNow(p, state));
   writes = next.catch(() => {});
   return next;

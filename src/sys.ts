@@ -1,7 +1,9 @@
 // The one door to the operating system: commands, signals, files and the clock, so step logic can be faked.
 
 import { spawn } from 'node:child_process';
+import { createReadStream } from 'node:fs';
 import { access, constants, readFile } from 'node:fs/promises';
+import { createInterface } from 'node:readline';
 import { delimiter, join } from 'node:path';
 
 export interface RunResult {
@@ -20,6 +22,8 @@ export interface RunOptions {
 export interface Sys {
   run(cmd: string, args: string[], opts?: RunOptions): Promise<RunResult>;
   readText(path: string): Promise<string | null>;
+  /** The first lines of a file, up to (not including) the first for which `more` is false. */
+  readLinesWhile(path: string, more: (line: string, index: number) => boolean): Promise<string[] | null>;
   kill(pid: number, signal: NodeJS.Signals | 0): boolean;
   now(): number; // monotonic milliseconds
   sleep(ms: number, signal?: AbortSignal): Promise<void>;
@@ -46,6 +50,24 @@ export const realSys: Sys = {
     } catch {
       return null;
     }
+  },
+  readLinesWhile(path, more) {
+    return new Promise((resolve) => {
+      const stream = createReadStream(path, { encoding: 'utf8' });
+      const lines: string[] = [];
+      let settled = false;
+      const done = (v: string[] | null) => {
+        if (settled) return;
+        settled = true;
+        rl.close();
+        stream.destroy();
+        resolve(v);
+      };
+      const rl = createInterface({ input: stream });
+      rl.on('line', (line) => (more(line, lines.length) ? lines.push(line) : done(lines)));
+      rl.on('close', () => done(lines));
+      stream.on('error', () => done(null));
+    });
   },
   kill(pid, signal) {
     try {
