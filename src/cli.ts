@@ -38,11 +38,13 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     readyTimeout: from('readyTimeout', 'ready_timeout', '60s'),
     drain: from('drain', 'drain', 'signal'),
     drainTimeout: from('drainTimeout', 'drain_timeout', '30s'),
+    drainGrace: from('drainGrace', 'drain_grace', '3s'),
     stopSignal: from('stopSignal', 'stop_signal', 'SIGTERM'),
     killAfter: from('killAfter', 'kill_after', '10s'),
     keepOld: from('keepOld', 'keep_old'),
     verify: from('verify', 'verify'),
     ipv6: from('ipv6', 'ipv6', 'auto'),
+    nodeDrain: from('nodeDrain', 'node_drain', 'on'),
     dryRun: flags.dryRun,
     env: flags.env,
   };
@@ -55,8 +57,9 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
   if (ready !== 'tcp' && !/^https?:\/\/[^/]/.test(ready)) fail('usage', `--ready ${ready}: use tcp or an http(s):// URL such as http://127.0.0.1:{port}/health`);
   const signal = String(a.stopSignal).toUpperCase().replace(/^(?!SIG)/, 'SIG');
   if (!SIGNALS.includes(signal)) fail('usage', `--stop-signal ${a.stopSignal}: use one of ${SIGNALS.join(', ')}`);
-  if (a.drain !== 'signal' && a.drain !== 'idle') fail('usage', `--drain ${a.drain}: use signal or idle`);
+  if (!['signal', 'idle', 'grace'].includes(a.drain)) fail('usage', `--drain ${a.drain}: use grace, signal or idle`);
   if (!['auto', 'on', 'off'].includes(a.ipv6)) fail('usage', `--ipv6 ${a.ipv6}: use auto, on or off`);
+  if (!['on', 'off'].includes(a.nodeDrain)) fail('usage', `--node-drain ${a.nodeDrain}: use on or off`);
   const env: Record<string, string> = { ...cfg.env };
   for (const kv of [a.env ?? []].flat().map(String)) {
     const i = kv.indexOf('=');
@@ -78,12 +81,14 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     stop: {
       drain: a.drain as DrainMode,
       drainTimeoutMs: dur(a.drainTimeout, '--drain-timeout'),
+      drainGraceMs: dur(a.drainGrace, '--drain-grace'),
       stopSignal: signal as NodeJS.Signals,
       killAfterMs: dur(a.killAfter, '--kill-after'),
     },
     keepOldMs: a.keepOld === undefined ? undefined : dur(a.keepOld, '--keep-old'),
     verifyMs: a.verify === undefined ? undefined : dur(a.verify, '--verify'),
     ipv6: a.ipv6,
+    nodeDrain: a.nodeDrain === 'on',
     dryRun: !!a.dryRun,
     hooks: Object.fromEntries(HOOKS.filter((h) => cfg[h]).map((h) => [h, cfg[h]!])),
   };
@@ -102,13 +107,15 @@ const deployFlags = (y: Argv) =>
     .option('ready', { type: 'string', describe: 'tcp (default), or http://127.0.0.1:{port}/PATH (2xx/3xx)' })
     .option('ready-cmd', { type: 'string', describe: 'a shell command that exits 0 when ready ($PORT set)' })
     .option('ready-timeout', { type: 'string', describe: 'default 60s' })
-    .option('drain', { type: 'string', describe: 'signal (default): stop signal right after the switch; idle: wait for no open connections first' })
+    .option('drain', { type: 'string', describe: 'signal (default): stop signal right after the switch; idle: wait for no open connections first (up to --drain-timeout); grace: the same, up to --drain-grace' })
     .option('drain-timeout', { type: 'string', describe: 'default 30s' })
+    .option('drain-grace', { type: 'string', describe: 'grace mode: wait at most this long for no open connections (default 3s)' })
     .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
     .option('kill-after', { type: 'string', describe: 'default 10s' })
     .option('keep-old', { type: 'string', describe: 'keep the previous instance this long for an instant rollback' })
     .option('verify', { type: 'string', describe: 'after the switch, watch the new instance this long; switch back if it dies or fails its check' })
     .option('ipv6', { type: 'string', describe: 'auto: redirect IPv6 when the host has it and the app listens on ::; on; off' })
+    .option('node-drain', { type: 'string', describe: 'on (default): load the drain module into Node.js instances (NODE_OPTIONS); off' })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 
 /** The app named on the command line, or the one a -c file stands for (web.toml -> web). */

@@ -26,13 +26,15 @@ function makeSchema(z: typeof Zod) {
     ready: z.string().optional(),
     ready_cmd: z.string().optional(),
     ready_timeout: duration.optional(),
-    drain: z.enum(['signal', 'idle'], { error: 'expected "signal" or "idle"' }).optional(),
+    drain: z.enum(['signal', 'idle', 'grace'], { error: 'expected "grace", "signal" or "idle"' }).optional(),
     drain_timeout: duration.optional(),
+    drain_grace: duration.optional(),
     stop_signal: z.string().optional(),
     kill_after: duration.optional(),
     keep_old: duration.optional(),
     verify: duration.optional(),
     ipv6: z.enum(['auto', 'on', 'off'], { error: 'expected "auto", "on" or "off"' }).optional(),
+    node_drain: z.enum(['on', 'off'], { error: 'expected "on" or "off"' }).optional(),
     before_start: hook.optional(),
     after_ready: hook.optional(),
     after_switch: hook.optional(),
@@ -110,6 +112,7 @@ stop_signal = "SIGTERM"
 kill_after = "10s"
 # keep_old = "5m"    # keep the previous instance for an instant "portflip rollback"
 # ipv6 = "auto"
+# node_drain = "on"  # Node.js apps: make server.close() drain keep-alive connections (README: The Node drain module)
 
 # Hooks: shell commands run as the app's user, with PORTFLIP_APP, PORTFLIP_PORT, PORTFLIP_PREVIOUS_PORT
 # and PORTFLIP_STEP set. A failing before_start or after_ready aborts the deploy with nothing switched.

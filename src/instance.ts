@@ -207,6 +207,9 @@ export const killNow = async (sys: Sys, inst: Instance) => {
   await waitGone(sys, inst, 5000);
 };
 
+/** grace mode's default wait: long enough for nginx's keepalive_requests to hand busy connections over. */
+export const DEFAULT_GRACE_MS = 3000;
+
 /**
  * Drain on a monotonic clock: in idle mode wait for open connections to reach zero (bounded by
  * the drain timeout), then the stop signal, then SIGKILL for the whole group after kill-after.
@@ -222,16 +225,24 @@ export async function drainAndStop(
 ): Promise<'exited' | 'killed' | 'gone'> {
   if (!inst.pid || (await groupGone(sys, inst))) return 'gone';
   const pid = inst.pid;
-  if (!inst.signalledAt && policy.drain === 'idle') {
-    const until = sys.now() + policy.drainTimeoutMs;
+  // idle: wait for no open connections up to --drain-timeout; grace: the same, up to the (short) --drain-grace
+  const waitMs = policy.drain === 'idle' ? policy.drainTimeoutMs : policy.drain === 'grace' ? policy.drainGraceMs ?? DEFAULT_GRACE_MS : 0;
+  let reason = 'stop';
+  if (!inst.signalledAt && waitMs > 0) {
+    const until = sys.now() + waitMs;
     let last = -1;
     for (;;) {
       const open = openConnections(await tcpSockets(sys), inst.port);
       if (open !== last) emit({ kind: 'connections', app, port: inst.port, pid, open });
       last = open;
-      if (open === 0 || (await groupGone(sys, inst))) break;
+      if (open === 0 || (await groupGone(sys, inst))) {
+        reason = 'drained';
+        break;
+      }
       if (sys.now() >= until) {
-        emit({ kind: 'notice', app, message: `port ${inst.port} still has ${open} open connection(s) after --drain-timeout; stopping anyway` });
+        // past the grace, open connections are expected (busy keep-alive clients): the app's drain handles them
+        if (policy.drain === 'idle') emit({ kind: 'notice', app, message: `port ${inst.port} still has ${open} open connection(s) after --drain-timeout; stopping anyway` });
+        reason = policy.drain === 'idle' ? 'drain timeout' : `grace over, ${open} open`;
         break;
       }
       await sys.sleep(200);
@@ -240,7 +251,7 @@ export async function drainAndStop(
   if (await groupGone(sys, inst)) return 'exited';
   if (!inst.signalledAt) {
     await acceptQueueEmpty(sys, inst.port);
-    emit({ kind: 'signal', app, port: inst.port, pid, signal: policy.stopSignal, reason: policy.drain === 'idle' ? 'drained' : 'stop' });
+    emit({ kind: 'signal', app, port: inst.port, pid, signal: policy.stopSignal, reason });
     signalGroup(sys, pid, policy.stopSignal);
     inst.signalledAt = new Date().toISOString();
     await onSignalled();

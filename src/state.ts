@@ -26,11 +26,12 @@ export interface Instance {
   signalledAt?: string; // when the stop signal went out
 }
 
-export type DrainMode = 'signal' | 'idle';
+export type DrainMode = 'signal' | 'idle' | 'grace';
 
 export interface StopPolicy {
   drain: DrainMode;
   drainTimeoutMs: number;
+  drainGraceMs?: number; // grace mode's wait for idle; absent in state files written before it existed
   stopSignal: NodeJS.Signals;
   killAfterMs: number;
 }
