@@ -5,7 +5,7 @@
 // the last answer arrived), N deploys in a row, and every failed request counted. Needs root (namespaces, iptables)
 // and a build (npm run build). Nothing touches the root namespace: every process runs inside our namespaces.
 //   node scripts/drain-matrix.mjs [--apps fixture,node,node-off,nginx] [--loads keepalive,new]
-//                                 [--drains signal,idle,grace] [--deploys 3] [--concurrency 16] [--out FILE]
+//                                 [--drains signal,idle,grace] [--deploys 3] [--concurrency 16] [--gap MS] [--out FILE]
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -20,6 +20,7 @@ const { values: opt } = parseArgs({
     deploys: { type: 'string', default: '3' },
     concurrency: { type: 'string', default: '16' },
     'drain-timeout': { type: 'string', default: '10s' }, // bounds idle mode's wait under busy keep-alive clients
+    gap: { type: 'string', default: '2000' }, // ms of steady load before each deploy
     out: { type: 'string' },
   },
 });
@@ -55,6 +56,7 @@ async function measure(appName, load, drain) {
     const l = await h.startLoad(ns, 'client', { url: `http://${ns.serverAddr}:80/`, mode: load, concurrency: Number(opt.concurrency), durationMs: 300_000, maxRequests: 10_000_000 });
     const times = [];
     for (let i = 2; i <= deploys + 1; i++) {
+      await new Promise((r) => setTimeout(r, Number(opt.gap)));
       const t0 = performance.now();
       const r = await deploy(`v${i}`);
       if (r.code !== 0) throw new Error(`deploy v${i} failed: ${r.stderr}`);

@@ -38,11 +38,15 @@ export async function readableBy(path: string, uid: number, gid: number): Promis
 export type PreloadPlace = { path: string; copied: boolean } | { path: null; why: string };
 
 /** The preload's path, readable by the app's user: the package's own file, or a world-readable copy. */
-export async function placePreload(env: NodeJS.ProcessEnv, user?: { name: string; uid: number; gid: number }): Promise<PreloadPlace> {
+export async function placePreload(
+  env: NodeJS.ProcessEnv,
+  user?: { name: string; uid: number; gid: number },
+  source = PRELOAD_SOURCE,
+): Promise<PreloadPlace> {
   const uid = user?.uid ?? 0;
   const gid = user?.gid ?? 0;
-  if (await readableBy(PRELOAD_SOURCE, uid, gid)) return { path: PRELOAD_SOURCE, copied: false };
-  const text = await readFile(PRELOAD_SOURCE);
+  if (await readableBy(source, uid, gid)) return { path: source, copied: false };
+  const text = await readFile(source);
   const dir = preloadDir(env);
   const dest = join(dir, `node-drain-${createHash('sha256').update(text).digest('hex').slice(0, 12)}.cjs`);
   try {
@@ -50,7 +54,7 @@ export async function placePreload(env: NodeJS.ProcessEnv, user?: { name: string
     await chmod(dir, 0o755);
     if (!(await stat(dest).then((s) => s.isFile(), () => false))) {
       const tmp = `${dest}.${process.pid}.tmp`;
-      await copyFile(PRELOAD_SOURCE, tmp);
+      await copyFile(source, tmp);
       await chmod(tmp, 0o644);
       await rename(tmp, dest);
     }
@@ -58,7 +62,7 @@ export async function placePreload(env: NodeJS.ProcessEnv, user?: { name: string
     return { path: null, why: `cannot write ${dest} (${(err as NodeJS.ErrnoException).code ?? err})` };
   }
   if (await readableBy(dest, uid, gid)) return { path: dest, copied: true };
-  return { path: null, why: `neither ${PRELOAD_SOURCE} nor ${dest} is readable by user ${user?.name}` };
+  return { path: null, why: `neither ${source} nor ${dest} is readable by user ${user?.name}` };
 }
 
 /** NODE_OPTIONS with `--require PRELOAD` appended to the user's own options (once). */
