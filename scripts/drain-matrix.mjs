@@ -4,8 +4,9 @@
 // portflip, a closed-loop load from the client namespace (16 connections, each sending its next request as soon as
 // the last answer arrived), N deploys in a row, and every failed request counted. Needs root (namespaces, iptables)
 // and a build (npm run build). Nothing touches the root namespace: every process runs inside our namespaces.
-//   node scripts/drain-matrix.mjs [--apps fixture,node,node-off,nginx] [--loads keepalive,new]
-//                                 [--drains signal,idle,grace] [--deploys 3] [--concurrency 16] [--gap MS] [--out FILE]
+//   node scripts/drain-matrix.mjs [--apps fixture,node,node-off,nginx,go,gunicorn,uvicorn] [--loads keepalive,new]
+//                                 [--drains auto,signal,idle] [--deploys 3] [--concurrency 16] [--gap MS] [--out FILE]
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -14,9 +15,9 @@ import * as h from '../dist/test/helpers/netns.js';
 
 const { values: opt } = parseArgs({
   options: {
-    apps: { type: 'string', default: 'fixture,node,node-off,nginx' },
+    apps: { type: 'string', default: 'fixture,node,node-off,nginx,go,gunicorn,uvicorn' },
     loads: { type: 'string', default: 'keepalive,new' },
-    drains: { type: 'string', default: 'signal,idle,grace' },
+    drains: { type: 'string', default: 'auto,signal,idle' },
     deploys: { type: 'string', default: '3' },
     concurrency: { type: 'string', default: '16' },
     'drain-timeout': { type: 'string', default: '10s' }, // bounds idle mode's wait under busy keep-alive clients
@@ -27,13 +28,23 @@ const { values: opt } = parseArgs({
 
 const node = process.execPath;
 const fx = (f) => h.fixture(f);
+const examples = path.join(h.repoRoot, 'examples');
+const work = mkdtempSync(path.join(tmpdir(), 'portflip-matrix-'));
+const py = ['--cwd', path.join(examples, 'python')];
 // What each kind of app is: its command for a version, and the flags a user of that app would give.
 const APPS = {
-  fixture: { title: "the repo's fixture (written to the contract)", cmd: (v) => [node, fx('app.mjs'), '--port', '{port}', '--version', v], flags: ['--ready', 'http://127.0.0.1:{port}/health'] },
-  node: { title: 'plain Node app, server.close() on SIGTERM (drain module on)', cmd: (v) => [node, fx('plain-app.mjs'), v], flags: [] },
-  'node-off': { title: 'the same app with --node-drain off', cmd: (v) => [node, fx('plain-app.mjs'), v], flags: ['--node-drain', 'off'] },
-  nginx: { title: 'nginx, SIGQUIT (graceful stop)', cmd: (v) => [fx('nginx-app.sh'), v], flags: ['--stop-signal', 'SIGQUIT'] },
+  fixture: { title: "the repo's fixture (written to the contract)", cmd: (v) => [node, fx('app.mjs'), '--port', '{port}', '--version', v], flags: () => ['--ready', 'http://127.0.0.1:{port}/health'] },
+  node: { title: 'plain Node app, server.close() on SIGTERM (drain module on)', cmd: (v) => [node, fx('plain-app.mjs'), v], flags: () => [] },
+  'node-off': { title: 'the same app with --node-drain off', cmd: (v) => [node, fx('plain-app.mjs'), v], flags: () => ['--node-drain', 'off'] },
+  nginx: { title: 'nginx, SIGQUIT (graceful stop)', cmd: (v) => [fx('nginx-app.sh'), v], flags: () => ['--stop-signal', 'SIGQUIT'] },
+  go: { title: 'Go recipe (examples/go)', cmd: (v) => [path.join(work, 'go-server'), v], flags: () => [] },
+  gunicorn: { title: 'gunicorn recipe (examples/python/wsgi.py, sync workers)', cmd: () => ['/usr/bin/gunicorn', '--bind', '0.0.0.0:{port}', '--workers', '2', '--timeout', '6', 'wsgi:app'], flags: (v) => [...py, '--env', `APP_VERSION=${v}`] },
+  uvicorn: { title: 'uvicorn recipe (examples/python/asgi.py, SIGUSR1)', cmd: () => ['/usr/bin/python3', '-m', 'uvicorn', 'asgi:app', '--host', '0.0.0.0', '--port', '{port}'], flags: (v) => [...py, '--env', `APP_VERSION=${v}`, '--stop-signal', 'SIGUSR1'] },
 };
+if (opt.apps.split(',').includes('go')) {
+  const b = spawnSync('go', ['build', '-o', path.join(work, 'go-server'), '.'], { cwd: path.join(examples, 'go'), env: { ...process.env, GOCACHE: path.join(tmpdir(), 'portflip-go-cache'), GOFLAGS: '-mod=mod' }, encoding: 'utf8' });
+  if (b.status !== 0) throw new Error(`go build: ${b.stderr}`);
+}
 const LOADS = { keepalive: 'keep-alive', new: 'new connection per request' };
 
 const deploys = Number(opt.deploys);
@@ -49,7 +60,7 @@ async function measure(appName, load, drain) {
   const ports = await h.freePorts(2);
   const deploy = (v) =>
     h.portflip(ns, ['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--drain', drain, '--drain-timeout', opt['drain-timeout'],
-      '--env', `NGINX_BASE=${nginxBase}`, '--json', ...app.flags, '--', ...app.cmd(v)], dirs, { timeoutMs: 90_000 });
+      '--env', `NGINX_BASE=${nginxBase}`, '--json', ...app.flags(v), '--', ...app.cmd(v)], dirs, { timeoutMs: 90_000 });
   try {
     const first = await deploy('v1');
     if (first.code !== 0) throw new Error(`first deploy failed: ${first.stderr}`);
@@ -97,4 +108,5 @@ for (const appName of opt.apps.split(',')) {
 const table = lines.join('\n');
 process.stdout.write(`${table}\n`);
 if (opt.out) writeFileSync(opt.out, JSON.stringify({ deploys, concurrency: Number(opt.concurrency), results, table }, null, 2) + '\n');
+rmSync(work, { recursive: true, force: true });
 process.exit(0);

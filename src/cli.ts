@@ -36,9 +36,8 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     ready: flags.ready ?? (flags.readyCmd ? undefined : cfg.ready),
     readyCmd: flags.readyCmd ?? (flags.ready ? undefined : cfg.ready_cmd),
     readyTimeout: from('readyTimeout', 'ready_timeout', '60s'),
-    drain: from('drain', 'drain', 'signal'),
+    drain: from('drain', 'drain', 'auto'),
     drainTimeout: from('drainTimeout', 'drain_timeout', '30s'),
-    drainGrace: from('drainGrace', 'drain_grace', '3s'),
     stopSignal: from('stopSignal', 'stop_signal', 'SIGTERM'),
     killAfter: from('killAfter', 'kill_after', '10s'),
     keepOld: from('keepOld', 'keep_old'),
@@ -57,7 +56,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
   if (ready !== 'tcp' && !/^https?:\/\/[^/]/.test(ready)) fail('usage', `--ready ${ready}: use tcp or an http(s):// URL such as http://127.0.0.1:{port}/health`);
   const signal = String(a.stopSignal).toUpperCase().replace(/^(?!SIG)/, 'SIG');
   if (!SIGNALS.includes(signal)) fail('usage', `--stop-signal ${a.stopSignal}: use one of ${SIGNALS.join(', ')}`);
-  if (!['signal', 'idle', 'grace'].includes(a.drain)) fail('usage', `--drain ${a.drain}: use grace, signal or idle`);
+  if (!['auto', 'signal', 'idle'].includes(a.drain)) fail('usage', `--drain ${a.drain}: use auto, signal or idle`);
   if (!['auto', 'on', 'off'].includes(a.ipv6)) fail('usage', `--ipv6 ${a.ipv6}: use auto, on or off`);
   if (!['on', 'off'].includes(a.nodeDrain)) fail('usage', `--node-drain ${a.nodeDrain}: use on or off`);
   const env: Record<string, string> = { ...cfg.env };
@@ -81,7 +80,6 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     stop: {
       drain: a.drain as DrainMode,
       drainTimeoutMs: dur(a.drainTimeout, '--drain-timeout'),
-      drainGraceMs: dur(a.drainGrace, '--drain-grace'),
       stopSignal: signal as NodeJS.Signals,
       killAfterMs: dur(a.killAfter, '--kill-after'),
     },
@@ -107,9 +105,8 @@ const deployFlags = (y: Argv) =>
     .option('ready', { type: 'string', describe: 'tcp (default), or http://127.0.0.1:{port}/PATH (2xx/3xx)' })
     .option('ready-cmd', { type: 'string', describe: 'a shell command that exits 0 when ready ($PORT set)' })
     .option('ready-timeout', { type: 'string', describe: 'default 60s' })
-    .option('drain', { type: 'string', describe: 'signal (default): stop signal right after the switch; idle: wait for no open connections first (up to --drain-timeout); grace: the same, up to --drain-grace' })
+    .option('drain', { type: 'string', describe: 'auto (default): signal for Node.js instances with the drain module, idle for others; signal: stop signal right after the switch; idle: wait for no open connections first' })
     .option('drain-timeout', { type: 'string', describe: 'default 30s' })
-    .option('drain-grace', { type: 'string', describe: 'grace mode: wait at most this long for no open connections (default 3s)' })
     .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
     .option('kill-after', { type: 'string', describe: 'default 10s' })
     .option('keep-old', { type: 'string', describe: 'keep the previous instance this long for an instant rollback' })

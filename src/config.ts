@@ -26,9 +26,8 @@ function makeSchema(z: typeof Zod) {
     ready: z.string().optional(),
     ready_cmd: z.string().optional(),
     ready_timeout: duration.optional(),
-    drain: z.enum(['signal', 'idle', 'grace'], { error: 'expected "grace", "signal" or "idle"' }).optional(),
+    drain: z.enum(['auto', 'signal', 'idle'], { error: 'expected "auto", "signal" or "idle"' }).optional(),
     drain_timeout: duration.optional(),
-    drain_grace: duration.optional(),
     stop_signal: z.string().optional(),
     kill_after: duration.optional(),
     keep_old: duration.optional(),
@@ -105,8 +104,9 @@ ready = "http://127.0.0.1:{port}/health"
 # ready_cmd = "curl -fsS http://127.0.0.1:$PORT/health"
 ready_timeout = "60s"
 
-# After the switch: "signal" sends stop_signal at once (graceful apps); "idle" waits for no open connections first.
-drain = "signal"
+# After the switch: "signal" sends stop_signal at once (graceful apps); "idle" waits for no open connections first;
+# "auto" is signal for Node.js apps with the drain module (node_drain) and idle for any other.
+drain = "auto"
 drain_timeout = "30s"
 stop_signal = "SIGTERM"
 kill_after = "10s"

@@ -14,7 +14,7 @@ import { checkOnce, drainAndStop, killNow, logTail, resolveCommand, spawnInstanc
 import { appChain, ensureText, parseSave, switchText, type Family, type Iptables, type NatView } from './iptables.js';
 import { describe, openIptables, pointAt, reconcile, removeApp, spawnReaper, type Ctx } from './ops.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpSockets } from './proc.js';
-import { placePreload, preloadedIn, preloadEnv } from './preload.js';
+import { listenersPreloaded, placePreload, preloadedIn, preloadEnv } from './preload.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type Instance, type StopPolicy } from './state.js';
 
 export interface DeployOptions {
@@ -132,7 +132,10 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     await step('ready', async () => {
       const r = await waitReady(sys, check, { pid: spawned.pid, port: cand.port, exited: spawned.exited }, o.readyTimeoutMs, { ...env, PORT: String(cand.port) }, ctx.abort);
       if (!r.ready) throw new PortflipError('deployFailed', r.reason);
-      if (preload?.path) loadedIn = await preloadedIn(sys, spawned.pid, preload.path);
+      if (preload?.path) {
+        loadedIn = await preloadedIn(sys, spawned.pid, preload.path);
+        cand.nodeDrain = await listenersPreloaded(sys, cand.port, preload.path);
+      }
     }, cand.port, () => cand.pid, () => (preload?.path ? (loadedIn.length ? `node-drain loaded in ${loadedIn.join(', ')}` : 'node-drain not loaded: no Node.js process') : undefined));
 
     // 5. bind-check: redirected traffic arrives at the interface address; the candidate must listen there
@@ -325,7 +328,7 @@ function plan(o: DeployOptions, ctx: Ctx, pre: Preflight): void {
       { step: 'ready', does: `wait up to ${o.readyTimeoutMs}ms for ${o.ready.kind === 'tcp' ? `a TCP connect to port ${port}` : o.ready.kind === 'http' ? o.ready.url.replaceAll('{port}', String(port)) : `"${o.ready.command}" to exit 0`}`, undo: 'kill the candidate' },
       { step: 'bind-check', does: `check the candidate listens on all addresses (0.0.0.0 or ::) on port ${port}`, undo: 'kill the candidate' },
       { step: 'switch', does: `redirect port ${o.listen} to ${port} in one iptables-restore --noflush commit${old ? ` (from ${old.port})` : ''}`, undo: old ? `redirect back to ${old.port}` : 'remove the rules' },
-      { step: 'drain', does: old ? `${o.keepOldMs ? `keep port ${old.port} for ${o.keepOldMs}ms, then ` : ''}${o.stop.drain !== 'signal' ? `wait until port ${old.port} has no open connections (at most ${o.stop.drain === 'idle' ? o.stop.drainTimeoutMs : o.stop.drainGraceMs}ms), then ` : ''}send ${o.stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${o.stop.killAfterMs}ms` : 'nothing to drain (first instance)', undo: '' },
+      { step: 'drain', does: old ? `${o.keepOldMs ? `keep port ${old.port} for ${o.keepOldMs}ms, then ` : ''}${o.stop.drain !== 'signal' ? `${o.stop.drain === 'auto' ? 'unless the Node drain module listens on it, ' : ''}wait until port ${old.port} has no open connections (at most ${o.stop.drainTimeoutMs}ms), then ` : ''}send ${o.stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${o.stop.killAfterMs}ms` : 'nothing to drain (first instance)', undo: '' },
     ],
     rules: [{ family: 'ipv4', text: old ? switchText(o.app, port) : ensureText(view, o.app, o.listen, port) }],
   });

@@ -207,11 +207,8 @@ export const killNow = async (sys: Sys, inst: Instance) => {
   await waitGone(sys, inst, 5000);
 };
 
-/** grace mode's default wait: long enough for nginx's keepalive_requests to hand busy connections over. */
-export const DEFAULT_GRACE_MS = 3000;
-
 /**
- * Drain on a monotonic clock: in idle mode wait for open connections to reach zero (bounded by
+ * Drain on a monotonic clock: in idle mode (and auto, for an instance without the Node drain module) wait for open connections to reach zero (bounded by
  * the drain timeout), then the stop signal, then SIGKILL for the whole group after kill-after.
  * `onSignalled` lets the caller record that the signal went out before it waits.
  */
@@ -225,11 +222,12 @@ export async function drainAndStop(
 ): Promise<'exited' | 'killed' | 'gone'> {
   if (!inst.pid || (await groupGone(sys, inst))) return 'gone';
   const pid = inst.pid;
-  // idle: wait for no open connections up to --drain-timeout; grace: the same, up to the (short) --drain-grace
-  const waitMs = policy.drain === 'idle' ? policy.drainTimeoutMs : policy.drain === 'grace' ? policy.drainGraceMs ?? DEFAULT_GRACE_MS : 0;
-  let reason = 'stop';
-  if (!inst.signalledAt && waitMs > 0) {
-    const until = sys.now() + waitMs;
+  // auto: an instance whose listener has the Node drain module drains keep-alive connections itself (signal);
+  // any other waits for its connections to close on their own first (idle), as nginx's do after keepalive_requests
+  const mode = policy.drain === 'auto' ? (inst.nodeDrain ? 'signal' : 'idle') : policy.drain;
+  let reason = policy.drain === 'auto' && mode === 'signal' ? 'stop; the Node drain module handles keep-alive' : 'stop';
+  if (!inst.signalledAt && mode === 'idle') {
+    const until = sys.now() + policy.drainTimeoutMs;
     let last = -1;
     for (;;) {
       const open = openConnections(await tcpSockets(sys), inst.port);
@@ -240,9 +238,8 @@ export async function drainAndStop(
         break;
       }
       if (sys.now() >= until) {
-        // past the grace, open connections are expected (busy keep-alive clients): the app's drain handles them
-        if (policy.drain === 'idle') emit({ kind: 'notice', app, message: `port ${inst.port} still has ${open} open connection(s) after --drain-timeout; stopping anyway` });
-        reason = policy.drain === 'idle' ? 'drain timeout' : `grace over, ${open} open`;
+        emit({ kind: 'notice', app, message: `port ${inst.port} still has ${open} open connection(s) after --drain-timeout; stopping anyway` });
+        reason = 'drain timeout';
         break;
       }
       await sys.sleep(200);

@@ -4,7 +4,7 @@ import { createHash } from 'node:crypto';
 import { chmod, copyFile, mkdir, readFile, readlink, rename, stat } from 'node:fs/promises';
 import { basename, dirname, join, parse } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { groupMembers } from './proc.js';
+import { groupMembers, pidsListeningOn } from './proc.js';
 import type { Sys } from './sys.js';
 
 /** The preload as built, next to this module in the installed package. */
@@ -79,20 +79,29 @@ export const preloadEnv = (env: NodeJS.ProcessEnv, path: string, killAfterMs: nu
   PORTFLIP_NODE_DRAIN_MAX_IDLE_MS: String(Math.max(1000, killAfterMs - 2000)),
 });
 
-/**
- * Node processes in the instance's group that started with the preload in NODE_OPTIONS (Node loads a
- * --require file before anything else, or refuses to start): "pid 9203 (node)", "pid 9199 (npm start)".
- */
+/** Whether pid is a Node.js process that started with the preload in NODE_OPTIONS (Node loads it or refuses to start). */
+async function hasPreload(sys: Sys, pid: number, path: string): Promise<boolean> {
+  const exe = await readlink(`/proc/${pid}/exe`).catch(() => '');
+  if (!/^node(js)?[\d.]*$/.test(basename(exe))) return false;
+  const environ = (await sys.readText(`/proc/${pid}/environ`)) ?? '';
+  return !!environ.split('\0').find((kv) => kv.startsWith('NODE_OPTIONS='))?.includes(path);
+}
+
+/** The Node processes in the instance's group that carry the preload: "pid 9203 (node)", "pid 9199 (npm start)". */
 export async function preloadedIn(sys: Sys, pgid: number, path: string): Promise<string[]> {
   const out: string[] = [];
   for (const pid of await groupMembers(sys, pgid)) {
-    const exe = await readlink(`/proc/${pid}/exe`).catch(() => '');
-    if (!/^node(js)?[\d.]*$/.test(basename(exe))) continue;
-    const environ = (await sys.readText(`/proc/${pid}/environ`)) ?? '';
-    const opts = environ.split('\0').find((kv) => kv.startsWith('NODE_OPTIONS='));
-    if (!opts?.includes(path)) continue;
+    if (!(await hasPreload(sys, pid, path))) continue;
     const comm = ((await sys.readText(`/proc/${pid}/comm`)) ?? '').trim();
     out.push(`pid ${pid}${comm ? ` (${comm})` : ''}`);
   }
   return out;
+}
+
+/** True when something listens on the port and every process listening there carries the preload. */
+export async function listenersPreloaded(sys: Sys, port: number, path: string): Promise<boolean> {
+  const pids = await pidsListeningOn(sys, port);
+  if (!pids.length) return false;
+  for (const pid of pids) if (!(await hasPreload(sys, pid, path))) return false;
+  return true;
 }

@@ -24,14 +24,14 @@ export interface Instance {
   log: string;
   keepUntil?: number; // epoch ms; a kept instance is retired after this
   signalledAt?: string; // when the stop signal went out
+  nodeDrain?: boolean; // every process listening on its port is Node.js with the drain module loaded
 }
 
-export type DrainMode = 'signal' | 'idle' | 'grace';
+export type DrainMode = 'auto' | 'signal' | 'idle';
 
 export interface StopPolicy {
   drain: DrainMode;
   drainTimeoutMs: number;
-  drainGraceMs?: number; // grace mode's wait for idle; absent in state files written before it existed
   stopSignal: NodeJS.Signals;
   killAfterMs: number;
 }

@@ -62,12 +62,11 @@ test('--node-drain: on by default, off by flag or config key; anything else is a
   assert.throws(() => toDeployOptions({ ...flags, nodeDrain: 'yes' }, {}, null), /--node-drain yes: use on or off/);
 });
 
-test('--drain grace takes --drain-grace; an unknown mode names the three', () => {
+test('--drain: auto by default; an unknown mode names the three', () => {
   const flags = { app: 'web', listen: '80', '--': ['node', 'app.js'] };
-  const o = toDeployOptions({ ...flags, drain: 'grace', drainGrace: '1500ms' }, {}, null);
-  assert.is(o.stop.drain, 'grace');
-  assert.is(o.stop.drainGraceMs, 1500);
-  assert.throws(() => toDeployOptions({ ...flags, drain: 'later' }, {}, null), /--drain later: use grace, signal or idle/);
+  assert.is(toDeployOptions(flags, {}, null).stop.drain, 'auto');
+  assert.is(toDeployOptions(flags, { drain: 'signal' }, '/etc/portflip/web.toml').stop.drain, 'signal');
+  assert.throws(() => toDeployOptions({ ...flags, drain: 'later' }, {}, null), /--drain later: use auto, signal or idle/);
 });
 
 test.run();
