@@ -110,7 +110,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     candidateLog = cand.log;
     await writeState(paths, st);
     // Node apps get the drain preload; other programs ignore NODE_OPTIONS (README: "The Node drain module")
-    const preload = o.nodeDrain ? await placePreload(env, user) : null;
+    const preload = o.nodeDrain ? await placePreload(ctx.env, user) : null;
     if (preload && preload.path === null) emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${preload.why}` });
     const extraEnv = preload?.path ? preloadEnv(env, preload.path, o.stop.killAfterMs) : {};
     const spawned = await step('start', async () => {
@@ -246,7 +246,7 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
   if (!cwdOk) fail('config', `--cwd ${o.cwd}: no such directory`);
   const user = o.user ? await lookupUser(sys, o.user) : undefined;
   const env: NodeJS.ProcessEnv = { ...ctx.env, ...o.env, PORTFLIP_APP: o.app };
-  for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES']) delete env[k];
+  for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES', 'PORTFLIP_PRELOAD_DIR']) delete env[k];
   if (user) Object.assign(env, { HOME: user.home, USER: user.name, LOGNAME: user.name });
   await resolveCommand(o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
 

@@ -121,6 +121,10 @@ test('a plain Node app whose SIGTERM handler is server.close(): 3 deploys under 
         assert.is(start.detail, 'node-drain preload in NODE_OPTIONS');
         assert.match(ready.detail, /^node-drain loaded in (pid \d+ \([^)]*\), )*pid \d+ \(node\)/, ready.detail);
       }
+      for (const ev of runs.slice(1)) {
+        const sig = ev.find((e) => e.kind === 'signal')!;
+        assert.is(sig.reason, 'stop; the Node drain module handles keep-alive', '--drain auto signals at once');
+      }
       const npmReady = runs[1].find((e) => e.step === 'ready')!.detail;
       assert.match(npmReady, /\(npm start/, `npm itself carries it too, harmlessly: ${npmReady}`);
       const environ = readFileSync(`/proc/${runs[3].find((e) => e.step === 'start')!.pid}/environ`, 'utf8').split('\0');
@@ -155,7 +159,13 @@ test('nginx stopped with SIGQUIT: 3 deploys under keep-alive load over veth, 0 f
       });
       okLoad(res, ['v1', 'v2', 'v3', 'v4']);
       assert.is(runs[1].find((e) => e.step === 'ready')!.detail, 'node-drain not loaded: no Node.js process');
-      assert.ok(runs[1].some((e) => e.kind === 'signal' && e.signal === 'SIGQUIT'), 'nginx got its graceful stop signal');
+      for (const ev of runs.slice(1)) {
+        const sig = ev.find((e) => e.kind === 'signal')!;
+        assert.is(sig.signal, 'SIGQUIT');
+        // --drain auto waits (idle) until nginx's keepalive_requests has handed every connection over
+        assert.ok(['drained', 'drain timeout'].includes(sig.reason), sig.reason);
+        assert.ok(ev.some((e) => e.kind === 'connections' && e.open > 0), 'it counted the open connections down');
+      }
     }, { peer: true });
   } finally {
     rmSync(base, { recursive: true, force: true });

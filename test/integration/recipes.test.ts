@@ -51,7 +51,7 @@ test('Go recipe (net/http: Connection: close, then SetKeepAlivesEnabled(false) a
       cwd: path.join(examples, 'go'), stdio: 'pipe',
       env: { ...process.env, GOCACHE: path.join(tmpdir(), 'portflip-go-cache'), GOFLAGS: '-mod=mod', GOTOOLCHAIN: 'local' },
     });
-    await inWorld((w) => threeDeploys(w, (v) => ['--', bin, v]).then(() => {}), { peer: true });
+    await inWorld((w) => threeDeploys(w, (v) => ['--drain', 'signal', '--', bin, v]).then(() => {}), { peer: true });
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -63,7 +63,7 @@ test('gunicorn recipe (sync workers, SIGTERM): 0 failed', async () => {
 });
 
 test('uvicorn recipe (SIGUSR1: Connection: close, then uvicorn stops itself after 2 s): 0 failed', async () => {
-  await inWorld((w) => threeDeploys(w, (v) => ['--cwd', path.join(examples, 'python'), '--env', `APP_VERSION=${v}`, '--stop-signal', 'SIGUSR1', '--',
+  await inWorld((w) => threeDeploys(w, (v) => ['--cwd', path.join(examples, 'python'), '--env', `APP_VERSION=${v}`, '--stop-signal', 'SIGUSR1', '--drain', 'signal', '--',
     '/usr/bin/python3', '-m', 'uvicorn', 'asgi:app', '--host', '0.0.0.0', '--port', '{port}']).then(() => {}), { peer: true });
 });
 
