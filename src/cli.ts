@@ -37,7 +37,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     ready: flags.ready ?? (flags.readyCmd ? undefined : cfg.ready),
     readyCmd: flags.readyCmd ?? (flags.ready ? undefined : cfg.ready_cmd),
     readyTimeout: from('readyTimeout', 'ready_timeout', '60s'),
-    drain: from('drain', 'drain', 'signal'),
+    drain: from('drain', 'drain', 'auto'),
     drainTimeout: from('drainTimeout', 'drain_timeout', '30s'),
     stopSignal: from('stopSignal', 'stop_signal', 'SIGTERM'),
     killAfter: from('killAfter', 'kill_after', '10s'),
@@ -47,6 +47,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     firewall: from('firewall', 'firewall', 'auto'),
     exposePorts: from('exposePorts', 'expose_ports', false),
     allowFrom: flags.allowFrom ?? cfg.allow_from ?? [],
+    nodeDrain: from('nodeDrain', 'node_drain', 'on'),
     dryRun: flags.dryRun,
     env: flags.env,
   };
@@ -59,13 +60,14 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
   if (ready !== 'tcp' && !/^https?:\/\/[^/]/.test(ready)) fail('usage', `--ready ${ready}: use tcp or an http(s):// URL such as http://127.0.0.1:{port}/health`);
   const signal = String(a.stopSignal).toUpperCase().replace(/^(?!SIG)/, 'SIG');
   if (!SIGNALS.includes(signal)) fail('usage', `--stop-signal ${a.stopSignal}: use one of ${SIGNALS.join(', ')}`);
-  if (a.drain !== 'signal' && a.drain !== 'idle') fail('usage', `--drain ${a.drain}: use signal or idle`);
+  if (!['auto', 'signal', 'idle'].includes(a.drain)) fail('usage', `--drain ${a.drain}: use auto, signal or idle`);
   if (!['auto', 'on', 'off'].includes(a.ipv6)) fail('usage', `--ipv6 ${a.ipv6}: use auto, on or off`);
   if (!['auto', 'off'].includes(a.firewall)) fail('usage', `--firewall ${a.firewall}: use auto or off`);
   const allowFrom = [a.allowFrom].flat().flatMap((v) => String(v).split(',')).map((v) => v.trim()).filter(Boolean).map((v) => {
     return canonicalCidr(v) ?? fail('usage', `--allow-from ${v}: not an address or network; write it like 192.0.2.0/24 or 2001:db8::/32`);
   });
   if (allowFrom.length && a.firewall === 'off') fail('usage', '--allow-from needs portflip\'s filter chain; drop --firewall off');
+  if (!['on', 'off'].includes(a.nodeDrain)) fail('usage', `--node-drain ${a.nodeDrain}: use on or off`);
   const env: Record<string, string> = { ...cfg.env };
   for (const kv of [a.env ?? []].flat().map(String)) {
     const i = kv.indexOf('=');
@@ -94,6 +96,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     verifyMs: a.verify === undefined ? undefined : dur(a.verify, '--verify'),
     ipv6: a.ipv6,
     firewall: { mode: a.firewall, exposePorts: !!a.exposePorts, allowFrom: [...new Set(allowFrom)] },
+    nodeDrain: a.nodeDrain === 'on',
     dryRun: !!a.dryRun,
     hooks: Object.fromEntries(HOOKS.filter((h) => cfg[h]).map((h) => [h, cfg[h]!])),
   };
@@ -112,7 +115,7 @@ const deployFlags = (y: Argv) =>
     .option('ready', { type: 'string', describe: 'tcp (default), or http://127.0.0.1:{port}/PATH (2xx/3xx)' })
     .option('ready-cmd', { type: 'string', describe: 'a shell command that exits 0 when ready ($PORT set)' })
     .option('ready-timeout', { type: 'string', describe: 'default 60s' })
-    .option('drain', { type: 'string', describe: 'signal (default): stop signal right after the switch; idle: wait for no open connections first' })
+    .option('drain', { type: 'string', describe: 'auto (default): signal for Node.js instances with the drain module, idle for others; signal: stop signal right after the switch; idle: wait for no open connections first' })
     .option('drain-timeout', { type: 'string', describe: 'default 30s' })
     .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
     .option('kill-after', { type: 'string', describe: 'default 10s' })
@@ -122,6 +125,7 @@ const deployFlags = (y: Argv) =>
     .option('firewall', { type: 'string', describe: 'auto (default): accept redirected traffic in the filter table; off: never touch it' })
     .option('expose-ports', { type: 'boolean', describe: 'let other hosts reach instance ports directly (private by default)' })
     .option('allow-from', { type: 'string', array: true, describe: 'accept redirected traffic only from these networks (CIDR, repeatable or comma-separated)' })
+    .option('node-drain', { type: 'string', describe: 'on (default): load the drain module into Node.js instances (NODE_OPTIONS); off' })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 
 /** The app named on the command line, or the one a -c file stands for (web.toml -> web). */

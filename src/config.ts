@@ -26,7 +26,7 @@ function makeSchema(z: typeof Zod) {
     ready: z.string().optional(),
     ready_cmd: z.string().optional(),
     ready_timeout: duration.optional(),
-    drain: z.enum(['signal', 'idle'], { error: 'expected "signal" or "idle"' }).optional(),
+    drain: z.enum(['auto', 'signal', 'idle'], { error: 'expected "auto", "signal" or "idle"' }).optional(),
     drain_timeout: duration.optional(),
     stop_signal: z.string().optional(),
     kill_after: duration.optional(),
@@ -36,6 +36,7 @@ function makeSchema(z: typeof Zod) {
     firewall: z.enum(['auto', 'off'], { error: 'expected "auto" or "off"' }).optional(),
     expose_ports: z.boolean({ error: 'expected true or false' }).optional(),
     allow_from: z.array(z.string(), { error: 'expected a list of networks such as ["192.0.2.0/24", "2001:db8::/32"]' }).optional(),
+    node_drain: z.enum(['on', 'off'], { error: 'expected "on" or "off"' }).optional(),
     before_start: hook.optional(),
     after_ready: hook.optional(),
     after_switch: hook.optional(),
@@ -106,13 +107,15 @@ ready = "http://127.0.0.1:{port}/health"
 # ready_cmd = "curl -fsS http://127.0.0.1:$PORT/health"
 ready_timeout = "60s"
 
-# After the switch: "signal" sends stop_signal at once (graceful apps); "idle" waits for no open connections first.
-drain = "signal"
+# After the switch: "signal" sends stop_signal at once (graceful apps); "idle" waits for no open connections first;
+# "auto" is signal for Node.js apps with the drain module (node_drain) and idle for any other.
+drain = "auto"
 drain_timeout = "30s"
 stop_signal = "SIGTERM"
 kill_after = "10s"
 # keep_old = "5m"    # keep the previous instance for an instant "portflip rollback"
 # ipv6 = "auto"
+# node_drain = "on"  # Node.js apps: make server.close() drain keep-alive connections (README: The Node drain module)
 
 # Firewall: "auto" accepts the connections portflip redirected in its own filter chain, so a default-deny
 # firewall (ufw) that opens only the public port keeps working; "off" never touches the filter table.

@@ -16,6 +16,7 @@ import { appChain, appText, parseSave, wouldDrop, type AppSpec, type Family, typ
 import { applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, describe, firewallOf, openGuard, openIptables, reconcile, settle, spawnReaper, syncGuard, wantedSpec, type Ctx } from './ops.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './proc.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type FirewallSettings, type Instance, type StopPolicy } from './state.js';
+import { listenersPreloaded, placePreload, preloadedIn, preloadEnv } from './preload.js';
 
 export interface DeployOptions {
   app: string;
@@ -34,6 +35,7 @@ export interface DeployOptions {
   hooks?: Partial<Record<HookName, string>>;
   verifyMs?: number;
   firewall: FirewallSettings;
+  nodeDrain: boolean; // load the Node drain preload (node-drain.cjs) through NODE_OPTIONS
 }
 
 /** Watches the new instance for --verify: alive, and its readiness check passing, the whole time. */
@@ -114,13 +116,17 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     st.instances.push(cand);
     candidateLog = cand.log;
     await writeState(paths, st);
+    // Node apps get the drain preload; other programs ignore NODE_OPTIONS (README: "The Node drain module")
+    const preload = o.nodeDrain ? await placePreload(ctx.env, user) : null;
+    if (preload && preload.path === null) emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${preload.why}` });
+    const extraEnv = preload?.path ? preloadEnv(env, preload.path, o.stop.killAfterMs) : {};
     const spawned = await step('start', async () => {
-      const s = await spawnInstance({ command: cand.command, port: cand.port, cwd: o.cwd, env: { ...env, PORT: String(cand.port) }, user, log: cand.log });
+      const s = await spawnInstance({ command: cand.command, port: cand.port, cwd: o.cwd, env: { ...env, ...extraEnv, PORT: String(cand.port) }, user, log: cand.log });
       cand.pid = s.pid;
       cand.startTime = (await readStat(sys, s.pid))?.startTime ?? null;
       await writeState(paths, st);
       return s;
-    }, cand.port, () => cand.pid);
+    }, cand.port, () => cand.pid, () => (preload?.path ? `node-drain preload in NODE_OPTIONS${preload.copied ? ` (${preload.path})` : ''}` : undefined));
     undo.push({ title: `stopped the candidate on ${describe(cand)}`, run: async () => {
       await killNow(sys, cand);
       st.instances = st.instances.filter((i) => i !== cand);
@@ -129,10 +135,15 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
 
     // 4. ready: the check passes before the deadline and before the candidate exits
     const check = o.ready.kind === 'cmd' ? { ...o.ready, user } : o.ready;
+    let loadedIn: string[] = [];
     await step('ready', async () => {
       const r = await waitReady(sys, check, { pid: spawned.pid, port: cand.port, exited: spawned.exited }, o.readyTimeoutMs, { ...env, PORT: String(cand.port) }, ctx.abort);
       if (!r.ready) throw new PortflipError('deployFailed', r.reason);
-    }, cand.port, () => cand.pid);
+      if (preload?.path) {
+        loadedIn = await preloadedIn(sys, spawned.pid, preload.path);
+        cand.nodeDrain = await listenersPreloaded(sys, cand.port, preload.path);
+      }
+    }, cand.port, () => cand.pid, () => (preload?.path ? (loadedIn.length ? `node-drain loaded in ${loadedIn.join(', ')}` : 'node-drain not loaded: no Node.js process') : undefined));
 
     // 5. bind-check: redirected traffic arrives at the interface address; the candidate must listen there
     const families = await step('bind-check', () => bindCheck(o, ctx, ipt, cand.port), cand.port, () => cand.pid);
@@ -258,7 +269,7 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
   if (!cwdOk) fail('config', `--cwd ${o.cwd}: no such directory`);
   const user = o.user ? await lookupUser(sys, o.user) : undefined;
   const env: NodeJS.ProcessEnv = { ...ctx.env, ...o.env, PORTFLIP_APP: o.app };
-  for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES']) delete env[k];
+  for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES', 'PORTFLIP_PRELOAD_DIR']) delete env[k];
   if (user) Object.assign(env, { HOME: user.home, USER: user.name, LOGNAME: user.name });
   await resolveCommand(o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
 
@@ -353,11 +364,11 @@ function plan(o: DeployOptions, ctx: Ctx, pre: Preflight): void {
     kind: 'plan', app: o.app,
     steps: [
       { step: 'preflight', does: 'check root, iptables, config, command, free port; take the lock; repair what an earlier run left', undo: 'release the lock' },
-      { step: 'start', does: `run ${JSON.stringify(cmd)} in ${o.cwd}${o.user ? ` as ${o.user}` : ''} with PORT=${port}, log to ${join(ctx.paths.logDir, `${o.app}-${port}.log`)}`, undo: 'kill its process group' },
+      { step: 'start', does: `run ${JSON.stringify(cmd)} in ${o.cwd}${o.user ? ` as ${o.user}` : ''} with PORT=${port}${o.nodeDrain ? ' and the Node drain preload in NODE_OPTIONS' : ''}, log to ${join(ctx.paths.logDir, `${o.app}-${port}.log`)}`, undo: 'kill its process group' },
       { step: 'ready', does: `wait up to ${o.readyTimeoutMs}ms for ${o.ready.kind === 'tcp' ? `a TCP connect to port ${port}` : o.ready.kind === 'http' ? o.ready.url.replaceAll('{port}', String(port)) : `"${o.ready.command}" to exit 0`}`, undo: 'kill the candidate' },
       { step: 'bind-check', does: `check the candidate listens on all addresses (0.0.0.0 or ::) on port ${port}`, undo: 'kill the candidate' },
       { step: 'switch', does: `${o.firewall.mode === 'off' ? '' : `accept redirected connections to ${port} (filter), then `}redirect port ${o.listen} to ${port} (nat), one iptables-restore --noflush commit per family${old ? ` (from ${old.port})` : ''}`, undo: old ? `redirect back to ${old.port}` : 'remove the rules' },
-      { step: 'drain', does: old ? `${o.keepOldMs ? `keep port ${old.port} for ${o.keepOldMs}ms, then ` : ''}${o.stop.drain === 'idle' ? `wait until port ${old.port} has no open connections (at most ${o.stop.drainTimeoutMs}ms), then ` : ''}send ${o.stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${o.stop.killAfterMs}ms` : 'nothing to drain (first instance)', undo: '' },
+      { step: 'drain', does: old ? `${o.keepOldMs ? `keep port ${old.port} for ${o.keepOldMs}ms, then ` : ''}${o.stop.drain !== 'signal' ? `${o.stop.drain === 'auto' ? 'unless the Node drain module listens on it, ' : ''}wait until port ${old.port} has no open connections (at most ${o.stop.drainTimeoutMs}ms), then ` : ''}send ${o.stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${o.stop.killAfterMs}ms` : 'nothing to drain (first instance)', undo: '' },
     ],
     rules: (['ipv4', 'ipv6'] as const).map((family) => {
       const st = { ...pre.state, listen: o.listen, firewall: o.firewall, families: [family] };

@@ -208,7 +208,7 @@ export const killNow = async (sys: Sys, inst: Instance) => {
 };
 
 /**
- * Drain on a monotonic clock: in idle mode wait for open connections to reach zero (bounded by
+ * Drain on a monotonic clock: in idle mode (and auto, for an instance without the Node drain module) wait for open connections to reach zero (bounded by
  * the drain timeout), then the stop signal, then SIGKILL for the whole group after kill-after.
  * `onSignalled` lets the caller record that the signal went out before it waits.
  */
@@ -222,16 +222,24 @@ export async function drainAndStop(
 ): Promise<'exited' | 'killed' | 'gone'> {
   if (!inst.pid || (await groupGone(sys, inst))) return 'gone';
   const pid = inst.pid;
-  if (!inst.signalledAt && policy.drain === 'idle') {
+  // auto: an instance whose listener has the Node drain module drains keep-alive connections itself (signal);
+  // any other waits for its connections to close on their own first (idle), as nginx's do after keepalive_requests
+  const mode = policy.drain === 'auto' ? (inst.nodeDrain ? 'signal' : 'idle') : policy.drain;
+  let reason = policy.drain === 'auto' && mode === 'signal' ? 'stop; the Node drain module handles keep-alive' : 'stop';
+  if (!inst.signalledAt && mode === 'idle') {
     const until = sys.now() + policy.drainTimeoutMs;
     let last = -1;
     for (;;) {
       const open = openConnections(await tcpSockets(sys), inst.port);
       if (open !== last) emit({ kind: 'connections', app, port: inst.port, pid, open });
       last = open;
-      if (open === 0 || (await groupGone(sys, inst))) break;
+      if (open === 0 || (await groupGone(sys, inst))) {
+        reason = 'drained';
+        break;
+      }
       if (sys.now() >= until) {
         emit({ kind: 'notice', app, message: `port ${inst.port} still has ${open} open connection(s) after --drain-timeout; stopping anyway` });
+        reason = 'drain timeout';
         break;
       }
       await sys.sleep(200);
@@ -240,7 +248,7 @@ export async function drainAndStop(
   if (await groupGone(sys, inst)) return 'exited';
   if (!inst.signalledAt) {
     await acceptQueueEmpty(sys, inst.port);
-    emit({ kind: 'signal', app, port: inst.port, pid, signal: policy.stopSignal, reason: policy.drain === 'idle' ? 'drained' : 'stop' });
+    emit({ kind: 'signal', app, port: inst.port, pid, signal: policy.stopSignal, reason });
     signalGroup(sys, pid, policy.stopSignal);
     inst.signalledAt = new Date().toISOString();
     await onSignalled();

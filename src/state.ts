@@ -25,9 +25,10 @@ export interface Instance {
   log: string;
   keepUntil?: number; // epoch ms; a kept instance is retired after this
   signalledAt?: string; // when the stop signal went out
+  nodeDrain?: boolean; // every process listening on its port is Node.js with the drain module loaded
 }
 
-export type DrainMode = 'signal' | 'idle';
+export type DrainMode = 'auto' | 'signal' | 'idle';
 
 export interface StopPolicy {
   drain: DrainMode;

@@ -1,6 +1,6 @@
 // Test harness: throwaway network namespaces, the fixture app, bounded load and the built CLI, cleaned up by pid.
 import { spawn as spawnProcess, type ChildProcess, type StdioOptions } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { constants, tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -283,6 +283,7 @@ export interface LoadArgs {
   durationMs?: number;
   maxRequests?: number;
   timeoutMs?: number;
+  method?: 'GET' | 'POST'; // POST sends a small body
 }
 
 export interface LoadResult {
@@ -313,6 +314,7 @@ export async function startLoad(ns: Netns, where: Where, args: LoadArgs): Promis
     '--duration', String(a.durationMs),
     '--max-requests', String(a.maxRequests),
     '--timeout', String(a.timeoutMs),
+    ...(a.method ? ['--method', a.method] : []),
   ]);
   let stdout = '';
   let stderr = '';
@@ -473,6 +475,7 @@ export function tcpCounts(ns: Netns, port: number, where: Where = 'server'): Tcp
 export interface TmpDirs {
   stateDir: string;
   runDir: string;
+  preloadDir: string; // where portflip copies the Node drain preload when the repo is not readable by --user
   cleanup(): void; // kills instances recorded in stateDir, then removes both
 }
 
@@ -480,12 +483,15 @@ export function tmpDirs(): TmpDirs {
   const base = mkdtempSync(path.join(tmpdir(), 'portflip-test-'));
   const stateDir = path.join(base, 'state');
   const runDir = path.join(base, 'run');
+  const preloadDir = path.join(base, 'preload');
   mkdirSync(stateDir, { mode: 0o700 });
   mkdirSync(runDir, { mode: 0o700 });
+  chmodSync(base, 0o711); // an app's --user must reach preloadDir; the state and run dirs stay 0700
   live.stateDirs.add(stateDir);
   return {
     stateDir,
     runDir,
+    preloadDir,
     cleanup() {
       killAppInstancesSync(stateDir);
       live.stateDirs.delete(stateDir);
@@ -548,15 +554,16 @@ export async function freePorts(n: number): Promise<number[]> {
 
 const MAIN = path.join(repoRoot, 'dist', 'src', 'main.js');
 
-function portflipEnv(dirs: { stateDir: string; runDir: string }, env?: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  return { ...env, PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir };
+function portflipEnv(dirs: { stateDir: string; runDir: string; preloadDir?: string }, env?: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const preload = dirs.preloadDir ? { PORTFLIP_PRELOAD_DIR: dirs.preloadDir } : {};
+  return { ...preload, ...env, PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir };
 }
 
 // Runs the built CLI inside the server namespace.
 export function portflip(
   ns: Netns,
   args: string[],
-  dirs: { stateDir: string; runDir: string },
+  dirs: { stateDir: string; runDir: string; preloadDir?: string },
   opts: { env?: NodeJS.ProcessEnv; input?: string; timeoutMs?: number } = {},
 ): Promise<ExecResult> {
   return ns.exec(process.execPath, [MAIN, ...args], {
@@ -569,7 +576,7 @@ export function portflip(
 export function portflipSpawn(
   ns: Netns,
   args: string[],
-  dirs: { stateDir: string; runDir: string },
+  dirs: { stateDir: string; runDir: string; preloadDir?: string },
   opts: { env?: NodeJS.ProcessEnv; stdio?: StdioOptions } = {},
 ): ChildProcess {
   return ns.spawn(process.execPath, [MAIN, ...args], { env: portflipEnv(dirs, opts.env), stdio: opts.stdio });

@@ -50,7 +50,7 @@ test('a bad config file: one line naming the file, the key and what is expected;
         ['listen = 80\nlistne = 81\n', /web\.toml: unknown key "listne"/],
         ['listen = "80"\n', /web\.toml: key "listen": expected a port number/],
         ['listen = 80\nports = [8001, "x"]\n', /web\.toml: key "ports\.1": expected a port number/],
-        ['listen = 80\ndrain = "sometimes"\n', /web\.toml: key "drain": expected "signal" or "idle"/],
+        ['listen = 80\ndrain = "sometimes"\n', /web\.toml: key "drain": expected "auto", "signal" or "idle"/],
         ['listen = 80\ncommand = "node server.js"\n', /web\.toml: key "command": expected a list of strings/],
         ['listen = 80\nkill_after = "soon"\ncommand = ["true"]\n', /--kill-after: "soon" is not a duration/],
         ['listen = [80\n', /web\.toml:\d+: /],

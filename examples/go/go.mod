@@ -1,0 +1,3 @@
+module portflip.example/server
+
+go 1.19

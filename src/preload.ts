@@ -1,0 +1,107 @@
+// The Node drain preload (node-drain.cjs): where it is read from, how it joins NODE_OPTIONS, and proof it loaded.
+
+import { createHash } from 'node:crypto';
+import { chmod, copyFile, mkdir, readFile, readlink, rename, stat } from 'node:fs/promises';
+import { basename, dirname, join, parse } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { groupMembers, pidsListeningOn } from './proc.js';
+import type { Sys } from './sys.js';
+
+/** The preload as built, next to this module in the installed package. */
+export const PRELOAD_SOURCE = fileURLToPath(new URL('./node-drain.cjs', import.meta.url));
+
+/**
+ * Where a copy goes when the package is not readable by the app's user (a clone in /root, say). Not the
+ * state dir, which is 0700 root; not /run, which a reboot empties while a Node process that inherited
+ * NODE_OPTIONS may still start a child that needs the file. Copies are named by content and never rewritten.
+ */
+export const preloadDir = (env: NodeJS.ProcessEnv) => env.PORTFLIP_PRELOAD_DIR || '/var/lib/portflip-node';
+
+/** True when uid:gid can traverse every directory up to `path` and read it (supplementary groups ignored). */
+export async function readableBy(path: string, uid: number, gid: number): Promise<boolean> {
+  if (uid === 0) return true;
+  const bit = (mode: number, owner: number, group: number, want: number) =>
+    uid === owner ? (mode >> 6) & want : gid === group ? (mode >> 3) & want : mode & want;
+  try {
+    const f = await stat(path);
+    if (!bit(f.mode, f.uid, f.gid, 4)) return false;
+    for (let dir = dirname(path); ; dir = dirname(dir)) {
+      const d = await stat(dir);
+      if (!bit(d.mode, d.uid, d.gid, 1)) return false;
+      if (dir === parse(dir).root) return true;
+    }
+  } catch {
+    return false;
+  }
+}
+
+export type PreloadPlace = { path: string; copied: boolean } | { path: null; why: string };
+
+/** The preload's path, readable by the app's user: the package's own file, or a world-readable copy. */
+export async function placePreload(
+  env: NodeJS.ProcessEnv,
+  user?: { name: string; uid: number; gid: number },
+  source = PRELOAD_SOURCE,
+): Promise<PreloadPlace> {
+  const uid = user?.uid ?? 0;
+  const gid = user?.gid ?? 0;
+  if (await readableBy(source, uid, gid)) return { path: source, copied: false };
+  const text = await readFile(source);
+  const dir = preloadDir(env);
+  const dest = join(dir, `node-drain-${createHash('sha256').update(text).digest('hex').slice(0, 12)}.cjs`);
+  try {
+    await mkdir(dir, { recursive: true, mode: 0o755 });
+    await chmod(dir, 0o755);
+    if (!(await stat(dest).then((s) => s.isFile(), () => false))) {
+      const tmp = `${dest}.${process.pid}.tmp`;
+      await copyFile(source, tmp);
+      await chmod(tmp, 0o644);
+      await rename(tmp, dest);
+    }
+  } catch (err) {
+    return { path: null, why: `cannot write ${dest} (${(err as NodeJS.ErrnoException).code ?? err})` };
+  }
+  if (await readableBy(dest, uid, gid)) return { path: dest, copied: true };
+  return { path: null, why: `neither ${source} nor ${dest} is readable by user ${user?.name}` };
+}
+
+/** NODE_OPTIONS with `--require PRELOAD` appended to the user's own options (once). */
+export function withPreload(nodeOptions: string | undefined, path: string): string {
+  const own = (nodeOptions ?? '').trim();
+  const quoted = /[\s"'\\]/.test(path) ? `"${path.replace(/(["\\])/g, '\\$1')}"` : path;
+  if (own.includes(path)) return own;
+  return `${own ? `${own} ` : ''}--require ${quoted}`;
+}
+
+/** The environment additions for an instance with the drain module; the idle wait ends before --kill-after. */
+export const preloadEnv = (env: NodeJS.ProcessEnv, path: string, killAfterMs: number): Record<string, string> => ({
+  NODE_OPTIONS: withPreload(env.NODE_OPTIONS, path),
+  PORTFLIP_NODE_DRAIN_MAX_IDLE_MS: String(Math.max(1000, killAfterMs - 2000)),
+});
+
+/** Whether pid is a Node.js process that started with the preload in NODE_OPTIONS (Node loads it or refuses to start). */
+async function hasPreload(sys: Sys, pid: number, path: string): Promise<boolean> {
+  const exe = await readlink(`/proc/${pid}/exe`).catch(() => '');
+  if (!/^node(js)?[\d.]*$/.test(basename(exe))) return false;
+  const environ = (await sys.readText(`/proc/${pid}/environ`)) ?? '';
+  return !!environ.split('\0').find((kv) => kv.startsWith('NODE_OPTIONS='))?.includes(path);
+}
+
+/** The Node processes in the instance's group that carry the preload: "pid 9203 (node)", "pid 9199 (npm start)". */
+export async function preloadedIn(sys: Sys, pgid: number, path: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const pid of await groupMembers(sys, pgid)) {
+    if (!(await hasPreload(sys, pid, path))) continue;
+    const comm = ((await sys.readText(`/proc/${pid}/comm`)) ?? '').trim();
+    out.push(`pid ${pid}${comm ? ` (${comm})` : ''}`);
+  }
+  return out;
+}
+
+/** True when something listens on the port and every process listening there carries the preload. */
+export async function listenersPreloaded(sys: Sys, port: number, path: string): Promise<boolean> {
+  const pids = await pidsListeningOn(sys, port);
+  if (!pids.length) return false;
+  for (const pid of pids) if (!(await hasPreload(sys, pid, path))) return false;
+  return true;
+}
