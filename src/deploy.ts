@@ -10,13 +10,13 @@ import { join } from 'node:path';
 import { HOOKS, type HookName } from './config.js';
 import { move } from './lifecycle.js';
 import { fail, PortflipError } from './errors.js';
-import type { StepName } from './events.js';
-import { checkOnce, drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type User } from './instance.js';
+import { checkOnce, drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type Spawned, type User } from './instance.js';
 import { appChain, appText, parseSave, wouldDrop, type AppSpec, type Family, type Iptables, type RulesView } from './iptables.js';
 import { applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, describe, firewallOf, openGuard, openIptables, reconcile, settle, spawnReaper, syncGuard, wantedSpec, type Ctx } from './ops.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './proc.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type FirewallSettings, type Instance, type StopPolicy } from './state.js';
 import { listenersPreloaded, placePreload, preloadedIn, preloadEnv } from './preload.js';
+import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from './steps.js';
 
 export interface DeployOptions {
   app: string;
@@ -59,180 +59,238 @@ async function verify(ctx: Ctx, o: DeployOptions, check: ReadyCheck, cand: Insta
 /** Ports chosen when --ports is not given: below the kernel's ephemeral range, so clients never hold them. */
 export const DEFAULT_PORT_RANGE = [20000, 29999] as const;
 
+/** Everything one deploy works on: preflight fills the first fields, the steps the rest, in order. */
+interface DeployRun {
+  o: DeployOptions;
+  ctx: Ctx;
+  pre: Preflight;
+  st: AppState;
+  prev?: Instance; // active when the deploy began: PORTFLIP_PREVIOUS_PORT, the switch's undo
+  stale: Instance[]; // kept or draining instances an earlier run left
+  cand: Instance; // recorded by start; until then only its port and command
+  check: ReadyCheck;
+  spawned?: Spawned;
+  preload: Awaited<ReturnType<typeof placePreload>> | null;
+  loadedIn: string[];
+  families: Family[]; // what the candidate listens on, from bind-check
+  retiring: Instance[]; // what drain stops, set by the switch
+}
+
+const hookStep = (name: HookName, when: 'before' | 'after', soft = false): Step<DeployRun> => ({
+  name,
+  does: (r) => `run the ${name} hook: ${r.o.hooks?.[name]}`,
+  undo: '',
+  skip: (r) => !r.o.hooks?.[name] || (name === 'after_drain' && !r.retiring.length),
+  run: (r) => runHook(name, r.o.hooks![name]!, hookContext(r, name)),
+  where: (r) => ({ port: r.cand.port }),
+  soft: soft || when === 'after',
+});
+
+/**
+ * The deploy, step by step. Each step's undo is registered before it acts; a failure or Ctrl-C
+ * undoes the completed steps in reverse, once. --dry-run prints this same list.
+ */
+const DEPLOY: Step<DeployRun>[] = [
+  {
+    name: 'retire',
+    does: (r) => `drain and stop ${r.stale.map((i) => `the ${i.state} instance on ${describe(i)}`).join(', ')} (left by an earlier run)`,
+    undo: '',
+    skip: (r) => !r.stale.length,
+    run: async (r) => void (await Promise.all(r.stale.map((i) => retire(r.ctx, r.st, i)))),
+    where: (r) => ({ port: r.stale[0].port, pid: r.stale[0].pid }),
+    detail: (r) => `${r.stale.length} earlier instance${r.stale.length > 1 ? 's' : ''} stopped`,
+  },
+  hookStep('before_start', 'before'),
+  {
+    name: 'start',
+    does: (r) => `run ${JSON.stringify(r.cand.command)} in ${r.o.cwd}${r.o.user ? ` as ${r.o.user}` : ''} with PORT=${r.cand.port}` +
+      `${r.o.nodeDrain ? ' and the Node drain preload in NODE_OPTIONS' : ''}, log to ${r.cand.log}`,
+    undo: 'SIGKILL its process group, forget it',
+    run: async (r, run) => {
+      const { ctx, st, cand, o } = r;
+      // recorded before it exists, so a run killed right after the spawn still finds it by its port
+      st.instances.push(cand);
+      run.undo(`stopped the candidate on ${describe(cand)}`, async () => {
+        await killNow(ctx.sys, cand);
+        st.instances = st.instances.filter((i) => i !== cand);
+        await writeState(ctx.paths, st);
+      });
+      await writeState(ctx.paths, st);
+      // Node apps get the drain preload; other programs ignore NODE_OPTIONS (README: "The Node drain module")
+      r.preload = o.nodeDrain ? await placePreload(ctx.env, r.pre.user) : null;
+      if (r.preload && r.preload.path === null) ctx.emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${r.preload.why}` });
+      const extraEnv = r.preload?.path ? preloadEnv(r.pre.env, r.preload.path, o.stop.killAfterMs) : {};
+      const env = { ...r.pre.env, ...extraEnv, PORT: String(cand.port) };
+      r.spawned = await spawnInstance({ command: cand.command, port: cand.port, cwd: o.cwd, env, user: r.pre.user, log: cand.log });
+      cand.pid = r.spawned.pid;
+      cand.startTime = (await readStat(ctx.sys, cand.pid))?.startTime ?? null;
+      await writeState(ctx.paths, st);
+    },
+    where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
+    detail: (r) => (r.preload?.path ? `node-drain preload in NODE_OPTIONS${r.preload.copied ? ` (${r.preload.path})` : ''}` : undefined),
+  },
+  {
+    name: 'ready',
+    does: (r) => `wait up to ${r.o.readyTimeoutMs}ms for ${r.o.ready.kind === 'tcp' ? `a TCP connect to port ${r.cand.port}`
+      : r.o.ready.kind === 'http' ? r.o.ready.url.replaceAll('{port}', String(r.cand.port)) : `"${r.o.ready.command}" to exit 0`}`,
+    undo: "start's undo",
+    run: async (r) => {
+      const { ctx, cand, spawned } = r;
+      const env = { ...r.pre.env, PORT: String(cand.port) };
+      const res = await waitReady(ctx.sys, r.check, { pid: spawned!.pid, port: cand.port, exited: spawned!.exited }, r.o.readyTimeoutMs, env, ctx.abort);
+      if (!res.ready) throw new PortflipError('deployFailed', res.reason);
+      if (r.preload?.path) {
+        r.loadedIn = await preloadedIn(ctx.sys, spawned!.pid, r.preload.path);
+        cand.nodeDrain = await listenersPreloaded(ctx.sys, cand.port, r.preload.path);
+      }
+    },
+    where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
+    detail: (r) => (r.preload?.path ? (r.loadedIn.length ? `node-drain loaded in ${r.loadedIn.join(', ')}` : 'node-drain not loaded: no Node.js process') : undefined),
+  },
+  {
+    name: 'bind-check',
+    does: (r) => `check the candidate listens on all addresses (0.0.0.0 or ::) on port ${r.cand.port}`,
+    undo: "start's undo",
+    run: async (r) => void (r.families = await bindCheck(r.o, r.ctx, r.pre.ipt, r.cand.port)),
+    where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
+  },
+  hookStep('after_ready', 'before'),
+  {
+    name: 'switch',
+    does: (r) => `${r.o.firewall.mode === 'off' ? '' : `accept connections redirected to ${r.cand.port} (filter), then `}` +
+      `redirect port ${r.o.listen} to ${r.cand.port} (nat): one iptables-restore --noflush commit per family${r.prev ? ` (from ${r.prev.port})` : ''}`,
+    undo: 'the same commit pointing back at the previous instance (or removing the rules on a first deploy); the state as it was',
+    run: (r, run) => switchTo(r, run),
+    where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
+    detail: (r) => (r.prev ? `from port ${r.prev.port}` : 'first instance'),
+  },
+  {
+    name: 'verify',
+    does: (r) => `watch port ${r.cand.port} for ${r.o.verifyMs}ms: alive, and its check passing`,
+    undo: "switch's undo, then start's",
+    skip: (r) => !r.o.verifyMs,
+    run: (r) => verify(r.ctx, r.o, r.check, r.cand, r.spawned!.exited, r.pre.env),
+    where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
+  },
+  // past the switch (and --verify) the new instance serves: nothing before this point is undone
+  { ...hookStep('after_switch', 'after'), settles: true },
+  {
+    name: 'drain',
+    does: (r) => r.prev ? `${r.o.keepOldMs ? `keep port ${r.prev.port} for ${r.o.keepOldMs}ms, then ` : ''}${drainWords(r.o.stop, r.prev)}; ` +
+      `then close port ${r.prev.port} in the filter chain` : 'nothing to drain (first instance)',
+    undo: '',
+    skip: (r) => !r.retiring.length,
+    run: async (r) => {
+      // their ports leave the filter chain only once they are gone: open connections pass until then
+      await Promise.all(r.retiring.map((i) => retire(r.ctx, r.st, i)));
+      await settle(r.ctx, r.pre.ipt, r.st, undefined, true);
+    },
+    where: (r) => ({ port: r.prev?.port, pid: r.prev?.pid }),
+    detail: (r) => `${r.retiring.length} instance${r.retiring.length > 1 ? 's' : ''} stopped`,
+  },
+  hookStep('after_drain', 'after'),
+];
+
+const drainWords = (stop: StopPolicy, old: Instance) =>
+  `${stop.drain !== 'signal' ? `${stop.drain === 'auto' ? 'unless the Node drain module listens on it, ' : ''}wait until port ${old.port} has no open connections ` +
+    `(at most ${stop.drainTimeoutMs}ms), then ` : ''}send ${stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${stop.killAfterMs}ms`;
+
+/** The switch: per family, the accept before the redirect in one commit; then the state, each undo first. */
+async function switchTo(r: DeployRun, run: StepRun): Promise<void> {
+  const { o, ctx, st, cand, pre } = r;
+  const old = r.prev;
+  // native nftables chains that drop by default learn the public port before anything points at it
+  if ((await syncGuard(ctx, { ...st, firewall: o.firewall }, 'present')).length && !old) {
+    run.undo('nftables accept removed', async () => void (await syncGuard(ctx, st, 'absent')));
+  }
+  for (const f of pre.ipt.families) {
+    const had = st.families.includes(f) || !!pre.views.get(f)?.nat.chains.has(appChain(o.app));
+    if (!r.families.includes(f) && !had) continue;
+    const back = old && had && st.families.includes(f);
+    const previous = st.firewall;
+    run.undo(`${f} redirect ${back ? `back on port ${old!.port}` : 'removed'}`, async () => {
+      await applySpec(pre.ipt, f, switchSpec(r, f, back ? old!.port : null, previous));
+    });
+    try {
+      await applySpec(pre.ipt, f, switchSpec(r, f, r.families.includes(f) ? cand.port : null, o.firewall), pre.views.get(f));
+    } catch (err) {
+      throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
+    }
+  }
+  const before = { families: st.families, oldState: old?.state, firewall: st.firewall };
+  run.undo(`state back on ${old ? `port ${old.port}` : 'no instance'}`, async () => {
+    Object.assign(st, { families: before.families, firewall: before.firewall });
+    move(cand, 'candidate');
+    if (old) [move(old, before.oldState!).keepUntil] = [undefined];
+    await writeState(ctx.paths, st);
+  });
+  Object.assign(st, { families: r.families, firewall: o.firewall, stop: o.stop });
+  move(cand, 'active');
+  if (old) {
+    move(old, o.keepOldMs ? 'kept' : 'draining');
+    if (o.keepOldMs) old.keepUntil = Date.now() + o.keepOldMs;
+  }
+  r.retiring = st.instances.filter((i) => i.state === 'draining');
+  await writeState(ctx.paths, st);
+}
+
+/** What one family's rules say after the switch: the redirect at `target`, every live port open. */
+function switchSpec(r: DeployRun, family: Family, target: number | null, firewall: FirewallSettings | undefined): AppSpec {
+  const open = [...r.st.instances.filter((i) => i.state !== 'candidate' && i !== r.cand).map((i) => i.port), r.cand.port];
+  return { app: r.o.app, listen: r.o.listen, target, open, firewall: firewallOf({ firewall }) };
+}
+
+/** Hooks run as the app's user, in its directory, told which step they stand in. */
+function hookContext(r: DeployRun, name: HookName, failedStep?: string) {
+  const env = {
+    ...r.pre.env, PORTFLIP_APP: r.o.app, PORTFLIP_PORT: String(r.cand.port), PORTFLIP_PREVIOUS_PORT: r.prev ? String(r.prev.port) : '',
+    PORTFLIP_STEP: failedStep ?? name,
+  };
+  return { cwd: r.o.cwd, env, user: r.pre.user };
+}
+
 export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   const { sys, emit, paths } = ctx;
   appChain(o.app); // refuses a bad name before anything else
   const t0 = sys.now();
-  let current: StepName = 'preflight';
-  const step = async <T>(name: StepName, fn: () => Promise<T>, port?: number, pid?: () => number | null | undefined, detail?: () => string | undefined): Promise<T> => {
-    const started = sys.now();
-    current = name;
-    try {
-      const out = await fn();
-      emit({ kind: 'step', step: name, app: o.app, status: 'ok', port, pid: pid?.(), durationMs: sys.now() - started, detail: detail?.() });
-      return out;
-    } catch (err) {
-      emit({ kind: 'step', step: name, app: o.app, status: 'failed', port, pid: pid?.(), durationMs: sys.now() - started, detail: (err as Error).message });
-      throw err;
-    }
-  };
-
-  // 1. preflight: every check, no side effect but the lock and repairs of earlier runs
-  // bad input fails here with one line and no event: nothing was started or changed
+  // preflight: every check, no side effect but the lock and repairs of earlier runs; bad input
+  // fails here with one line and no event: nothing was started or changed
   const pre = await preflight(o, ctx);
   emit({ kind: 'step', step: 'preflight', app: o.app, status: 'ok', durationMs: sys.now() - t0 });
-  if (o.dryRun) return plan(o, ctx, pre);
-  const { ipt, lock, user, env } = pre;
   const st = pre.state;
-  const undo: { title: string; run: () => Promise<void> }[] = [];
-  const prev = st.instances.find((i) => i.state === 'active');
-  let candidateLog: string | null = null;
-  // hooks run as the app's user, in its directory; only the ones before the switch can stop a deploy
-  const hook = async (name: HookName, port: number, must: boolean) => {
-    const command = o.hooks?.[name];
-    if (!command) return;
-    const hookEnv = { ...env, PORTFLIP_APP: o.app, PORTFLIP_PORT: String(port), PORTFLIP_PREVIOUS_PORT: prev ? String(prev.port) : '', PORTFLIP_STEP: name === 'on_failure' ? current : name };
-    const run = () => runHook(name, command, { cwd: o.cwd, env: hookEnv, user });
-    if (must) return step(name, run, port);
-    await run().catch((err) => emit({ kind: 'notice', app: o.app, message: `${(err as Error).message}; the deploy goes on` }));
-  };
-  try {
-    // 2. retire: instances an earlier run kept or left draining go first, so that with the candidate
-    // there are never more than three (lifecycle.ts); one may hold the chosen port
-    const stale = st.instances.filter((i) => i.state === 'kept' || i.state === 'draining');
-    if (stale.length) {
-      const first = stale.find((i) => i.port === pre.port) ?? stale[0];
-      await step('retire', () => Promise.all(stale.map((i) => retire(ctx, st, i))).then(() => undefined), first.port, () => first.pid,
-        () => `${stale.length} earlier instance${stale.length > 1 ? 's' : ''} stopped`);
-    }
-
-    await hook('before_start', pre.port, true);
-
-    // 3. start: record the intent, spawn, record the pid. Undo: kill the candidate's group.
-    const cand: Instance = {
+  const r: DeployRun = {
+    o, ctx, pre, st,
+    prev: st.instances.find((i) => i.state === 'active'),
+    stale: st.instances.filter((i) => i.state === 'kept' || i.state === 'draining'),
+    cand: {
       port: pre.port, pid: null, startTime: null, state: 'candidate', startedAt: new Date().toISOString(),
       command: o.command.map((a) => a.replaceAll('{port}', String(pre.port))), log: join(paths.logDir, `${o.app}-${pre.port}.log`),
-    };
-    st.instances.push(cand);
-    candidateLog = cand.log;
-    await writeState(paths, st);
-    // Node apps get the drain preload; other programs ignore NODE_OPTIONS (README: "The Node drain module")
-    const preload = o.nodeDrain ? await placePreload(ctx.env, user) : null;
-    if (preload && preload.path === null) emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${preload.why}` });
-    const extraEnv = preload?.path ? preloadEnv(env, preload.path, o.stop.killAfterMs) : {};
-    const spawned = await step('start', async () => {
-      const s = await spawnInstance({ command: cand.command, port: cand.port, cwd: o.cwd, env: { ...env, ...extraEnv, PORT: String(cand.port) }, user, log: cand.log });
-      cand.pid = s.pid;
-      cand.startTime = (await readStat(sys, s.pid))?.startTime ?? null;
-      await writeState(paths, st);
-      return s;
-    }, cand.port, () => cand.pid, () => (preload?.path ? `node-drain preload in NODE_OPTIONS${preload.copied ? ` (${preload.path})` : ''}` : undefined));
-    undo.push({ title: `stopped the candidate on ${describe(cand)}`, run: async () => {
-      await killNow(sys, cand);
-      st.instances = st.instances.filter((i) => i !== cand);
-      await writeState(paths, st);
-    } });
-
-    // 4. ready: the check passes before the deadline and before the candidate exits
-    const check = o.ready.kind === 'cmd' ? { ...o.ready, user } : o.ready;
-    let loadedIn: string[] = [];
-    await step('ready', async () => {
-      const r = await waitReady(sys, check, { pid: spawned.pid, port: cand.port, exited: spawned.exited }, o.readyTimeoutMs, { ...env, PORT: String(cand.port) }, ctx.abort);
-      if (!r.ready) throw new PortflipError('deployFailed', r.reason);
-      if (preload?.path) {
-        loadedIn = await preloadedIn(sys, spawned.pid, preload.path);
-        cand.nodeDrain = await listenersPreloaded(sys, cand.port, preload.path);
-      }
-    }, cand.port, () => cand.pid, () => (preload?.path ? (loadedIn.length ? `node-drain loaded in ${loadedIn.join(', ')}` : 'node-drain not loaded: no Node.js process') : undefined));
-
-    // 5. bind-check: redirected traffic arrives at the interface address; the candidate must listen there
-    const families = await step('bind-check', () => bindCheck(o, ctx, ipt, cand.port), cand.port, () => cand.pid);
-
-    await hook('after_ready', cand.port, true);
-
-    // 6. switch: one commit per family, its filter accept before its redirect. Undo: point back at the
-    // old instance, which still accepts.
-    const old = st.instances.find((i) => i.state === 'active');
-    await step('switch', async () => {
-      const open = [...st.instances.filter((i) => i.state !== 'candidate').map((i) => i.port), cand.port];
-      const spec = (target: number | null, firewall: FirewallSettings | undefined): AppSpec =>
-        ({ app: o.app, listen: o.listen, target, open, firewall: firewallOf({ firewall }) });
-      // native nftables chains that drop by default learn the public port before anything points at it
-      if ((await syncGuard(ctx, { ...st, firewall: o.firewall }, 'present')).length && !old) {
-        undo.push({ title: 'nftables accept removed', run: async () => void (await syncGuard(ctx, st, 'absent')) });
-      }
-      for (const f of ipt.families) {
-        const had = st.families.includes(f) || !!pre.views.get(f)?.nat.chains.has(appChain(o.app));
-        if (!families.includes(f) && !had) continue;
-        const previous = st.firewall;
-        undo.push({ title: `${f} redirect ${old && had ? `back on port ${old.port}` : 'removed'}`, run: async () => {
-          const back = old && had && st.families.includes(f);
-          await applySpec(ipt, f, spec(back ? old.port : null, previous));
-        } });
-        try {
-          await applySpec(ipt, f, spec(families.includes(f) ? cand.port : null, o.firewall), pre.views.get(f));
-        } catch (err) {
-          throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
-        }
-      }
-      const before = { families: st.families, oldState: old?.state, firewall: st.firewall };
-      undo.push({ title: `state back on ${old ? `port ${old.port}` : 'no instance'}`, run: async () => {
-        st.families = before.families;
-        st.firewall = before.firewall;
-        move(cand, 'candidate');
-        if (old) [move(old, before.oldState!).keepUntil] = [undefined];
-        await writeState(paths, st);
-      } });
-      st.families = families;
-      st.firewall = o.firewall;
-      move(cand, 'active');
-      if (old) {
-        move(old, o.keepOldMs ? 'kept' : 'draining');
-        if (o.keepOldMs) old.keepUntil = Date.now() + o.keepOldMs;
-      }
-      st.stop = o.stop;
-      await writeState(paths, st);
-    }, cand.port, () => cand.pid, () => (old ? `from port ${old.port}` : 'first instance'));
-
-    // 7. verify (--verify): the new instance must stay alive and ready; the old one still accepts,
-    // so a failure here switches back in one commit per family
-    if (o.verifyMs) {
-      await step('verify', () => verify(ctx, o, check, cand, spawned.exited, env), cand.port, () => cand.pid);
-    }
-    undo.length = 0; // past this point the new instance serves; nothing is switched back
-    await hook('after_switch', cand.port, false);
-
-    // 8. drain: the replaced instance (unless kept) and any older ones, in parallel
-    // their ports leave the filter chain only once they are gone: open connections pass until then
-    const retiring = st.instances.filter((i) => i.state === 'draining' || (i.state === 'kept' && i !== old));
-    if (retiring.length) {
-      const drain = async () => {
-        await Promise.all(retiring.map((i) => retire(ctx, st, i)));
-        await settle(ctx, ipt, st, undefined, true);
-      };
-      await step('drain', drain, old?.port, () => old?.pid, () => `${retiring.length} instance${retiring.length > 1 ? 's' : ''} stopped`);
-      await hook('after_drain', cand.port, false);
-    }
-    if (o.keepOldMs && old) {
+    },
+    check: o.ready.kind === 'cmd' ? { ...o.ready, user: pre.user } : o.ready,
+    preload: null, loadedIn: [], families: [], retiring: [],
+  };
+  if (o.dryRun) return plan(r);
+  try {
+    await runSteps(DEPLOY, r, { app: o.app, sys, emit });
+    if (o.keepOldMs && r.prev) {
       const pid = spawnReaper(ctx, o.app);
-      emit({ kind: 'notice', app: o.app, message: `keeping ${describe(old)} for instant rollback until ${new Date(old.keepUntil!).toISOString()}; a detached reaper (pid ${pid}) stops it then, or the next portflip run` });
+      emit({ kind: 'notice', app: o.app, message: `keeping ${describe(r.prev)} for instant rollback until ${new Date(r.prev.keepUntil!).toISOString()}; a detached reaper (pid ${pid}) stops it then, or the next portflip run` });
     }
-    emit({ kind: 'step', step: 'done', app: o.app, status: 'ok', port: cand.port, pid: cand.pid, durationMs: sys.now() - t0, detail: `port ${o.listen} -> ${cand.port}` });
-  } catch (err) {
-    for (const u of undo.reverse()) {
-      await u.run().catch(() => {});
-      emit({ kind: 'notice', app: o.app, message: `undo: ${u.title}` });
-    }
-    // the candidate is gone: its port leaves the filter chain (nothing to do before the switch)
-    if (undo.length) await settle(ctx, ipt, st).catch(() => {});
+    emit({ kind: 'step', step: 'done', app: o.app, status: 'ok', port: r.cand.port, pid: r.cand.pid, durationMs: sys.now() - t0, detail: `port ${o.listen} -> ${r.cand.port}` });
+  } catch (failed) {
+    const err = causeOf(failed);
+    const at = failed instanceof StepFailed ? failed.step : 'preflight';
+    // the candidate is gone: its port leaves the filter chain, and a first deploy leaves no state
+    if (st.instances.some((i) => i === r.cand) || r.cand.pid) await settle(ctx, pre.ipt, st).catch(() => {});
     if (pre.fresh && !st.instances.length) await removeState(paths, o.app);
-    if (candidateLog && err instanceof PortflipError && err.kind === 'deployFailed' && !HOOKS.includes(current as HookName)) {
-      emit({ kind: 'log-tail', app: o.app, port: pre.port, log: candidateLog, lines: await logTail(candidateLog) });
+    if (r.cand.pid && err instanceof PortflipError && err.kind === 'deployFailed' && !HOOKS.includes(at as HookName)) {
+      emit({ kind: 'log-tail', app: o.app, port: r.cand.port, log: r.cand.log, lines: await logTail(r.cand.log) });
     }
-    await hook('on_failure', pre.port, false);
+    const onFailure = o.hooks?.on_failure;
+    if (onFailure) await runHook('on_failure', onFailure, hookContext(r, 'on_failure', at)).catch((e) => emit({ kind: 'notice', app: o.app, message: `${(e as Error).message}; the deploy goes on` }));
     throw err;
   } finally {
-    await lock.release();
+    await pre.lock.release();
   }
 }
 
@@ -274,9 +332,14 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
   await resolveCommand(o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
 
   if (o.dryRun) {
+    // no lock and no change: the live rules are read where that is allowed, to show the exact commit
     const state = (await readState(paths, o.app).catch(() => null)) ?? freshState(o, 'nft', []);
     const port = o.ports?.find((p) => !state.instances.some((i) => i.state === 'active' && i.port === p)) ?? (o.ports ?? [DEFAULT_PORT_RANGE[0]])[0];
-    return { ipt: null as unknown as Iptables, lock: { release: async () => {} }, user, env, state, port, views: new Map(), fresh: false };
+    const ipt = await openIptables(ctx, state.backend).catch(() => null);
+    const views = new Map<Family, RulesView>();
+    for (const f of ipt?.families ?? []) views.set(f, await ipt!.save(f));
+    Object.assign(state, { listen: o.listen });
+    return { ipt: ipt as Iptables, lock: { release: async () => {} }, user, env, state, port, views, fresh: false };
   }
 
   const recorded = await readState(paths, o.app);
@@ -355,26 +418,21 @@ async function bindCheck(o: DeployOptions, ctx: Ctx, ipt: Iptables, port: number
   return wantV6 ? ['ipv4', 'ipv6'] : ['ipv4'];
 }
 
-function plan(o: DeployOptions, ctx: Ctx, pre: Preflight): void {
-  const port = pre.port;
-  const old = pre.state.instances.find((i) => i.state === 'active');
-  const cmd = o.command.map((a) => a.replaceAll('{port}', String(port)));
-  const view = parseSave('');
+/** --dry-run: the deploy's own step list, and the exact rules its switch would commit against the live ones. */
+function plan(r: DeployRun): void {
+  const { o, ctx, pre } = r;
+  const note = pre.views.size ? '' : ' (the live rules could not be read, so these are as on a host without portflip rules)';
+  r.families = ['ipv4', ...(pre.ipt?.families.includes('ipv6') || !pre.views.size ? ['ipv6' as const] : [])];
   ctx.emit({
     kind: 'plan', app: o.app,
     steps: [
       { step: 'preflight', does: 'check root, iptables, config, command, free port; take the lock; repair what an earlier run left', undo: 'release the lock' },
-      { step: 'start', does: `run ${JSON.stringify(cmd)} in ${o.cwd}${o.user ? ` as ${o.user}` : ''} with PORT=${port}${o.nodeDrain ? ' and the Node drain preload in NODE_OPTIONS' : ''}, log to ${join(ctx.paths.logDir, `${o.app}-${port}.log`)}`, undo: 'kill its process group' },
-      { step: 'ready', does: `wait up to ${o.readyTimeoutMs}ms for ${o.ready.kind === 'tcp' ? `a TCP connect to port ${port}` : o.ready.kind === 'http' ? o.ready.url.replaceAll('{port}', String(port)) : `"${o.ready.command}" to exit 0`}`, undo: 'kill the candidate' },
-      { step: 'bind-check', does: `check the candidate listens on all addresses (0.0.0.0 or ::) on port ${port}`, undo: 'kill the candidate' },
-      { step: 'switch', does: `${o.firewall.mode === 'off' ? '' : `accept redirected connections to ${port} (filter), then `}redirect port ${o.listen} to ${port} (nat), one iptables-restore --noflush commit per family${old ? ` (from ${old.port})` : ''}`, undo: old ? `redirect back to ${old.port}` : 'remove the rules' },
-      { step: 'drain', does: old ? `${o.keepOldMs ? `keep port ${old.port} for ${o.keepOldMs}ms, then ` : ''}${o.stop.drain !== 'signal' ? `${o.stop.drain === 'auto' ? 'unless the Node drain module listens on it, ' : ''}wait until port ${old.port} has no open connections (at most ${o.stop.drainTimeoutMs}ms), then ` : ''}send ${o.stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${o.stop.killAfterMs}ms` : 'nothing to drain (first instance)', undo: '' },
+      ...planSteps(DEPLOY, r),
     ],
-    rules: (['ipv4', 'ipv6'] as const).map((family) => {
-      const st = { ...pre.state, listen: o.listen, firewall: o.firewall, families: [family] };
-      const spec = { ...wantedSpec(st, family), target: port, open: [...wantedSpec(st, family).open, port] };
-      return { family, text: appText(view, spec, family) ?? '' };
-    }),
+    rules: r.families.map((family) => ({
+      family: `${family}${note}`,
+      text: appText(pre.views.get(family) ?? parseSave(''), switchSpec(r, family, r.cand.port, o.firewall), family) ?? '(nothing to change)\n',
+    })),
   });
 }
 
