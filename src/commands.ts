@@ -5,14 +5,26 @@ import { fail, PortflipError } from './errors.js';
 import { drainAndStop } from './instance.js';
 import { move } from './lifecycle.js';
 import { retire } from './deploy.js';
-import { appChain, cleanupText, detectBackend, type Backend, type Family, type Verdict } from './iptables.js';
+import { appChain, cleanupText, detectBackend, type Backend, type Family, type Iptables, type Verdict } from './iptables.js';
+import { causeOf, runSteps, type Step } from './steps.js';
 import { GUARD_PREFIX, guardScript } from './nftguard.js';
-import { applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, openGuard, openIptables, reconcile, removeApp, requireNetAdmin, rulesState, settle, syncGuard, syncGuardCheck, wantedSpec, type Ctx } from './ops.js';
+import { describe, applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, openGuard, openIptables, reconcile, removeApp, requireNetAdmin, rulesState, settle, syncGuard, syncGuardCheck, wantedSpec, type Ctx } from './ops.js';
 import { isAlive, openConnections, tcpSockets, uptimeSeconds } from './proc.js';
-import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState } from './state.js';
+import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type Instance } from './state.js';
 
-/** Runs `fn` on the app's state under its lock, after finding out what is real. */
-async function withApp<T>(ctx: Ctx, app: string, what: string, fn: (st: AppState, ipt: Awaited<ReturnType<typeof openIptables>>) => Promise<T>): Promise<T> {
+/** What rollback, stop and restore work on: the app's state under its lock, and its rules. */
+interface AppRun {
+  ctx: Ctx;
+  st: AppState;
+  ipt: Iptables;
+  kept?: Instance; // rollback: the instance it goes back to
+  bad?: Instance; // rollback: the instance it leaves
+  stopped: number;
+  foreign: Set<string>; // stop: rules outside portflip that still jump to the app's chain
+}
+
+/** Runs steps on the app's state under its lock, after finding out what is real (unless the steps do that). */
+async function withApp(ctx: Ctx, app: string, what: string, steps: Step<AppRun>[], prepare?: (r: AppRun) => void, reconcileFirst = true): Promise<void> {
   const recorded = await readState(ctx.paths, app);
   const ipt = await openIptables(ctx, recorded?.backend);
   if (!recorded) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir}); deploy it first`);
@@ -20,66 +32,118 @@ async function withApp<T>(ctx: Ctx, app: string, what: string, fn: (st: AppState
   const lock = await takeLock(ctx.sys, ctx.paths, app, `${what} ${app}`, (m) => ctx.emit({ kind: 'notice', app, message: m }));
   try {
     const st = (await readState(ctx.paths, app))!;
-    await reconcile(ctx, ipt, st);
-    const out = await fn(st, ipt);
+    if (reconcileFirst) await reconcile(ctx, ipt, st);
+    const r: AppRun = { ctx, st, ipt, stopped: 0, foreign: new Set() };
+    prepare?.(r);
+    await runSteps(steps, r, { app, sys: ctx.sys, emit: ctx.emit }).catch((err) => {
+      throw causeOf(err);
+    });
     // instances an earlier run left draining are finished by whichever run comes next
     for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i);
     await settle(ctx, ipt, st, undefined, true); // the ports of instances that are gone leave the filter chain
-    return out;
   } finally {
     await lock.release();
   }
 }
 
+const pointAll = async (r: AppRun) => {
+  for (const f of r.ipt.families) await applySpec(r.ipt, f, wantedSpec(r.st, f));
+  await writeState(r.ctx.paths, r.st);
+};
+
+/** rollback: back to the kept instance in one commit per family, then the instance it leaves drains. */
+const ROLLBACK: Step<AppRun>[] = [
+  {
+    name: 'rollback',
+    does: (r) => `point port ${r.st.listen} at the kept instance on ${describe(r.kept!)}, one commit per family`,
+    undo: 'point it back at the instance that was active',
+    run: async (r, run) => {
+      const { kept, bad } = r;
+      run.undo(`redirect back on ${bad ? describe(bad) : 'nothing'}`, async () => {
+        move(kept!, 'kept');
+        if (bad) move(bad, 'active');
+        await pointAll(r);
+      });
+      move(kept!, 'active');
+      delete kept!.keepUntil;
+      if (bad) move(bad, 'draining');
+      await pointAll(r);
+    },
+    where: (r) => ({ port: r.kept!.port, pid: r.kept!.pid }),
+    detail: (r) => (r.bad ? `from port ${r.bad.port}` : undefined),
+  },
+  {
+    name: 'drain',
+    does: (r) => `drain and stop the instance on ${r.bad ? describe(r.bad) : '-'} under the last deploy's drain settings`,
+    undo: '',
+    settles: true,
+    skip: (r) => !r.bad,
+    run: (r) => retire(r.ctx, r.st, r.bad!),
+    where: (r) => ({ port: r.bad?.port, pid: r.bad?.pid }),
+  },
+];
+
 export async function rollback(ctx: Ctx, app: string): Promise<void> {
-  await withApp(ctx, app, 'rollback', async (st, ipt) => {
-    const started = ctx.sys.now();
-    const kept = st.instances.filter((i) => i.state === 'kept').sort((a, b) => (b.keepUntil ?? 0) - (a.keepUntil ?? 0))[0];
-    if (!kept) fail('nothingToDo', `"${app}" has no kept previous instance alive to roll back to; deploy with --keep-old DURATION to keep one`);
-    const bad = st.instances.find((i) => i.state === 'active');
-    move(kept, 'active');
-    delete kept.keepUntil;
-    if (bad) move(bad, 'draining');
-    for (const f of ipt.families) await applySpec(ipt, f, wantedSpec(st, f));
-    await writeState(ctx.paths, st);
-    ctx.emit({ kind: 'step', step: 'rollback', app, status: 'ok', port: kept.port, pid: kept.pid, durationMs: ctx.sys.now() - started, detail: bad ? `from port ${bad.port}` : undefined });
-    if (bad) {
-      const t = ctx.sys.now();
-      await retire(ctx, st, bad);
-      ctx.emit({ kind: 'step', step: 'drain', app, status: 'ok', port: bad.port, pid: bad.pid, durationMs: ctx.sys.now() - t });
-    }
+  await withApp(ctx, app, 'rollback', ROLLBACK, (r) => {
+    r.kept = r.st.instances.filter((i) => i.state === 'kept').sort((a, b) => (b.keepUntil ?? 0) - (a.keepUntil ?? 0))[0];
+    if (!r.kept) fail('nothingToDo', `"${app}" has no kept previous instance alive to roll back to; deploy with --keep-old DURATION to keep one`);
+    r.bad = r.st.instances.find((i) => i.state === 'active');
   });
 }
 
+/** stop: the rules go first, so the public port refuses; then every instance stops at once. */
+const STOP: Step<AppRun>[] = [
+  {
+    name: 'stop',
+    does: (r) => `remove ${r.st.app}'s rules: nat, then filter, then its nftables accept`,
+    undo: '',
+    run: async (r) => {
+      for (const f of r.ipt.families) for (const rule of await removeApp(r.ipt, f, r.st.app)) r.foreign.add(rule);
+      await syncGuard(r.ctx, r.st, 'absent');
+      if (r.foreign.size) {
+        r.ctx.emit({ kind: 'notice', app: r.st.app, message: `rules outside portflip still jump to ${appChain(r.st.app)} (${[...r.foreign].join('; ')}); its chain was emptied but left in place: delete those rules, then run portflip cleanup` });
+      }
+    },
+    detail: () => 'rules removed',
+  },
+  {
+    name: 'drain',
+    does: () => 'send the stop signal to every instance at once (no idle wait: the port already refuses); SIGKILL after --kill-after',
+    undo: '',
+    run: async (r) => {
+      const policy = { ...r.st.stop, drain: 'signal' as const };
+      await Promise.all(r.st.instances.map((i) => drainAndStop(r.ctx.sys, r.st.app, i, policy, r.ctx.emit, async () => {})));
+      r.stopped = r.st.instances.length;
+      r.st.instances = [];
+      await removeState(r.ctx.paths, r.st.app);
+    },
+    detail: (r) => `${r.stopped} instance(s) stopped, state removed`,
+  },
+];
+
 export async function stop(ctx: Ctx, app: string): Promise<void> {
-  await withApp(ctx, app, 'stop', async (st, ipt) => {
-    const started = ctx.sys.now();
-    const foreign = new Set<string>();
-    for (const f of ipt.families) for (const r of await removeApp(ipt, f, app)) foreign.add(r);
-    await syncGuard(ctx, st, 'absent');
-    if (foreign.size) {
-      ctx.emit({ kind: 'notice', app, message: `rules outside portflip still jump to ${appChain(app)} (${[...foreign].join('; ')}); its chain was emptied but left in place: delete those rules, then run portflip cleanup` });
-    }
-    // the public port now refuses; stop every instance right away under the grace period
-    const policy = { ...st.stop, drain: 'signal' as const };
-    await Promise.all(st.instances.map((i) => drainAndStop(ctx.sys, app, i, policy, ctx.emit, async () => {})));
-    const stopped = st.instances.length;
-    st.instances = [];
-    await removeState(ctx.paths, app);
-    ctx.emit({ kind: 'step', step: 'stop', app, status: 'ok', durationMs: ctx.sys.now() - started, detail: `${stopped} instance(s) stopped, rules removed` });
-  });
+  await withApp(ctx, app, 'stop', STOP);
 }
+
+/** restore: what every run does first, as the whole run: find out what is real and repair it. */
+const RESTORE: Step<AppRun>[] = [
+  {
+    name: 'restore',
+    does: (r) => `repair ${r.st.app}'s rules from its state file, pointing port ${r.st.listen} at its live active instance`,
+    undo: '',
+    run: async (r) => void (await reconcile(r.ctx, r.ipt, r.st)),
+    where: (r) => ({ port: r.st.instances.find((i) => i.state === 'active')?.port, pid: r.st.instances.find((i) => i.state === 'active')?.pid }),
+    detail: (r) => {
+      const active = r.st.instances.find((i) => i.state === 'active');
+      return active ? `port ${r.st.listen} -> ${active.port}` : `no live instance; port ${r.st.listen} is left alone (deploy it again)`;
+    },
+  },
+];
 
 export async function restore(ctx: Ctx): Promise<void> {
   const apps = await listApps(ctx.paths);
   await requireNetAdmin(ctx.sys);
-  for (const app of apps) {
-    await withApp(ctx, app, 'restore', async (st) => {
-      const active = st.instances.find((i) => i.state === 'active');
-      ctx.emit({ kind: 'step', step: 'restore', app, status: 'ok', port: active?.port, pid: active?.pid, durationMs: 0,
-        detail: active ? `port ${st.listen} -> ${active.port}` : `no live instance; port ${st.listen} is left alone (deploy it again)` });
-    });
-  }
+  for (const app of apps) await withApp(ctx, app, 'restore', RESTORE, undefined, false);
   if (!apps.length) ctx.emit({ kind: 'notice', message: `no apps in ${ctx.paths.stateDir}; nothing to restore` });
 }
 
@@ -139,9 +203,7 @@ export async function reap(ctx: Ctx, app: string): Promise<void> {
     if (ctx.abort.aborted) return;
     for (let tries = 0; ; tries++) {
       try {
-        await withApp(ctx, app, 'reap', async (st) => {
-          for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i);
-        });
+        await withApp(ctx, app, 'reap', []); // withApp retires what is due
         break;
       } catch (err) {
         // a deploy holding the lock retires due instances itself; wait for it and look again
