@@ -4,6 +4,7 @@ import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } 
 import { constants, tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { $ } from 'zx';
 
 export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
@@ -103,42 +104,23 @@ function spawnIn(nsPid: number, cmd: string, args: string[], opts: SpawnOptions 
   return child;
 }
 
-function execIn(nsPid: number, cmd: string, args: string[], opts: ExecOptions = {}): Promise<ExecResult> {
-  return new Promise((resolve) => {
-    const child = spawnIn(nsPid, cmd, args, { env: opts.env });
-    let stdout = '';
-    let stderr = '';
-    let timedOut = false;
-    child.stdout!.on('data', (d) => (stdout += d));
-    child.stderr!.on('data', (d) => (stderr += d));
-    child.stdin!.on('error', () => {}); // the program may exit without reading its input
-    child.stdin!.end(opts.input ?? '');
-    const kill = () => child.pid !== undefined && killQuietly(-child.pid, 'SIGKILL');
-    const timer = setTimeout(() => {
-      timedOut = true;
-      kill();
-    }, opts.timeoutMs ?? EXEC_TIMEOUT_MS);
-    opts.signal?.addEventListener('abort', kill, { once: true });
-    let settled = false;
-    const settle = (r: ExecResult) => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      opts.signal?.removeEventListener('abort', kill);
-      resolve(r);
-    };
-    child.on('error', (err) => settle({ code: 127, signal: null, stdout, stderr: `${stderr}${err.message}\n`, timedOut }));
-    // A grandchild that kept our pipes (a daemon) must not hold the result hostage once the program exited.
-    child.on('exit', () => {
-      setTimeout(() => {
-        child.stdout!.destroy();
-        child.stderr!.destroy();
-      }, 1000).unref();
-    });
-    child.on('close', (code, signal) => {
-      settle({ code: code ?? 128 + (signal ? constants.signals[signal] : 0), signal, stdout, stderr, timedOut });
-    });
-  });
+// zx runs it (argv quoted element by element) and owns the timeout and the kill; the shell it starts leads
+// its own process group, so a timeout takes the whole tree. nothrow: the caller reads the exit code.
+async function execIn(nsPid: number, cmd: string, args: string[], opts: ExecOptions = {}): Promise<ExecResult> {
+  const timeoutMs = opts.timeoutMs ?? EXEC_TIMEOUT_MS;
+  const started = performance.now();
+  const p = $({
+    env: { ...process.env, ...opts.env }, input: opts.input ?? '', signal: opts.signal, detached: true,
+    timeout: timeoutMs, timeoutSignal: 'SIGKILL', nothrow: true, quiet: true,
+  })`exec nsenter ${nsenterArgs(nsPid)} ${cmd} ${args}`;
+  const pid = p.pid;
+  if (pid !== undefined) live.groups.add(pid);
+  const out = await p;
+  if (pid !== undefined) live.groups.delete(pid);
+  const signal = (out.signal ?? null) as NodeJS.Signals | null;
+  const timedOut = signal === 'SIGKILL' && performance.now() - started >= timeoutMs;
+  const code = out.exitCode ?? 128 + (signal ? constants.signals[signal] : 0);
+  return { code, signal, stdout: out.stdout, stderr: out.stderr, timedOut };
 }
 
 function readComm(pid: number): string {
