@@ -259,6 +259,34 @@ test('portflip watch heals apps deployed with the plain CLI', async () => {
   });
 });
 
+test('SIGKILLed right after the switch behind a default-deny firewall: nothing dropped, the next run closes the old port', async () => {
+  await inWorld(async (w) => {
+    assert.is((await w.ns.exec('iptables-restore', [], { input: UFW_STYLE('ipv4') })).code, 0);
+    const ports = await freePorts(2);
+    const url = `http://${w.ns.serverAddr}:80/`;
+    assert.is((await w.pf(deployArgs(ports, ['--ipv6', 'off', '--kill-after', '3s'], ['--version', 'v1']))).code, 0);
+    const loads = await loadUp(w, url);
+    // a deploy that keeps the old instance waiting for its connections, killed once it has switched
+    const child = w.pfSpawn(deployArgs(ports, ['--ipv6', 'off', '--json', '--drain', 'idle', '--drain-timeout', '3s'], ['--version', 'v2']));
+    let out = '';
+    child.stdout!.on('data', (d) => (out += d));
+    await waitFor(() => out.includes('"step":"switch","app":"web","status":"ok"'), 30_000, `the switch\n${out}`);
+    child.kill('SIGKILL');
+    const moved = Number(/"step":"switch","app":"web","status":"ok","port":(\d+)/.exec(out)![1]);
+    const old = ports.find((p) => p !== moved)!;
+    await new Promise((r) => setTimeout(r, 500));
+    const rules = (await w.ns.exec('iptables-save', ['-t', 'filter'])).stdout;
+    assert.match(rules, new RegExp(`--ctreplsrcport ${old} -j ACCEPT`), 'the draining port is still accepted');
+    assert.match(rules, new RegExp(`--ctreplsrcport ${moved} -j ACCEPT`));
+    const r = await w.pf(['restore']);
+    assert.is(r.code, 0, show(r));
+    for (const res of await Promise.all(loads.map((l) => l.stop()))) assert.is(res.failed, 0, JSON.stringify(res));
+    const after = (await w.ns.exec('iptables-save', ['-t', 'filter'])).stdout;
+    assert.not.match(after, new RegExp(`--ctreplsrcport ${old} `), 'the next run closed the old port once its instance was gone');
+    assert.is(await get(w.ns, url, 'client'), 'v2');
+  }, { peer: true });
+});
+
 test('a foreign rule that still jumps to the app chain: stop says what to do and exits 0', async () => {
   await inWorld(async (w) => {
     const ports = await freePorts(2);
