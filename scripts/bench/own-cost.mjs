@@ -1,0 +1,86 @@
+// portflip's own cost, beside `node -e 0` in the same run: status, a deploy's overhead, the switch commit.
+//
+// A deploy's overhead is its wall time minus its ready and drain steps (the app's start and the old
+// instance's exit are the app's, not portflip's). Everything runs in a namespace made for it, with no
+// load, REPS times each, and the summary quotes medians with the spread (min-max).
+import { $ } from 'zx';
+import path from 'node:path';
+import { median } from './report.mjs';
+
+const REPS = 7;
+// the issue's budgets, in ms: status at most this much slower than `node -e 0`, and so on
+export const BUDGETS = { statusOverNodeMs: 150, deployOverheadMs: 250, switchMs: 15 };
+
+/** Runs `argv` in the namespace REPS times; returns the wall times in ms. */
+async function timeIt(ns, argv, env, reps = REPS) {
+  const times = [];
+  for (let i = 0; i < reps; i++) {
+    const t0 = performance.now();
+    const out = await $({ env: { ...process.env, ...env }, nothrow: true, quiet: true, timeout: '60s' })`nsenter -t ${ns.pid} -n -- ${argv}`;
+    times.push(performance.now() - t0);
+    if (out.exitCode !== 0) throw new Error(`${argv.join(' ')} exited ${out.exitCode}: ${out.stderr.trim().slice(-400)}`);
+  }
+  return times;
+}
+
+const spread = (xs) => ({ median: median(xs), min: Math.min(...xs), max: Math.max(...xs), n: xs.length });
+
+export async function runOwnCost({ withNetns, h, log }) {
+  return withNetns(async (ns) => {
+    const dirs = h.tmpDirs();
+    const env = { PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir };
+    const main = path.join(h.repoRoot, 'dist', 'src', 'main.js');
+    const app = [process.execPath, h.fixture('app.mjs'), '--port', '{port}', '--version'];
+    const deployArgv = (v) => [process.execPath, main, 'deploy', 'web', '--listen', '80', '--ports', '20001,20002', '--json', '--', ...app, v];
+    try {
+      log('  own cost: node -e 0');
+      const node = await timeIt(ns, [process.execPath, '-e', '0'], env);
+      await timeIt(ns, deployArgv('v0'), env, 1);
+      log('  own cost: status');
+      const status = await timeIt(ns, [process.execPath, main, 'status'], env);
+      log('  own cost: deploys');
+      const overhead = [];
+      const switches = [];
+      for (let i = 0; i < REPS; i++) {
+        const t0 = performance.now();
+        const out = await $({ env: { ...process.env, ...env }, quiet: true, timeout: '60s' })`nsenter -t ${ns.pid} -n -- ${deployArgv(`v${i + 1}`)}`;
+        const wall = performance.now() - t0;
+        const steps = out.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l)).filter((e) => e.kind === 'step');
+        const ms = (name) => steps.find((e) => e.step === name)?.durationMs ?? 0;
+        overhead.push(wall - ms('ready') - ms('drain'));
+        switches.push(ms('switch'));
+      }
+      const res = { node: spread(node), status: spread(status), deployOverhead: spread(overhead), switch: spread(switches) };
+      res.statusOverNode = res.status.median - res.node.median;
+      res.pass = {
+        status: res.statusOverNode <= BUDGETS.statusOverNodeMs,
+        deploy: res.deployOverhead.median <= BUDGETS.deployOverheadMs,
+        switch: res.switch.median <= BUDGETS.switchMs,
+      };
+      return res;
+    } finally {
+      await $({ env: { ...process.env, ...env }, nothrow: true, quiet: true })`nsenter -t ${ns.pid} -n -- ${process.execPath} ${main} cleanup --stop-instances`;
+      dirs.cleanup();
+    }
+  });
+}
+
+const f = (x) => `${Math.round(x)}`;
+const row = (name, s, budget) => `| ${name} | ${f(s.median)} | ${f(s.min)}-${f(s.max)} | ${budget} |`;
+
+export function ownCostMarkdown(r) {
+  const ok = (b) => (b ? 'met' : '**missed**');
+  return [
+    '## portflip\'s own cost',
+    '',
+    `Wall time in ms, median of ${r.node.n} runs (spread min-max), in a namespace with no load, beside \`node -e 0\` in the same run.`,
+    '',
+    '| what | median | spread | budget |',
+    '|---|---:|---:|---|',
+    row('`node -e 0`', r.node, ''),
+    row('`portflip status` (one app)', r.status, `node + ${BUDGETS.statusOverNodeMs}: ${ok(r.pass.status)} (+${f(r.statusOverNode)})`),
+    row('deploy overhead (wall - ready - drain)', r.deployOverhead, `${BUDGETS.deployOverheadMs}: ${ok(r.pass.deploy)}`),
+    row('switch step (guard check + one commit per family)', r.switch, `${BUDGETS.switchMs}: ${ok(r.pass.switch)}`),
+    '',
+  ].join('\n');
+}
