@@ -59,9 +59,9 @@ test('--verify switches back to the old instance when the new one dies right aft
     assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v1']))).code, 0);
     const before = await w.save();
     const load = await startLoad(w.ns, 'server', { url: 'http://127.0.0.1:80/', mode: 'new', durationMs: 30_000 });
-    // passes its checks, then dies 1.5 s later
-    const dying = ['--', 'sh', '-c', `${process.execPath} ${fixture('app.mjs')} --port $PORT --version v2 & p=$!; sleep 1.5; kill -9 $p`];
-    const r = await w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--verify', '4s', '--json', ...dying]);
+    // passes its checks, then dies 3 s later (time enough to be switched to on a busy machine)
+    const dying = ['--', 'sh', '-c', `${process.execPath} ${fixture('app.mjs')} --port $PORT --version v2 & p=$!; sleep 3; kill -9 $p`];
+    const r = await w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--verify', '6s', '--json', ...dying]);
     assert.is(r.code, 1, show(r));
     assert.match(r.stderr, /during --verify; switched back/);
     const steps = events(r.stdout).filter((e) => e.kind === 'step').map((e) => `${e.step}:${e.status}`);
