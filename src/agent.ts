@@ -88,7 +88,8 @@ export async function readView(sys: Sys, p: Paths, app: string): Promise<AgentVi
 export async function setMode(p: Paths, app: string, mode: string): Promise<string> {
   appChain(app); // the same name rules as everywhere else
   if (!(SET_MODES as readonly string[]).includes(mode)) fail('usage', `--set ${mode}: use one of ${SET_MODES.join(', ')}`);
-  await stat(p.stateDir).catch(() => fail('config', `${p.stateDir} does not exist: deploy an app on this host first (or set PORTFLIP_STATE_DIR)`));
+  const noDir = `${p.stateDir} does not exist: deploy an app on this host first (or set PORTFLIP_STATE_DIR)`;
+  await stat(p.stateDir).catch(() => fail('config', noDir));
   const file = flagFile(p, app);
   if (mode === 'clear') {
     await unlink(file).catch(() => {});
@@ -123,9 +124,8 @@ export async function serveAgent(sys: Sys, p: Paths, o: AgentOptions, emit: Emit
     void answer(sock);
   });
   await new Promise<void>((resolve, reject) => {
-    server.once('error', (err: NodeJS.ErrnoException) =>
-      reject(err.code === 'EADDRINUSE' ? new PortflipError('portInUse', `agent port ${o.port} is already in use; pick another with --port`) : err),
-    );
+    const inUse = `agent port ${o.port} is already in use; pick another with --port`;
+    server.once('error', (err: NodeJS.ErrnoException) => reject(err.code === 'EADDRINUSE' ? new PortflipError('portInUse', inUse) : err));
     server.listen({ port: o.port, host: o.address }, () => resolve());
   });
   emit({ kind: 'notice', app: o.app, message: `agent answering HAProxy on ${o.address ?? '*'}:${o.port} (Ctrl-C to stop)` });

@@ -213,11 +213,11 @@ export async function main(argv: string[]): Promise<number> {
       y.option('stop-instances', { type: 'boolean', describe: 'also stop every instance and forget the apps' }),
       (a) => run(() => cleanup(ctx, !!a.stopInstances)),
     )
-    .command('agent [app]', "answer HAProxy's agent-check for APP from portflip's state (ready/drain/maint, up/down, weight)", (y) =>
+    .command('agent [app]', "answer HAProxy's agent-check for APP from portflip's state (drain/maint/ready, up/down, weight)", (y) =>
       appArg(y)
         .option('port', { type: 'string', describe: `TCP port to answer on (default ${DEFAULT_AGENT_PORT})` })
         .option('address', { type: 'string', describe: 'address to listen on (default: all)' })
-        .option('set', { type: 'string', describe: 'ready, drain, maint or clear: what this host tells HAProxy from now on' })
+        .option('set', { type: 'string', describe: 'drain, maint, ready or clear: what this host tells HAProxy from now on' })
         .option('once', { type: 'boolean', describe: 'print the answer HAProxy would get now, and exit' }),
       (a) =>
         run(async () => {
@@ -228,7 +228,8 @@ export async function main(argv: string[]): Promise<number> {
           } else if (a.once) process.stdout.write(agentAnswer(await readView(ctx.sys, ctx.paths, app)) + '\n');
           else {
             const listen = a.port === undefined ? DEFAULT_AGENT_PORT : port(a.port, '--port');
-            await serveAgent(ctx.sys, ctx.paths, { app, port: listen, address: a.address as string | undefined }, ctx.emit, abort.signal);
+            const address = a.address as string | undefined;
+            await serveAgent(ctx.sys, ctx.paths, { app, port: listen, address }, ctx.emit, abort.signal);
           }
         }),
     )

@@ -15,9 +15,9 @@ test.after(async () => {
   await fleet?.destroy();
 });
 
-test('rolling deploy v1 -> v2 over three hosts through HAProxy: 0 failed requests, a summary from the JSON events', async () => {
+test('rolling deploy v1 -> v2 (with --verify) over three hosts through HAProxy: 0 failed requests, a summary from the JSON events', async () => {
   if (fleetSkip) return console.log(`  skipped: ${fleetSkip}`);
-  const { value: { r, summary, out }, load } = await underLoad(fleet, () => playbook(fleet, { app_version: 'v2' }));
+  const { value: { r, summary, out }, load } = await underLoad(fleet, () => playbook(fleet, { app_version: 'v2', portflip_verify: '1s' }));
   assert.is(r.code, 0, out);
   assert.is(load.failed, 0, JSON.stringify(load));
   assert.ok(load.ok > 50, `load ran: ${JSON.stringify(load)}`);
@@ -28,7 +28,10 @@ test('rolling deploy v1 -> v2 over three hosts through HAProxy: 0 failed request
     assert.is(res[h.name].version_before, 'v1');
     assert.is(res[h.name].version_after, 'v2');
     assert.is(Number(res[h.name].exit), 0);
-    for (const step of ['preflight', 'start', 'ready', 'switch', 'drain', 'done']) assert.type(res[h.name].steps[step], 'number', `${h.name} ${step}`);
+    for (const step of ['preflight', 'start', 'ready', 'switch', 'verify', 'drain', 'done']) {
+      assert.type(res[h.name].steps[step], 'number', `${h.name} ${step}`);
+    }
+    assert.ok(res[h.name].steps.verify >= 1000, '--verify 1s was passed on');
   }
   assert.equal(summary.untouched, []);
   assert.match(r.stdout, /h1: ok, v1 -> v2, exit 0, preflight [\d.]+s/);

@@ -88,7 +88,9 @@ export async function playbook(fleet: Fleet, extra: Record<string, unknown>): Pr
     },
     timeoutMs: 180_000,
   });
-  console.log(`  ansible-playbook ${JSON.stringify(extra)}: exit ${r.code} after ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  const what = JSON.stringify(extra);
+  const secs = ((performance.now() - t0) / 1000).toFixed(1);
+  console.log(`  ansible-playbook ${what.length > 100 ? `${what.slice(0, 100)}...` : what}: exit ${r.code} after ${secs} s`);
   if (process.env.PORTFLIP_FLEET_DEBUG) console.log(r.stdout, r.stderr);
   // The ControlPersist masters (one per host) outlive ansible-playbook by design: end them, by pid.
   const masters = killLeftoverSsh(path.join(fleet.base, 'ansible', 'cp'));
