@@ -283,6 +283,7 @@ export interface LoadArgs {
   durationMs?: number;
   maxRequests?: number;
   timeoutMs?: number;
+  pauseMs?: number; // each worker waits this long between requests (spares the CPU in long runs)
 }
 
 export interface LoadResult {
@@ -313,6 +314,7 @@ export async function startLoad(ns: Netns, where: Where, args: LoadArgs): Promis
     '--duration', String(a.durationMs),
     '--max-requests', String(a.maxRequests),
     '--timeout', String(a.timeoutMs),
+    ...(a.pauseMs ? ['--pause', String(a.pauseMs)] : []),
   ]);
   let stdout = '';
   let stderr = '';

@@ -54,7 +54,7 @@ test('portflip agent drives HAProxy: drain, maint, ready from the host, and down
       throw new Error(`${(err as Error).message}; HAProxy shows ${seen()}`);
     });
 
-  const load = await startLoad(fleet.client, 'server', { url: `http://${LB_ADDR}:80/`, mode: 'keepalive', concurrency: 3, durationMs: 60_000 });
+  const load = await startLoad(fleet.client, 'server', { url: `http://${LB_ADDR}:80/`, mode: 'keepalive', concurrency: 3, durationMs: 60_000, pauseMs: 10 });
   const steps = async () => {
     assert.is((await agent('--set', 'drain')).code, 0);
     await until('h3 DRAIN', (s) => s.status.startsWith('DRAIN'));

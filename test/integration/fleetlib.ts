@@ -110,7 +110,8 @@ export const byHost = (s: Summary) => Object.fromEntries(s.results.map((x) => [x
 
 export async function underLoad<T>(fleet: Fleet, fn: () => Promise<T>): Promise<{ value: T; load: LoadResult }> {
   const load = await startLoad(fleet.client, 'server', {
-    url: `http://${LB_ADDR}:80/`, mode: 'keepalive', concurrency: 3, durationMs: 170_000, timeoutMs: 5000,
+    // paced: a few hundred requests a second at most, so the load does not starve ansible-playbook of CPU
+    url: `http://${LB_ADDR}:80/`, mode: 'keepalive', concurrency: 3, durationMs: 170_000, timeoutMs: 5000, pauseMs: 10,
   });
   const value = await fn().finally(() => load.stop());
   return { value, load: await load.stop() };
