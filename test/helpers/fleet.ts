@@ -95,7 +95,16 @@ export async function createFleet(n = 3): Promise<Fleet> {
   let haproxy: ChildProcess | undefined;
   let madeRunSshd = false;
 
+  // Killed by the runner (SIGTERM), the harness exits at once: put /run/sshd back and drop the temp dir even then.
+  // (sshd, HAProxy, the agents and the app instances are killed by netns.ts's own exit handler.)
+  const onExit = () => {
+    if (madeRunSshd) rmSync('/run/sshd', { recursive: true, force: true });
+    rmSync(base, { recursive: true, force: true });
+  };
+  process.once('exit', onExit);
+
   const destroy = async () => {
+    process.removeListener('exit', onExit);
     for (const h of hosts) {
       for (const child of [h.agent, h.sshd]) if (child?.pid) kill(-child.pid);
       await h.pf(['cleanup', '--stop-instances']).catch(() => {});
