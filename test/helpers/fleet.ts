@@ -97,7 +97,9 @@ export async function createFleet(n = 3): Promise<Fleet> {
 
   // Killed by the runner (SIGTERM), the harness exits at once: put /run/sshd back and drop the temp dir even then.
   // (sshd, HAProxy, the agents and the app instances are killed by netns.ts's own exit handler.)
+  // The path is fleetlib's control_path_dir: ansible-playbook runs there.
   const onExit = () => {
+    killLeftoverSsh(path.join(base, 'ansible', 'cp')); // ControlPersist masters leave the process group
     if (madeRunSshd) rmSync('/run/sshd', { recursive: true, force: true });
     rmSync(base, { recursive: true, force: true });
   };
