@@ -2,6 +2,7 @@
 
 import { resolve } from 'node:path';
 import yargs, { type Argv } from 'yargs';
+import { DEFAULT_AGENT_PORT, agentAnswer, readView, serveAgent, setMode } from './agent.js';
 import { deploy, type DeployOptions } from './deploy.js';
 import { cleanup, formatStatus, logs, reap, restore, rollback, status, stop } from './commands.js';
 import { parseDuration } from './duration.js';
@@ -240,8 +241,28 @@ export async function main(argv: string[]): Promise<number> {
       y.option('stop-instances', { type: 'boolean', describe: 'also stop every instance and forget the apps' }),
       (a) => run(() => cleanup(ctx, !!a.stopInstances)),
     )
+    .command('agent [app]', "answer HAProxy's agent-check for APP from portflip's state (drain/maint/ready, up/down, weight)", (y) =>
+      appArg(y)
+        .option('port', { type: 'string', describe: `TCP port to answer on (default ${DEFAULT_AGENT_PORT})` })
+        .option('address', { type: 'string', describe: 'address to listen on (default: all)' })
+        .option('set', { type: 'string', describe: 'drain, maint, ready or clear: what this host tells HAProxy from now on' })
+        .option('once', { type: 'boolean', describe: 'print the answer HAProxy would get now, and exit' }),
+      (a) =>
+        run(async () => {
+          const app = appName(a);
+          if (a.set !== undefined) {
+            const file = await setMode(ctx.paths, app, String(a.set));
+            process.stderr.write(`${app}: agent mode ${a.set} (${file})\n`);
+          } else if (a.once) process.stdout.write(agentAnswer(await readView(ctx.sys, ctx.paths, app)) + '\n');
+          else {
+            const listen = a.port === undefined ? DEFAULT_AGENT_PORT : port(a.port, '--port');
+            const address = a.address as string | undefined;
+            await serveAgent(ctx.sys, ctx.paths, { app, port: listen, address }, ctx.emit, abort.signal);
+          }
+        }),
+    )
     .command('_reap <app>', false, (y) => appArg(y), (a) => run(() => reap(ctx, String(a.app))))
-    .demandCommand(1, 'name a command: deploy, status, logs, rollback, stop, restore, cleanup, init, run, reload, watch or systemd')
+    .demandCommand(1, 'name a command: deploy, status, logs, rollback, stop, restore, cleanup, init, run, reload, watch, systemd or agent')
     .strict()
     .help()
     .version()

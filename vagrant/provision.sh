@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs portflip on a Debian or Ubuntu server (the Vagrant VM or a plain one) and runs a sample app on port 80 under it.
 #
-# Usage: sudo vagrant/provision.sh [--source DIR] [--prefix DIR] [--no-systemd] [--no-apt]
+# Usage: sudo vagrant/provision.sh [--source DIR] [--prefix DIR] [--no-systemd] [--no-apt] [--no-sample]
 #   --source DIR   the portflip repo to install from (default: the repo this script is in)
 #   --prefix DIR   install under DIR instead of / (also PORTFLIP_PROVISION_ROOT): DIR/opt/portflip,
 #                  DIR/usr/local/bin/portflip, DIR/srv/portflip-sample, DIR/etc/systemd/system;
 #                  no user is created, and nothing outside DIR is written (apt aside)
 #   --no-systemd   write the unit file but do not enable or start it; print the deploy command instead
 #   --no-apt       never run apt-get: fail if something is missing
+#   --no-sample    install portflip only: no sample app, no unit (what the Ansible role uses)
 # Safe to run again: it reinstalls portflip and redeploys the sample app with zero downtime.
 set -euo pipefail
 
@@ -15,13 +16,15 @@ src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 prefix="${PORTFLIP_PROVISION_ROOT:-}"
 systemd=1
 apt=1
+sample=1
 while (($#)); do
   case "$1" in
     --source) src="$(cd "$2" && pwd)"; shift 2 ;;
     --prefix) prefix="$2"; shift 2 ;;
     --no-systemd) systemd=0; shift ;;
     --no-apt) apt=0; shift ;;
-    -h | --help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --no-sample) sample=0; shift ;;
+    -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "provision: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -86,6 +89,11 @@ mkdir -p "$(dirname "$BIN")"
 ln -sfn "$OPT/dist/src/main.js" "$BIN"
 "$BIN" --version >/dev/null || die "$BIN does not run"
 say "installed $BIN -> $OPT/dist/src/main.js ($("$BIN" --version))"
+
+if ((!sample)); then
+  say "--no-sample: portflip is installed; no sample app"
+  exit 0
+fi
 
 # 3. The sample app, run as its own unprivileged user.
 mkdir -p "$APP_DIR"

@@ -266,6 +266,7 @@ export interface LoadArgs {
   maxRequests?: number;
   timeoutMs?: number;
   method?: 'GET' | 'POST'; // POST sends a small body
+  pauseMs?: number; // each worker waits this long between requests (spares the CPU in long runs)
 }
 
 export interface LoadResult {
@@ -297,6 +298,7 @@ export async function startLoad(ns: Netns, where: Where, args: LoadArgs): Promis
     '--max-requests', String(a.maxRequests),
     '--timeout', String(a.timeoutMs),
     ...(a.method ? ['--method', a.method] : []),
+    ...(a.pauseMs ? ['--pause', String(a.pauseMs)] : []),
   ]);
   let stdout = '';
   let stderr = '';

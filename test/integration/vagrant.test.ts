@@ -75,6 +75,50 @@ test('the Vagrantfile validates (vagrant validate, or ruby -c without vagrant) a
   for (const flag of ['--prefix', '--no-systemd', '--source']) assert.ok(help.stdout.includes(flag), `--help names ${flag}`);
 });
 
+test('the fleet demo: vagrant/fleet/Vagrantfile (a balancer, two app VMs) validates, its HAProxy config checks, the playbook parses', async () => {
+  const fleetDir = path.join(VAGRANT_DIR, 'fleet');
+  const vagrantfile = readFileSync(path.join(fleetDir, 'Vagrantfile'), 'utf8');
+  assert.match(vagrantfile, /config\.vm\.define "lb"/);
+  assert.match(vagrantfile, /"app1" => "192\.168\.56\.11", "app2" => "192\.168\.56\.12"/);
+  assert.match(vagrantfile, /provision "shell", path: "\.\.\/provision\.sh"/);
+  for (const script of ['balancer.sh', 'app-agent.sh']) {
+    const n = runSync('bash', ['-n', path.join(fleetDir, script)]);
+    assert.is(n.code, 0, `bash -n ${script}: ${n.stderr}`);
+  }
+  if (has('vagrant')) {
+    const tmp = mkdtempSync(path.join(tmpdir(), 'portflip-vagrant-'));
+    try {
+      cpSync(VAGRANT_DIR, path.join(tmp, 'vagrant'), { recursive: true });
+      const r = await runAsync('vagrant', ['validate'], { cwd: path.join(tmp, 'vagrant', 'fleet'), env: { VAGRANT_HOME: path.join(tmp, 'home'), VAGRANT_CHECKPOINT_DISABLE: '1' } });
+      assert.is(r.code, 0, `vagrant validate: ${r.stdout}${r.stderr}`);
+      assert.match(r.stdout, /validated successfully/);
+    } finally {
+      rmSync(tmp, { recursive: true, force: true });
+    }
+  } else {
+    console.log('  vagrant is not installed: vagrant/fleet/Vagrantfile was not validated');
+  }
+  if (has('haproxy')) {
+    const c = runSync('haproxy', ['-c', '-f', path.join(fleetDir, 'haproxy.cfg')]);
+    assert.is(c.code, 0, `haproxy -c: ${c.stdout}${c.stderr}`);
+  }
+  if (has('ansible-playbook')) {
+    const home = mkdtempSync(path.join(tmpdir(), 'portflip-ansible-'));
+    try {
+      const env = { ANSIBLE_CONFIG: path.join(fleetDir, 'ansible.cfg'), ANSIBLE_HOME: home, HOME: home };
+      const syn = runSync('ansible-playbook', ['--syntax-check', path.join(repoRoot, 'ansible', 'rolling-deploy.yml')], { cwd: fleetDir, env });
+      assert.is(syn.code, 0, `ansible-playbook --syntax-check: ${syn.stdout}${syn.stderr}`);
+      const inv = runSync('ansible-inventory', ['--host', 'app1'], { cwd: fleetDir, env });
+      assert.is(inv.code, 0, inv.stderr);
+      const vars = JSON.parse(inv.stdout);
+      assert.equal(vars.portflip_command, ['/usr/bin/node', 'server.js']);
+      assert.is(vars.portflip_ports, '8001,8002');
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+    }
+  }
+});
+
 test('provision.sh installs portflip into a prefix for real; the installed binary deploys the sample app under load', async () => {
   try {
     const r = await provisioned;
