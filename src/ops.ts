@@ -181,6 +181,9 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
     emit({ kind: 'notice', app, message: `an earlier run switched to ${describe(active)} and was interrupted; it is the active instance` });
     for (const other of alive) if (other !== active && other.state === 'active') move(other, 'draining');
     move(active, 'active');
+    // the switch committed but its state write did not: the families it switched are the app's now,
+    // or the repair below would take the live redirect away from the instance it just adopted
+    for (const [f, view] of views) if (appRules(view, app).target === active.port && !st.families.includes(f)) st.families.push(f);
   }
   if (!active) active = alive.find((i) => i.state === 'active') ?? alive.find((i) => i.state === 'kept');
   if (active) move(active, 'active');
