@@ -1,0 +1,76 @@
+// portflip killed before every effect of a deploy, then the next run's repair: the invariant holds after each.
+//
+// Invariant (deploy.ts): the public port redirects to a live instance that passed its readiness
+// check, or to nothing portflip created. After the repair no orphan runs: every live app process is
+// the active instance. A further deploy then works, so nothing (a lock, a half state) is left stuck.
+
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { restore } from '../../src/commands.js';
+import { deploy } from '../../src/deploy.js';
+import type { StepName } from '../../src/events.js';
+import { readState } from '../../src/state.js';
+import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
+
+async function invariant(sys: FakeSys, where: string): Promise<void> {
+  const target = sys.redirectTarget('web');
+  const st = await readState(sys, FAKE_PATHS, 'web');
+  const live = sys.apps();
+  if (target !== null) {
+    const p = sys.listener(target);
+    assert.ok(p, `${where}: the redirect points at port ${target}, where nothing listens`);
+    const active = st?.instances.find((i) => i.state === 'active');
+    assert.is(active?.pid, p!.pid, `${where}: the state's active instance is the one the redirect reaches`);
+    assert.equal(live.map((l) => l.pid), [p!.pid], `${where}: orphans left running: ${live.map((l) => `${l.pid}:${l.port}`)}`);
+  } else {
+    assert.not.ok(sys.iptables.ipv4.nat.has('PF-web'), `${where}: an app chain without a redirect`);
+    assert.equal(live, [], `${where}: instances run but nothing points at them`);
+  }
+}
+
+/** Runs `setup`, then the deploy dying before effect n, then restore and another deploy. Returns the steps reached. */
+async function killedAt(n: number, setup: (sys: FakeSys) => Promise<void>): Promise<{ died: boolean; reached: StepName[]; at: string }> {
+  const sys = new FakeSys();
+  await setup(sys);
+  sys.killAt = sys.effects + n;
+  const { ctx, events } = fakeCtx(sys);
+  const err = await deploy(fakeDeploy(), ctx).then(() => null, (e) => e);
+  const reached = events.filter((e) => e.kind === 'step' && e.status === 'ok').map((e) => (e as { step: StepName }).step);
+  const died = sys.dead;
+  const at = died ? sys.effectLog[sys.effectLog.length - 1] : 'completed';
+  // a death at an effect whose failure is ignored (the lock's release) lets the deploy end "ok": it is dead all the same
+  if (!died) assert.is(err, null, `kill ${n} beyond the last effect: the deploy should complete (${err})`);
+  else assert.ok(err === null || /portflip was killed before/.test(err.message), `kill ${n}: the deploy failed with ${err}, not with its death`);
+  sys.revive();
+  await sys.advance(1000); // the restart takes a while: the candidate, if any, is listening by now
+  await restore(fakeCtx(sys).ctx);
+  await invariant(sys, `killed before effect ${n} (${at}), after restore`);
+  await deploy(fakeDeploy(), fakeCtx(sys).ctx);
+  await invariant(sys, `killed before effect ${n} (${at}), after the next deploy`);
+  assert.ok(sys.redirectTarget('web') !== null, 'the next deploy serves');
+  return { died, reached, at };
+}
+
+/** Kills before effect 1, 2, ... until a deploy completes; every deploy step must have been cut short once. */
+async function everyKillPoint(setup: (sys: FakeSys) => Promise<void>, want: StepName[]): Promise<void> {
+  const reachedBeforeDeath = new Set<StepName>();
+  let n = 1;
+  for (; n < 500; n++) {
+    const r = await killedAt(n, setup);
+    if (!r.died) break;
+    // the step that was running when it died is the first not reached
+    for (const s of want) if (!r.reached.includes(s)) { reachedBeforeDeath.add(s); break; }
+  }
+  assert.ok(n > 5 && n < 500, `${n} kill points`);
+  assert.equal([...reachedBeforeDeath].sort(), [...want].sort(), 'a kill landed inside every step');
+}
+
+test('a first deploy killed before any of its effects leaves nothing, or a serving instance, after repair', async () => {
+  await everyKillPoint(async () => {}, ['preflight', 'start', 'switch']);
+});
+
+test('a second deploy killed before any of its effects leaves one serving instance after repair', async () => {
+  await everyKillPoint(async (sys) => void (await deploy(fakeDeploy(), fakeCtx(sys).ctx)), ['preflight', 'start', 'switch', 'drain']);
+});
+
+test.run();
