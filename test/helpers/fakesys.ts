@@ -361,9 +361,9 @@ export class FakeSys implements Sys {
     throw new Killed(what);
   }
 
-  /** Lets other coroutines run, as real I/O would, so concurrency is exercised. */
+  /** Lets other coroutines run, as real I/O would (a microtask: virtual time only moves in sleep). */
   private yieldNow(): Promise<void> {
-    return new Promise((r) => setImmediate(r));
+    return Promise.resolve();
   }
 
   private at(ms: number, fn: () => void): void {
