@@ -48,7 +48,8 @@ async function verify(ctx: Ctx, o: DeployOptions, check: ReadyCheck, cand: Insta
       throw new PortflipError('deployFailed', `the new instance (pid ${cand.pid}) exited during --verify; switched back`);
     }
     // one failed check can be a blip; two in a row is a failing instance
-    failures = (await checkOnce(ctx.sys, check, cand.port, 2000, { ...env, PORT: String(cand.port) })) ? 0 : failures + 1;
+    const ok = await checkOnce(ctx.sys, check, cand.port, 2000, { ...env, PORT: String(cand.port) });
+    failures = ok ? 0 : failures + 1;
     if (failures >= 2) throw new PortflipError('deployFailed', `the new instance on port ${cand.port} failed its readiness check during --verify; switched back`);
     if (ctx.abort.aborted) throw new PortflipError('deployFailed', 'interrupted during --verify; switched back');
     await ctx.sys.sleep(250, ctx.abort);
@@ -120,7 +121,8 @@ const DEPLOY: Step<DeployRun>[] = [
       if (r.preload && r.preload.path === null) ctx.emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${r.preload.why}` });
       const extraEnv = r.preload?.path ? preloadEnv(r.pre.env, r.preload.path, o.stop.killAfterMs) : {};
       const env = { ...r.pre.env, ...extraEnv, PORT: String(cand.port) };
-      r.spawned = await spawnInstance(ctx.sys, { command: cand.command, port: cand.port, cwd: o.cwd, env, user: r.pre.user, log: cand.log });
+      const spec = { command: cand.command, port: cand.port, cwd: o.cwd, env, user: r.pre.user, log: cand.log };
+      r.spawned = await spawnInstance(ctx.sys, spec);
       cand.pid = r.spawned.pid;
       cand.startTime = (await readStat(ctx.sys, cand.pid))?.startTime ?? null;
       await writeState(ctx.sys, ctx.paths, st);
@@ -286,7 +288,10 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       emit({ kind: 'log-tail', app: o.app, port: r.cand.port, log: r.cand.log, lines: await logTail(sys, r.cand.log) });
     }
     const onFailure = o.hooks?.on_failure;
-    if (onFailure) await runHook(sys, 'on_failure', onFailure, hookContext(r, 'on_failure', at)).catch((e) => emit({ kind: 'notice', app: o.app, message: `${(e as Error).message}; the deploy goes on` }));
+    if (onFailure) {
+      await runHook(sys, 'on_failure', onFailure, hookContext(r, 'on_failure', at))
+        .catch((e) => emit({ kind: 'notice', app: o.app, message: `${(e as Error).message}; the deploy goes on` }));
+    }
     throw err;
   } finally {
     await pre.lock.release();
@@ -436,13 +441,15 @@ function plan(r: DeployRun): void {
 }
 
 /** Runs one lifecycle hook; its output goes to portflip's stderr so --json stdout stays clean. */
-async function runHook(sys: Sys, name: HookName, command: string, o: { cwd: string; env: NodeJS.ProcessEnv; user?: User }): Promise<void> {
+type HookPlace = { cwd: string; env: NodeJS.ProcessEnv; user?: User };
+async function runHook(sys: Sys, name: HookName, command: string, o: HookPlace): Promise<void> {
   const r = await sys.run('sh', ['-c', command], {
     cwd: o.cwd, env: o.env, uid: o.user?.uid, gid: o.user?.gid, output: 'stderr', timeoutMs: HOOK_TIMEOUT_MS,
   });
   if (r.error) throw new PortflipError('deployFailed', `${name} hook could not start: ${r.error}`);
   if (r.code !== 0) {
-    throw new PortflipError('deployFailed', `${name} hook failed (${r.signal ? `killed by ${r.signal}` : `exit ${r.code}`}): ${command}`);
+    const how = r.signal ? `killed by ${r.signal}` : `exit ${r.code}`;
+    throw new PortflipError('deployFailed', `${name} hook failed (${how}): ${command}`);
   }
 }
 

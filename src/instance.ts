@@ -49,14 +49,15 @@ export type Spawned = Child;
 /** Detached in its own group, with a fresh log (so a failure's tail is its own) and portflip's first priority. */
 export async function spawnInstance(sys: Sys, spec: SpawnSpec): Promise<Spawned> {
   const [cmd, ...args] = spec.command;
-  const child = await sys.spawn(cmd, args, { cwd: spec.cwd, env: spec.env, uid: spec.user?.uid, gid: spec.user?.gid, log: spec.log });
+  const { cwd, env, user, log } = spec;
+  const child = await sys.spawn(cmd, args, { cwd, env, uid: user?.uid, gid: user?.gid, log });
   if (sys.getPriority() !== sys.startPriority) sys.setPriority(child.pid, sys.startPriority);
   return child;
 }
 
 export type ReadyCheck = { kind: 'tcp' } | { kind: 'http'; url: string } | { kind: 'cmd'; command: string; cwd: string; user?: User };
 
-export const checkOnce = async (sys: Sys, check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS.ProcessEnv): Promise<boolean> => {
+export async function checkOnce(sys: Sys, check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS.ProcessEnv) {
   switch (check.kind) {
     case 'tcp':
       return (await sys.connect('127.0.0.1', port, timeoutMs)) || sys.connect('::1', port, timeoutMs);
@@ -64,12 +65,13 @@ export const checkOnce = async (sys: Sys, check: ReadyCheck, port: number, timeo
       return sys.httpOk(check.url.replaceAll('{port}', String(port)), timeoutMs);
     case 'cmd': {
       const r = await sys.run('sh', ['-c', check.command.replaceAll('{port}', String(port))], {
-        env: { ...env, PORT: String(port) }, cwd: check.cwd, uid: check.user?.uid, gid: check.user?.gid, output: 'ignore', timeoutMs,
+        env: { ...env, PORT: String(port) }, cwd: check.cwd, uid: check.user?.uid, gid: check.user?.gid,
+        output: 'ignore', timeoutMs,
       });
-      return r.code === 0 && !r.signal;
+      return r.code === 0;
     }
   }
-};
+}
 
 export type ReadyOutcome = { ready: true } | { ready: false; reason: string };
 

@@ -400,7 +400,8 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
   const probe = await sys.run(tool('ipv4', backend, 'save'), ['-t', 'nat']);
   if (probe.code !== 0) fail('noIptables', `iptables does not work here (${tool('ipv4', backend, 'save')}: ${firstLine(probe.stderr)})`);
   const families: Family[] = ['ipv4'];
-  const v6 = (await sys.readText('/proc/net/if_inet6')) !== null && (await which(sys, tool('ipv6', backend, 'restore'))) !== null;
+  const v6 = (await sys.readText('/proc/net/if_inet6')) !== null
+    && (await which(sys, tool('ipv6', backend, 'restore'))) !== null;
   if (v6 && (await sys.run(tool('ipv6', backend, 'save'), ['-t', 'nat'])).code === 0) families.push('ipv6');
   return new Iptables(sys, backend, families);
 }

@@ -183,7 +183,9 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
     move(active, 'active');
     // the switch committed but its state write did not: the families it switched are the app's now,
     // or the repair below would take the live redirect away from the instance it just adopted
-    for (const [f, view] of views) if (appRules(view, app).target === active.port && !st.families.includes(f)) st.families.push(f);
+    for (const [f, view] of views) {
+      if (appRules(view, app).target === active.port && !st.families.includes(f)) st.families.push(f);
+    }
   }
   if (!active) active = alive.find((i) => i.state === 'active') ?? alive.find((i) => i.state === 'kept');
   if (active) move(active, 'active');
@@ -213,8 +215,8 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
 /** A detached helper that retires kept instances when their time is up, after this CLI has returned. */
 export async function spawnReaper(ctx: Ctx, app: string): Promise<number | undefined> {
   // no reaper is no harm: the next portflip run retires what is due
-  const child = await ctx.sys.spawn(process.execPath, [process.argv[1], '_reap', app], { env: ctx.env }).catch(() => null);
-  return child?.pid;
+  const reaper = ctx.sys.spawn(process.execPath, [process.argv[1], '_reap', app], { env: ctx.env });
+  return (await reaper.catch(() => null))?.pid;
 }
 
 /** Live rules against the state file, for `portflip run` and `portflip watch`; repairs under the app's lock. */

@@ -42,7 +42,8 @@ export interface FakeProc {
   exit(e: Exit): void;
 }
 
-type Node = { kind: 'file'; data: string; mode: number; uid: number; gid: number } | { kind: 'dir'; mode: number; uid: number; gid: number };
+type Owner = { mode: number; uid: number; gid: number };
+type Node = ({ kind: 'file'; data: string } & Owner) | ({ kind: 'dir' } & Owner);
 
 /** A chain: its policy (built-in chains) and its rules as iptables-save prints them ("-A CHAIN ..."). */
 interface Chain {
@@ -52,9 +53,14 @@ interface Chain {
 type Table = Map<string, Chain>;
 type Tables = Record<'nat' | 'filter', Table>;
 
-const BUILTIN: Record<'nat' | 'filter', string[]> = { nat: ['PREROUTING', 'INPUT', 'OUTPUT', 'POSTROUTING'], filter: ['INPUT', 'FORWARD', 'OUTPUT'] };
+const BUILTIN: Record<'nat' | 'filter', string[]> = {
+  nat: ['PREROUTING', 'INPUT', 'OUTPUT', 'POSTROUTING'],
+  filter: ['INPUT', 'FORWARD', 'OUTPUT'],
+};
 const TARGETS = new Set(['ACCEPT', 'DROP', 'REJECT', 'REDIRECT', 'RETURN', 'DNAT', 'SNAT', 'MASQUERADE', 'LOG']);
-const TOOLS = ['iptables-nft-save', 'iptables-nft-restore', 'ip6tables-nft-save', 'ip6tables-nft-restore', 'nft', 'sh', 'getent'];
+const TOOLS = ['iptables-nft-save', 'iptables-nft-restore', 'ip6tables-nft-save', 'ip6tables-nft-restore', 'nft', 'sh'];
+const SYSTEM_PATH = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin'];
+const exe = (): Node => ({ kind: 'file', data: '', mode: 0o755, uid: 0, gid: 0 });
 
 function emptyTables(): Tables {
   const t = (names: string[]): Table => new Map(names.map((n) => [n, { policy: 'ACCEPT', rules: [] }]));
@@ -87,13 +93,15 @@ export class FakeSys implements Sys {
   private ticking = false;
 
   constructor() {
-    for (const d of ['/', '/proc', '/var/lib', '/run', '/srv/app', '/tmp']) this.files.set(d, { kind: 'dir', mode: 0o755, uid: 0, gid: 0 });
-    for (const d of new Set(['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin', ...(process.env.PATH ?? '').split(':')])) {
+    this.files.set('/', { kind: 'dir', mode: 0o755, uid: 0, gid: 0 });
+    for (const d of ['/proc', '/var/lib', '/run', '/srv/app', '/tmp']) this.mkdirp(d, 0o755);
+    // iptables is looked up in portflip's own PATH (which()), so the tools are wherever that points
+    for (const d of new Set([...SYSTEM_PATH, ...(process.env.PATH ?? '').split(':')])) {
       if (!d.startsWith('/')) continue;
       this.mkdirp(d, 0o755);
-      for (const tool of TOOLS) this.files.set(posix.join(d, tool), { kind: 'file', data: '', mode: 0o755, uid: 0, gid: 0 });
+      for (const tool of TOOLS) this.files.set(posix.join(d, tool), exe());
     }
-    this.files.set('/usr/bin/fakeapp', { kind: 'file', data: '', mode: 0o755, uid: 0, gid: 0 });
+    this.files.set('/usr/bin/fakeapp', exe());
     this.revive();
   }
 
@@ -161,6 +169,7 @@ export class FakeSys implements Sys {
       const err = this.restore(family, opts.input ?? '', args.includes('--noflush'));
       return err ? { code: 1, stdout: '', stderr: `${name}: ${err}` } : { code: 0, stdout: '', stderr: '' };
     }
+    // an empty ruleset: no native chain drops by default, so the guard has nothing to do
     if (name === 'nft') return { code: 0, stdout: args[0] === '-j' ? '{"nftables":[{"metainfo":{}}]}' : '', stderr: '' };
     if (name === 'getent') return { code: 2, stdout: '', stderr: '' };
     if (name === 'sh' && args[0] === '-c') return { code: this.shell(args[1]), stdout: '', stderr: '' };
@@ -173,7 +182,9 @@ export class FakeSys implements Sys {
     const dirs = cmd.includes('/') ? [''] : (opts.env.PATH ?? '').split(':');
     const found = dirs.some((d) => this.files.get(posix.join(d, cmd))?.mode! & 0o111);
     if (!found && cmd !== process.execPath) throw errno('ENOENT', `spawn ${cmd}`, cmd);
-    if (opts.log) this.files.set(opts.log, { kind: 'file', data: `${cmd} started\n`, mode: 0o640, uid: opts.uid ?? 0, gid: opts.gid ?? 0 });
+    if (opts.log) {
+      this.files.set(opts.log, { kind: 'file', data: `${cmd} started\n`, mode: 0o640, uid: opts.uid ?? 0, gid: opts.gid ?? 0 });
+    }
     const port = opts.env.PORT ? Number(opts.env.PORT) : null;
     const p = this.newProc([cmd, ...args], opts.env, port);
     if (port !== null) {
@@ -187,7 +198,8 @@ export class FakeSys implements Sys {
   kill(pid: number, signal: NodeJS.Signals | 0): boolean {
     if (signal !== 0) this.effect(`kill ${pid} ${signal}`);
     else this.alive(`kill ${pid} 0`);
-    const targets = pid < 0 ? [...this.procs.values()].filter((p) => p.pgid === -pid) : [this.procs.get(pid)].filter(Boolean) as FakeProc[];
+    const all = [...this.procs.values()];
+    const targets = all.filter((p) => (pid < 0 ? p.pgid === -pid : p.pid === pid));
     if (signal === 0) return targets.length > 0;
     for (const p of targets) {
       p.signals.push({ signal, at: this.t });
@@ -201,7 +213,8 @@ export class FakeSys implements Sys {
   async readText(path: string): Promise<string | null> {
     this.alive(`read ${path}`);
     await this.yieldNow();
-    return this.procText(path) ?? (this.files.get(path)?.kind === 'file' ? (this.files.get(path) as { data: string }).data : null);
+    const n = this.files.get(path);
+    return this.procText(path) ?? (n?.kind === 'file' ? n.data : null);
   }
 
   async readLinesWhile(path: string, more: (line: string, index: number) => boolean): Promise<string[] | null> {
@@ -313,8 +326,8 @@ export class FakeSys implements Sys {
       if (fd) return this.procs.get(Number(fd[1]))?.listening ? ['0', '1', '2', '3'] : ['0', '1', '2'];
       if (this.node(path, 'scandir').kind !== 'dir') throw errno('ENOTDIR', 'scandir', path);
       const prefix = path.endsWith('/') ? path : `${path}/`;
-      return [...this.files.keys()].filter((k) => k.startsWith(prefix) && k !== prefix && !k.slice(prefix.length).includes('/'))
-        .map((k) => k.slice(prefix.length));
+      const names = [...this.files.keys()].filter((k) => k.startsWith(prefix)).map((k) => k.slice(prefix.length));
+      return names.filter((k) => k && !k.includes('/'));
     },
     readlink: async (path) => {
       this.alive(`readlink ${path}`);
@@ -330,7 +343,8 @@ export class FakeSys implements Sys {
       this.alive(`stat ${path}`);
       await this.yieldNow();
       const n = this.node(path, 'stat');
-      return { isFile: n.kind === 'file', isDirectory: n.kind === 'dir', mode: n.mode, uid: n.uid, gid: n.gid, size: n.kind === 'file' ? Buffer.byteLength(n.data) : 4096 };
+      const size = n.kind === 'file' ? Buffer.byteLength(n.data) : 4096;
+      return { isFile: n.kind === 'file', isDirectory: n.kind === 'dir', mode: n.mode, uid: n.uid, gid: n.gid, size };
     },
     canExec: async (path) => {
       this.alive(`access ${path}`);
@@ -447,7 +461,7 @@ export class FakeSys implements Sys {
     if (path === '/proc/uptime') return `${(100_000 + this.t / 1000).toFixed(2)} 0.00\n`;
     if (path === '/proc/sys/net/ipv6/bindv6only') return '0\n';
     if (path === '/proc/net/tcp') return this.netTcp();
-    if (path === '/proc/net/tcp6') return '  sl  local_address                         remote_address                        st\n';
+    if (path === '/proc/net/tcp6') return '  sl  local_address remote_address st\n'; // instances listen on 0.0.0.0
     const m = /^\/proc\/(\d+)\/(stat|environ|comm)$/.exec(path);
     if (!m) return null;
     const p = this.procs.get(Number(m[1]));
@@ -462,14 +476,17 @@ export class FakeSys implements Sys {
 
   private netTcp(): string {
     const hex = (n: number, w: number) => n.toString(16).toUpperCase().padStart(w, '0');
+    const addr = (remotePort: number) => (remotePort ? '0100007F' : '00000000'); // a listener on 0.0.0.0, clients on lo
     const line = (i: number, port: number, remotePort: number, st: string, inode: number) =>
-      `${String(i).padStart(4)}: ${remotePort ? '0100007F' : '00000000'}:${hex(port, 4)} ${remotePort ? '0100007F' : '00000000'}:${hex(remotePort, 4)} ` +
+      `${String(i).padStart(4)}: ${addr(remotePort)}:${hex(port, 4)} ${addr(remotePort)}:${hex(remotePort, 4)} ` +
       `${st} 00000000:00000000 00:00000000 00000000     0        0 ${inode} 1 0000000000000000 100 0 0 10 0`;
     const lines = ['  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode'];
     const procs = [...this.procs.values()].filter((p) => p.port !== null);
     // listeners first, as the kernel lists them (tcpListeners stops at the first other line)
     for (const p of procs) if (p.listening) lines.push(line(lines.length - 1, p.port!, 0, '0A', p.inode));
-    for (const p of procs) for (let c = 0; c < p.connections; c++) lines.push(line(lines.length - 1, p.port!, 40_000 + c, '01', 0));
+    for (const p of procs) {
+      for (let c = 0; c < p.connections; c++) lines.push(line(lines.length - 1, p.port!, 40_000 + c, '01', 0));
+    }
     return lines.join('\n') + '\n';
   }
 
@@ -499,7 +516,8 @@ export class FakeSys implements Sys {
       if (line.startsWith('*')) {
         name = line.slice(1) as 'nat' | 'filter';
         if (name !== 'nat' && name !== 'filter') return bad('unknown table');
-        work = new Map([...this.iptables[family][name]].map(([k, c]) => [k, { policy: c.policy, rules: [...c.rules] }]));
+        const live = [...this.iptables[family][name]];
+        work = new Map(live.map(([k, c]) => [k, { policy: c.policy, rules: [...c.rules] }]));
         continue;
       }
       if (!work || !name) return bad('no table');
@@ -555,7 +573,8 @@ export function fakeCtx(sys: FakeSys, abort = new AbortController().signal): { c
 /** Deploy options for the fake app: `fakeapp` on port 80, tcp readiness, a plain stop signal. */
 export function fakeDeploy(over: Partial<DeployOptions> = {}): DeployOptions {
   return {
-    app: 'web', listen: 80, command: ['fakeapp'], cwd: '/srv/app', env: {}, ready: { kind: 'tcp' }, readyTimeoutMs: 5000,
+    app: 'web', listen: 80, command: ['fakeapp'], cwd: '/srv/app', env: {},
+    ready: { kind: 'tcp' }, readyTimeoutMs: 5000,
     stop: { drain: 'signal', drainTimeoutMs: 3000, stopSignal: 'SIGTERM', killAfterMs: 2000 },
     ipv6: 'auto', dryRun: false, firewall: { mode: 'auto', exposePorts: false, allowFrom: [] }, nodeDrain: false,
     ...over,

@@ -20,7 +20,8 @@ async function invariant(sys: FakeSys, where: string): Promise<void> {
   const recorded = (st?.instances ?? []).map((i) => i.pid).sort();
   assert.equal(live, recorded, `${where}: live instances ${live} are not the recorded ones ${recorded} (orphans)`);
   const states = (st?.instances ?? []).map((i) => i.state);
-  assert.ok(states.every((s) => s === 'active' || s === 'kept'), `${where}: left ${states} (a candidate or draining one)`);
+  const settled = states.every((s) => s === 'active' || s === 'kept');
+  assert.ok(settled, `${where}: left ${states} (a candidate or draining one)`);
   if (target !== null) {
     const p = sys.listener(target);
     assert.ok(p, `${where}: the redirect points at port ${target}, where nothing listens`);
@@ -35,18 +36,20 @@ async function invariant(sys: FakeSys, where: string): Promise<void> {
 /** Runs `setup`, then the deploy dying before effect n, then restore and another deploy. Returns the steps reached. */
 type Setup = (sys: FakeSys) => Promise<void>;
 
-async function killedAt(n: number, setup: Setup, opts: Partial<DeployOptions>): Promise<{ died: boolean; reached: StepName[]; at: string }> {
+type Outcome = { died: boolean; reached: StepName[]; at: string };
+
+async function killedAt(n: number, setup: Setup, opts: Partial<DeployOptions>): Promise<Outcome> {
   const sys = new FakeSys();
   await setup(sys);
   sys.killAt = sys.effects + n;
   const { ctx, events } = fakeCtx(sys);
   const err = await deploy(fakeDeploy(opts), ctx).then(() => null, (e) => e);
-  const reached = events.filter((e) => e.kind === 'step' && e.status === 'ok').map((e) => (e as { step: StepName }).step);
+  const reached = events.flatMap((e) => (e.kind === 'step' && e.status === 'ok' ? [e.step] : []));
   const died = sys.dead;
   const at = died ? sys.effectLog[sys.effectLog.length - 1] : 'completed';
-  // a death at an effect whose failure is ignored (the lock's release) lets the deploy end "ok": it is dead all the same
+  // a death at an effect whose failure is ignored (the lock's release) lets the deploy end "ok": dead all the same
   if (!died) assert.is(err, null, `kill ${n} beyond the last effect: the deploy should complete (${err})`);
-  else assert.ok(err === null || /portflip was killed before/.test(err.message), `kill ${n}: the deploy failed with ${err}, not with its death`);
+  else assert.ok(err === null || /portflip was killed before/.test(err.message), `kill ${n}: failed with ${err}, not its death`);
   sys.revive();
   await sys.advance(1000); // the restart takes a while: the candidate, if any, is listening by now
   await restore(fakeCtx(sys).ctx);
@@ -71,7 +74,7 @@ async function everyKillPoint(setup: Setup, want: StepName[], opts: Partial<Depl
   assert.equal([...reachedBeforeDeath].sort(), [...want].sort(), 'a kill landed inside every step');
 }
 
-test('a first deploy killed before any of its effects leaves nothing, or a serving instance, after repair', async () => {
+test('a first deploy killed before any of its effects leaves nothing, or one serving instance', async () => {
   await everyKillPoint(async () => {}, ['preflight', 'start', 'switch']);
 });
 
@@ -83,7 +86,8 @@ test('a second deploy killed before any of its effects leaves one serving instan
 
 test('a deploy with every hook, killed before each effect (hooks included), is repaired the same way', async () => {
   const hooks = { before_start: 'true', after_ready: 'true', after_switch: 'true', after_drain: 'true' };
-  await everyKillPoint(deployed, ['preflight', 'before_start', 'start', 'after_ready', 'switch', 'after_switch', 'drain', 'after_drain'], { hooks });
+  const all: StepName[] = ['preflight', 'before_start', 'start', 'after_ready', 'switch', 'after_switch', 'drain', 'after_drain'];
+  await everyKillPoint(deployed, all, { hooks });
 });
 
 test('a deploy that first retires a kept instance, killed before each effect, is repaired the same way', async () => {
