@@ -38,7 +38,10 @@ type Setup = (sys: FakeSys) => Promise<void>;
 
 type Outcome = { died: boolean; reached: StepName[]; at: string };
 
-async function killedAt(n: number, setup: Setup, opts: Partial<DeployOptions>): Promise<Outcome> {
+/** The run after the death: `restore`, or straight away another deploy (whose preflight repairs first). */
+type Next = 'restore' | 'deploy';
+
+async function killedAt(n: number, setup: Setup, opts: Partial<DeployOptions>, next: Next): Promise<Outcome> {
   const sys = new FakeSys();
   await setup(sys);
   sys.killAt = sys.effects + n;
@@ -52,8 +55,10 @@ async function killedAt(n: number, setup: Setup, opts: Partial<DeployOptions>): 
   else assert.ok(err === null || /portflip was killed before/.test(err.message), `kill ${n}: failed with ${err}, not its death`);
   sys.revive();
   await sys.advance(1000); // the restart takes a while: the candidate, if any, is listening by now
-  await restore(fakeCtx(sys).ctx);
-  await invariant(sys, `killed before effect ${n} (${at}), after restore`);
+  if (next === 'restore') {
+    await restore(fakeCtx(sys).ctx);
+    await invariant(sys, `killed before effect ${n} (${at}), after restore`);
+  }
   await deploy(fakeDeploy(), fakeCtx(sys).ctx);
   await invariant(sys, `killed before effect ${n} (${at}), after the next deploy`);
   assert.ok(sys.redirectTarget('web') !== null, 'the next deploy serves');
@@ -61,11 +66,11 @@ async function killedAt(n: number, setup: Setup, opts: Partial<DeployOptions>): 
 }
 
 /** Kills before effect 1, 2, ... until a deploy completes; every deploy step must have been cut short once. */
-async function everyKillPoint(setup: Setup, want: StepName[], opts: Partial<DeployOptions> = {}): Promise<void> {
+async function everyKillPoint(setup: Setup, want: StepName[], opts: Partial<DeployOptions> = {}, next: Next = 'restore') {
   const reachedBeforeDeath = new Set<StepName>();
   let n = 1;
   for (; n < 500; n++) {
-    const r = await killedAt(n, setup, opts);
+    const r = await killedAt(n, setup, opts, next);
     if (!r.died) break;
     // the step that was running when it died is the first not reached
     for (const s of want) if (!r.reached.includes(s)) { reachedBeforeDeath.add(s); break; }
@@ -82,6 +87,10 @@ const deployed: Setup = async (sys) => void (await deploy(fakeDeploy(), fakeCtx(
 
 test('a second deploy killed before any of its effects leaves one serving instance after repair', async () => {
   await everyKillPoint(deployed, ['preflight', 'start', 'switch', 'drain']);
+});
+
+test('a second deploy killed before any of its effects is repaired by the next deploy itself', async () => {
+  await everyKillPoint(deployed, ['preflight', 'start', 'switch', 'drain'], {}, 'deploy');
 });
 
 test('a deploy with every hook, killed before each effect (hooks included), is repaired the same way', async () => {
