@@ -164,13 +164,13 @@ export async function main(argv: string[]): Promise<number> {
       (a) =>
         run(async () => {
           const app = appName(a);
-          const { path, config } = await readConfig(app, a.config as string | undefined);
+          const { path, config } = await readConfig(ctx.sys, app, a.config as string | undefined);
           await deploy(toDeployOptions({ ...a, app }, config, path), ctx);
         }),
     )
     .command('init [app]', 'write a commented starting config file (/etc/portflip/APP.toml or -c FILE)', (y) => appArg(y), (a) =>
       run(async () => {
-        const path = await writeStarter(appName(a), a.config as string | undefined);
+        const path = await writeStarter(ctx.sys, appName(a), a.config as string | undefined);
         process.stderr.write(`wrote ${path}; edit it, then: portflip deploy ${appName(a)}\n`);
       }),
     )
@@ -183,7 +183,7 @@ export async function main(argv: string[]): Promise<number> {
           // a long-lived supervisor queues its own signals (supervisor.ts); the one-shot Ctrl-C handling in main() does not apply
           for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.removeAllListeners(sig);
           const load = async () => {
-            const { path, config } = await readConfig(app, a.config as string | undefined);
+            const { path, config } = await readConfig(ctx.sys, app, a.config as string | undefined);
             return toDeployOptions({ ...a, app }, config, path);
           };
           await supervise({ app, load }, ctx);
