@@ -2,7 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { restore } from '../../src/commands.js';
+import { restore, rollback, stop } from '../../src/commands.js';
 import { deploy } from '../../src/deploy.js';
 import { PortflipError } from '../../src/errors.js';
 import type { Event } from '../../src/events.js';
@@ -117,6 +117,39 @@ test('the next run drops an instance that died and removes a redirect that point
   assert.not.ok(sys.iptables.ipv4.nat.has('PF-web'), 'the app chain is gone');
   assert.ok(noticed(events, /active instance on port \d+ \(pid \d+\) is gone/));
   assert.equal((await readState(sys, FAKE_PATHS, 'web'))!.instances, []);
+});
+
+test('rollback points back at the kept instance in one commit and drains the one it leaves', async () => {
+  const sys = new FakeSys();
+  await deploy(fakeDeploy(), fakeCtx(sys).ctx);
+  const [v1] = sys.apps();
+  await deploy(fakeDeploy({ keepOldMs: 60_000 }), fakeCtx(sys).ctx);
+  const v2 = sys.apps().find((p) => p !== v1)!;
+  assert.equal(v1.signals, [], 'the kept instance was not signalled');
+  assert.is(sys.redirectTarget('web'), v2.port);
+  const { ctx, events } = fakeCtx(sys);
+  await rollback(ctx, 'web');
+  assert.equal(steps(events), ['rollback:ok', 'drain:ok']);
+  assert.is(sys.redirectTarget('web'), v1.port);
+  assert.equal(v2.signals.map((x) => x.signal), ['SIGTERM']);
+  assert.equal(sys.apps().map((p) => p.pid), [v1.pid]);
+  const st = (await readState(sys, FAKE_PATHS, 'web'))!;
+  assert.equal(st.instances.map((i) => [i.pid, i.state, i.keepUntil]), [[v1.pid, 'active', undefined]]);
+});
+
+test('stop with a foreign rule jumping to the app chain empties the chain, says so, and stops the instance', async () => {
+  const sys = new FakeSys();
+  await deploy(fakeDeploy(), fakeCtx(sys).ctx);
+  const [v1] = sys.apps();
+  sys.iptables.ipv4.nat.get('PREROUTING')!.rules.push('-A PREROUTING -p tcp -j PF-web');
+  const { ctx, events } = fakeCtx(sys);
+  await stop(ctx, 'web');
+  assert.ok(noticed(events, /rules outside portflip still jump to PF-web \(-A PREROUTING -p tcp -j PF-web\)/));
+  assert.equal(sys.iptables.ipv4.nat.get('PF-web')?.rules, [], 'left in place, empty');
+  assert.not.ok(sys.iptables.ipv4.nat.has('PORTFLIP'), 'the root chain went');
+  assert.equal(v1.signals.map((x) => x.signal), ['SIGTERM']);
+  assert.equal(sys.apps(), []);
+  assert.is(await readState(sys, FAKE_PATHS, 'web'), null);
 });
 
 test.run();
