@@ -1,13 +1,12 @@
 // `portflip agent`: answers HAProxy's agent-check for one app from portflip's state, read-only (no lock, no rules).
 //
-// HAProxy connects to the agent port every agent-inter, reads one line and closes. The line carries up to
+// HAProxy connects to the agent port (a node:net server, like the supervisor's control socket; files go through Sys) every agent-inter, reads one line and closes. The line carries up to
 // three things, each optional: an administrative word (ready, drain, maint), an operational word (up, down)
 // and a weight ("100%"). The agent only speaks about the administrative state when the operator set a mode
 // on this host (`portflip agent APP --set MODE`, a flag file next to the state file), so a drain or maint
 // set on the balancer (by hand or by the playbook's load-balancer mode) is not undone by the agent.
 
 import { createServer, type Server, type Socket } from 'node:net';
-import { rename, stat, unlink, writeFile, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { PortflipError, fail } from './errors.js';
 import type { Emit } from './events.js';
@@ -68,12 +67,12 @@ export async function readView(sys: Sys, p: Paths, app: string): Promise<AgentVi
   const file = flagFile(p, app);
   let mode: AgentMode | null = null;
   try {
-    const [text, st] = await Promise.all([readFile(file, 'utf8'), stat(file)]);
-    mode = modeFromFlag(text, Date.now() - st.mtimeMs);
+    const [text, st] = await Promise.all([sys.fs.read(file), sys.fs.stat(file)]);
+    mode = modeFromFlag(text, sys.wallNow() - st.mtimeMs);
   } catch {
     mode = null; // no flag file
   }
-  const state = await readState(p, app);
+  const state = await readState(sys, p, app);
   const active = state?.instances.find((i) => i.state === 'active');
   return {
     app,
@@ -85,19 +84,17 @@ export async function readView(sys: Sys, p: Paths, app: string): Promise<AgentVi
 }
 
 /** `portflip agent APP --set MODE`: writes (or with clear, removes) the flag file, atomically. Touches nothing else. */
-export async function setMode(p: Paths, app: string, mode: string): Promise<string> {
+export async function setMode(sys: Sys, p: Paths, app: string, mode: string): Promise<string> {
   appChain(app); // the same name rules as everywhere else
   if (!(SET_MODES as readonly string[]).includes(mode)) fail('usage', `--set ${mode}: use one of ${SET_MODES.join(', ')}`);
   const noDir = `${p.stateDir} does not exist: deploy an app on this host first (or set PORTFLIP_STATE_DIR)`;
-  await stat(p.stateDir).catch(() => fail('config', noDir));
+  await sys.fs.stat(p.stateDir).catch(() => fail('config', noDir));
   const file = flagFile(p, app);
   if (mode === 'clear') {
-    await unlink(file).catch(() => {});
+    await sys.fs.unlink(file).catch(() => {});
     return file;
   }
-  const tmp = `${file}.${process.pid}.tmp`;
-  await writeFile(tmp, `${mode}\n`, { mode: 0o644 });
-  await rename(tmp, file);
+  await sys.fs.writeAtomic(file, `${mode}\n`, 0o644);
   return file;
 }
 

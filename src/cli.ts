@@ -165,13 +165,13 @@ export async function main(argv: string[]): Promise<number> {
       (a) =>
         run(async () => {
           const app = appName(a);
-          const { path, config } = await readConfig(app, a.config as string | undefined);
+          const { path, config } = await readConfig(ctx.sys, app, a.config as string | undefined);
           await deploy(toDeployOptions({ ...a, app }, config, path), ctx);
         }),
     )
     .command('init [app]', 'write a commented starting config file (/etc/portflip/APP.toml or -c FILE)', (y) => appArg(y), (a) =>
       run(async () => {
-        const path = await writeStarter(appName(a), a.config as string | undefined);
+        const path = await writeStarter(ctx.sys, appName(a), a.config as string | undefined);
         process.stderr.write(`wrote ${path}; edit it, then: portflip deploy ${appName(a)}\n`);
       }),
     )
@@ -184,7 +184,7 @@ export async function main(argv: string[]): Promise<number> {
           // a long-lived supervisor queues its own signals (supervisor.ts); the one-shot Ctrl-C handling in main() does not apply
           for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.removeAllListeners(sig);
           const load = async () => {
-            const { path, config } = await readConfig(app, a.config as string | undefined);
+            const { path, config } = await readConfig(ctx.sys, app, a.config as string | undefined);
             return toDeployOptions({ ...a, app }, config, path);
           };
           await supervise({ app, load }, ctx);
@@ -251,7 +251,7 @@ export async function main(argv: string[]): Promise<number> {
         run(async () => {
           const app = appName(a);
           if (a.set !== undefined) {
-            const file = await setMode(ctx.paths, app, String(a.set));
+            const file = await setMode(ctx.sys, ctx.paths, app, String(a.set));
             process.stderr.write(`${app}: agent mode ${a.set} (${file})\n`);
           } else if (a.once) process.stdout.write(agentAnswer(await readView(ctx.sys, ctx.paths, app)) + '\n');
           else {

@@ -1,6 +1,5 @@
 // The commands around a deploy: status, rollback, stop, restore, cleanup, and the kept-instance reaper.
 
-import { open, readFile } from 'node:fs/promises';
 import { fail, PortflipError } from './errors.js';
 import { drainAndStop } from './instance.js';
 import { move } from './lifecycle.js';
@@ -25,13 +24,13 @@ interface AppRun {
 
 /** Runs steps on the app's state under its lock, after finding out what is real (unless the steps do that). */
 async function withApp(ctx: Ctx, app: string, what: string, steps: Step<AppRun>[], prepare?: (r: AppRun) => void, reconcileFirst = true): Promise<void> {
-  const recorded = await readState(ctx.paths, app);
+  const recorded = await readState(ctx.sys, ctx.paths, app);
   const ipt = await openIptables(ctx, recorded?.backend);
   if (!recorded) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir}); deploy it first`);
-  await ensureDirs(ctx.paths);
+  await ensureDirs(ctx.sys, ctx.paths);
   const lock = await takeLock(ctx.sys, ctx.paths, app, `${what} ${app}`, (m) => ctx.emit({ kind: 'notice', app, message: m }));
   try {
-    const st = (await readState(ctx.paths, app))!;
+    const st = (await readState(ctx.sys, ctx.paths, app))!;
     if (reconcileFirst) await reconcile(ctx, ipt, st);
     const r: AppRun = { ctx, st, ipt, stopped: 0, foreign: new Set() };
     prepare?.(r);
@@ -48,7 +47,7 @@ async function withApp(ctx: Ctx, app: string, what: string, steps: Step<AppRun>[
 
 const pointAll = async (r: AppRun) => {
   for (const f of r.ipt.families) await applySpec(r.ipt, f, wantedSpec(r.st, f));
-  await writeState(r.ctx.paths, r.st);
+  await writeState(r.ctx.sys, r.ctx.paths, r.st);
 };
 
 /** rollback: back to the kept instance in one commit per family, then the instance it leaves drains. */
@@ -115,7 +114,7 @@ const STOP: Step<AppRun>[] = [
       await Promise.all(r.st.instances.map((i) => drainAndStop(r.ctx.sys, r.st.app, i, policy, r.ctx.emit, async () => {})));
       r.stopped = r.st.instances.length;
       r.st.instances = [];
-      await removeState(r.ctx.paths, r.st.app);
+      await removeState(r.ctx.sys, r.ctx.paths, r.st.app);
     },
     detail: (r) => `${r.stopped} instance(s) stopped, state removed`,
   },
@@ -141,7 +140,7 @@ const RESTORE: Step<AppRun>[] = [
 ];
 
 export async function restore(ctx: Ctx): Promise<void> {
-  const apps = await listApps(ctx.paths);
+  const apps = await listApps(ctx.sys, ctx.paths);
   await requireNetAdmin(ctx.sys);
   for (const app of apps) await withApp(ctx, app, 'restore', RESTORE, undefined, false);
   if (!apps.length) ctx.emit({ kind: 'notice', message: `no apps in ${ctx.paths.stateDir}; nothing to restore` });
@@ -150,7 +149,7 @@ export async function restore(ctx: Ctx): Promise<void> {
 export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
   await requireNetAdmin(ctx.sys);
   const started = ctx.sys.now();
-  const apps = await listApps(ctx.paths);
+  const apps = await listApps(ctx.sys, ctx.paths);
   const locks = [];
   try {
     for (const app of apps) locks.push(await takeLock(ctx.sys, ctx.paths, app, 'cleanup', (m) => ctx.emit({ kind: 'notice', app, message: m })));
@@ -158,7 +157,7 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
     const detected = await detectBackend(ctx.sys, ctx.env.PORTFLIP_IPTABLES);
     const backends = new Set<Backend>([detected.backend]);
     for (const app of apps) {
-      const b = (await readState(ctx.paths, app).catch(() => null))?.backend;
+      const b = (await readState(ctx.sys, ctx.paths, app).catch(() => null))?.backend;
       if (b) backends.add(b);
     }
     const guard = await openGuard(ctx.sys);
@@ -178,11 +177,11 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
     let stopped = 0;
     if (stopInstances) {
       for (const app of apps) {
-        const st = await readState(ctx.paths, app).catch(() => null);
+        const st = await readState(ctx.sys, ctx.paths, app).catch(() => null);
         if (!st) continue;
         await Promise.all(st.instances.map((i) => drainAndStop(ctx.sys, app, i, { ...st.stop, drain: 'signal' }, ctx.emit, async () => {})));
         stopped += st.instances.length;
-        await removeState(ctx.paths, app);
+        await removeState(ctx.sys, ctx.paths, app);
       }
     }
     ctx.emit({ kind: 'step', step: 'cleanup', app: '*', status: 'ok', durationMs: ctx.sys.now() - started,
@@ -195,11 +194,11 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
 /** Detached: waits until kept instances are due, then retires them under the lock. */
 export async function reap(ctx: Ctx, app: string): Promise<void> {
   for (;;) {
-    const st = await readState(ctx.paths, app).catch(() => null);
+    const st = await readState(ctx.sys, ctx.paths, app).catch(() => null);
     const kept = st?.instances.filter((i) => i.state === 'kept') ?? [];
     if (!kept.length) return;
     const due = Math.min(...kept.map((i) => i.keepUntil ?? 0));
-    await ctx.sys.sleep(Math.max(0, due - Date.now()) + 50, ctx.abort);
+    await ctx.sys.sleep(Math.max(0, due - ctx.sys.wallNow()) + 50, ctx.abort);
     if (ctx.abort.aborted) return;
     for (let tries = 0; ; tries++) {
       try {
@@ -240,12 +239,12 @@ export interface AppStatus {
 }
 
 export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
-  const apps = only ? [only] : await listApps(ctx.paths);
+  const apps = only ? [only] : await listApps(ctx.sys, ctx.paths);
   const socks = await tcpSockets(ctx.sys);
   const { default: pidusage } = await import('pidusage'); // loaded only where it is used
   const out: AppStatus[] = [];
   for (const app of apps) {
-    const st = await readState(ctx.paths, app);
+    const st = await readState(ctx.sys, ctx.paths, app);
     if (!st) {
       if (only) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir})`);
       continue;
@@ -336,14 +335,14 @@ function formatApps(apps: AppStatus[], colour: boolean): string {
 /** The active instance's log: the last lines, then (with follow) new lines as they come, across deploys. */
 export async function logs(ctx: Ctx, app: string, opts: { follow: boolean; lines: number }, write: (s: string) => void): Promise<void> {
   const activeLog = async () => {
-    const st = await readState(ctx.paths, app);
+    const st = await readState(ctx.sys, ctx.paths, app);
     if (!st) return fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir})`);
     const a = st.instances.find((i) => i.state === 'active');
     return a?.log ?? null;
   };
   let path = await activeLog();
   if (!path) fail('nothingToDo', `"${app}" has no active instance; deploy it first`);
-  const text = await readFile(path!, 'utf8').catch(() => '');
+  const text = await ctx.sys.fs.read(path!).catch(() => '');
   const tail = text.split('\n');
   if (tail.at(-1) === '') tail.pop();
   write(tail.slice(-opts.lines).map((l) => l + '\n').join(''));
@@ -357,20 +356,11 @@ export async function logs(ctx: Ctx, app: string, opts: { follow: boolean; lines
       path = now;
       offset = 0;
     }
-    const fh = await open(path!, 'r').catch(() => null);
-    if (!fh) continue;
-    try {
-      const { size } = await fh.stat();
-      if (size < offset) offset = 0; // truncated: a new instance on the same port
-      if (size > offset) {
-        const buf = Buffer.alloc(size - offset);
-        await fh.read(buf, 0, buf.length, offset);
-        offset = size;
-        write(buf.toString('utf8'));
-      }
-    } finally {
-      await fh.close();
-    }
+    // from the start again when the file got shorter: truncated, a new instance on the same port
+    const chunk = await ctx.sys.fs.readFrom(path!, offset).catch(() => null);
+    if (!chunk) continue;
+    offset = chunk.size;
+    if (chunk.text) write(chunk.text);
   }
 }
 

@@ -1,9 +1,9 @@
 // Per-app config files (TOML): every deploy flag has a key of the same name in snake_case; flags win.
 
-import { readFile, writeFile, mkdir } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { z as Zod } from 'zod';
 import { fail } from './errors.js';
+import type { Sys } from './sys.js';
 
 export const configDir = (env: NodeJS.ProcessEnv = process.env) => env.PORTFLIP_CONFIG_DIR || '/etc/portflip';
 
@@ -51,12 +51,14 @@ export type AppConfig = Zod.infer<ReturnType<typeof makeSchema>>;
  * Reads the app's config file. The default path may be absent (flags then say everything);
  * a file named with -c must exist. Any mistake is one line naming the file and the key.
  */
-export async function readConfig(app: string | undefined, file: string | undefined, env = process.env): Promise<{ path: string | null; config: AppConfig }> {
+export async function readConfig(
+  sys: Sys, app: string | undefined, file: string | undefined, env = process.env,
+): Promise<{ path: string | null; config: AppConfig }> {
   const path = file ?? (app ? join(configDir(env), `${app}.toml`) : null);
   if (!path) return { path: null, config: {} };
   let text: string;
   try {
-    text = await readFile(path, 'utf8');
+    text = await sys.fs.read(path);
   } catch (err) {
     if (!file && (err as NodeJS.ErrnoException).code === 'ENOENT') return { path: null, config: {} };
     return fail('config', `${path}: cannot read it (${(err as NodeJS.ErrnoException).code ?? err})`);
@@ -133,11 +135,11 @@ kill_after = "10s"
 `;
 }
 
-export async function writeStarter(app: string, file: string | undefined, env = process.env): Promise<string> {
+export async function writeStarter(sys: Sys, app: string, file: string | undefined, env = process.env): Promise<string> {
   const path = file ?? join(configDir(env), `${app}.toml`);
-  await mkdir(dirname(path), { recursive: true });
+  await sys.fs.mkdir(dirname(path), 0o777); // the umask decides, as for any directory a user makes
   try {
-    await writeFile(path, starterConfig(app), { flag: 'wx', mode: 0o644 });
+    await sys.fs.write(path, starterConfig(app), 0o644, true);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EEXIST') fail('usage', `${path} already exists; edit it, or remove it first`);
     throw err;

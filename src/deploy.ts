@@ -4,8 +4,6 @@
 // readiness check, or to nothing portflip created. Each step below says what it does and how it
 // is undone; a failure or Ctrl-C undoes the completed steps in reverse, once.
 
-import { spawn } from 'node:child_process';
-import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { HOOKS, type HookName } from './config.js';
 import { move } from './lifecycle.js';
@@ -17,6 +15,7 @@ import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './pro
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type FirewallSettings, type Instance, type StopPolicy } from './state.js';
 import { listenersPreloaded, placePreload, preloadedIn, preloadEnv } from './preload.js';
 import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from './steps.js';
+import type { Sys } from './sys.js';
 
 export interface DeployOptions {
   app: string;
@@ -49,7 +48,8 @@ async function verify(ctx: Ctx, o: DeployOptions, check: ReadyCheck, cand: Insta
       throw new PortflipError('deployFailed', `the new instance (pid ${cand.pid}) exited during --verify; switched back`);
     }
     // one failed check can be a blip; two in a row is a failing instance
-    failures = (await checkOnce(check, cand.port, 2000, { ...env, PORT: String(cand.port) })) ? 0 : failures + 1;
+    const ok = await checkOnce(ctx.sys, check, cand.port, 2000, { ...env, PORT: String(cand.port) });
+    failures = ok ? 0 : failures + 1;
     if (failures >= 2) throw new PortflipError('deployFailed', `the new instance on port ${cand.port} failed its readiness check during --verify; switched back`);
     if (ctx.abort.aborted) throw new PortflipError('deployFailed', 'interrupted during --verify; switched back');
     await ctx.sys.sleep(250, ctx.abort);
@@ -81,7 +81,7 @@ const hookStep = (name: HookName, when: 'before' | 'after', soft = false): Step<
   does: (r) => `run the ${name} hook: ${r.o.hooks?.[name]}`,
   undo: '',
   skip: (r) => !r.o.hooks?.[name] || (name === 'after_drain' && !r.retiring.length),
-  run: (r) => runHook(name, r.o.hooks![name]!, hookContext(r, name)),
+  run: (r) => runHook(r.ctx.sys, name, r.o.hooks![name]!, hookContext(r, name)),
   where: (r) => ({ port: r.cand.port }),
   soft: soft || when === 'after',
 });
@@ -113,18 +113,19 @@ const DEPLOY: Step<DeployRun>[] = [
       run.undo(`stopped the candidate on ${describe(cand)}`, async () => {
         await killNow(ctx.sys, cand);
         st.instances = st.instances.filter((i) => i !== cand);
-        await writeState(ctx.paths, st);
+        await writeState(ctx.sys, ctx.paths, st);
       });
-      await writeState(ctx.paths, st);
+      await writeState(ctx.sys, ctx.paths, st);
       // Node apps get the drain preload; other programs ignore NODE_OPTIONS (README: "The Node drain module")
-      r.preload = o.nodeDrain ? await placePreload(ctx.env, r.pre.user) : null;
+      r.preload = o.nodeDrain ? await placePreload(ctx.sys, ctx.env, r.pre.user) : null;
       if (r.preload && r.preload.path === null) ctx.emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${r.preload.why}` });
       const extraEnv = r.preload?.path ? preloadEnv(r.pre.env, r.preload.path, o.stop.killAfterMs) : {};
       const env = { ...r.pre.env, ...extraEnv, PORT: String(cand.port) };
-      r.spawned = await spawnInstance({ command: cand.command, port: cand.port, cwd: o.cwd, env, user: r.pre.user, log: cand.log });
+      const spec = { command: cand.command, port: cand.port, cwd: o.cwd, env, user: r.pre.user, log: cand.log };
+      r.spawned = await spawnInstance(ctx.sys, spec);
       cand.pid = r.spawned.pid;
       cand.startTime = (await readStat(ctx.sys, cand.pid))?.startTime ?? null;
-      await writeState(ctx.paths, st);
+      await writeState(ctx.sys, ctx.paths, st);
     },
     where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
     detail: (r) => (r.preload?.path ? `node-drain preload in NODE_OPTIONS${r.preload.copied ? ` (${r.preload.path})` : ''}` : undefined),
@@ -222,16 +223,16 @@ async function switchTo(r: DeployRun, run: StepRun): Promise<void> {
     Object.assign(st, { families: before.families, firewall: before.firewall });
     move(cand, 'candidate');
     if (old) [move(old, before.oldState!).keepUntil] = [undefined];
-    await writeState(ctx.paths, st);
+    await writeState(ctx.sys, ctx.paths, st);
   });
   Object.assign(st, { families: r.families, firewall: o.firewall, stop: o.stop });
   move(cand, 'active');
   if (old) {
     move(old, o.keepOldMs ? 'kept' : 'draining');
-    if (o.keepOldMs) old.keepUntil = Date.now() + o.keepOldMs;
+    if (o.keepOldMs) old.keepUntil = ctx.sys.wallNow() + o.keepOldMs;
   }
   r.retiring = st.instances.filter((i) => i.state === 'draining');
-  await writeState(ctx.paths, st);
+  await writeState(ctx.sys, ctx.paths, st);
 }
 
 /** What one family's rules say after the switch: the redirect at `target`, every live port open. */
@@ -263,7 +264,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     prev: st.instances.find((i) => i.state === 'active'),
     stale: st.instances.filter((i) => i.state === 'kept' || i.state === 'draining'),
     cand: {
-      port: pre.port, pid: null, startTime: null, state: 'candidate', startedAt: new Date().toISOString(),
+      port: pre.port, pid: null, startTime: null, state: 'candidate', startedAt: new Date(sys.wallNow()).toISOString(),
       command: o.command.map((a) => a.replaceAll('{port}', String(pre.port))), log: join(paths.logDir, `${o.app}-${pre.port}.log`),
     },
     check: o.ready.kind === 'cmd' ? { ...o.ready, user: pre.user } : o.ready,
@@ -273,7 +274,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   try {
     await runSteps(DEPLOY, r, { app: o.app, sys, emit });
     if (o.keepOldMs && r.prev) {
-      const pid = spawnReaper(ctx, o.app);
+      const pid = await spawnReaper(ctx, o.app);
       emit({ kind: 'notice', app: o.app, message: `keeping ${describe(r.prev)} for instant rollback until ${new Date(r.prev.keepUntil!).toISOString()}; a detached reaper (pid ${pid}) stops it then, or the next portflip run` });
     }
     emit({ kind: 'step', step: 'done', app: o.app, status: 'ok', port: r.cand.port, pid: r.cand.pid, durationMs: sys.now() - t0, detail: `port ${o.listen} -> ${r.cand.port}` });
@@ -282,12 +283,15 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     const at = failed instanceof StepFailed ? failed.step : 'preflight';
     // the candidate is gone: its port leaves the filter chain, and a first deploy leaves no state
     if (st.instances.some((i) => i === r.cand) || r.cand.pid) await settle(ctx, pre.ipt, st).catch(() => {});
-    if (pre.fresh && !st.instances.length) await removeState(paths, o.app);
+    if (pre.fresh && !st.instances.length) await removeState(sys, paths, o.app);
     if (r.cand.pid && err instanceof PortflipError && err.kind === 'deployFailed' && !HOOKS.includes(at as HookName)) {
-      emit({ kind: 'log-tail', app: o.app, port: r.cand.port, log: r.cand.log, lines: await logTail(r.cand.log) });
+      emit({ kind: 'log-tail', app: o.app, port: r.cand.port, log: r.cand.log, lines: await logTail(sys, r.cand.log) });
     }
     const onFailure = o.hooks?.on_failure;
-    if (onFailure) await runHook('on_failure', onFailure, hookContext(r, 'on_failure', at)).catch((e) => emit({ kind: 'notice', app: o.app, message: `${(e as Error).message}; the deploy goes on` }));
+    if (onFailure) {
+      await runHook(sys, 'on_failure', onFailure, hookContext(r, 'on_failure', at))
+        .catch((e) => emit({ kind: 'notice', app: o.app, message: `${(e as Error).message}; the deploy goes on` }));
+    }
     throw err;
   } finally {
     await pre.lock.release();
@@ -297,10 +301,10 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
 /** Drains and stops one instance under the app's stop policy, keeping the state file true as it goes. */
 export async function retire(ctx: Ctx, st: AppState, inst: Instance): Promise<void> {
   move(inst, 'draining');
-  await writeState(ctx.paths, st);
-  await drainAndStop(ctx.sys, st.app, inst, st.stop, ctx.emit, () => writeState(ctx.paths, st));
+  await writeState(ctx.sys, ctx.paths, st);
+  await drainAndStop(ctx.sys, st.app, inst, st.stop, ctx.emit, () => writeState(ctx.sys, ctx.paths, st));
   st.instances = st.instances.filter((i) => i !== inst);
-  await writeState(ctx.paths, st);
+  await writeState(ctx.sys, ctx.paths, st);
 }
 
 interface Preflight {
@@ -323,17 +327,17 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
   }
   if (o.ports && new Set(o.ports).size !== o.ports.length) fail('usage', `--ports: give distinct ports, like 8001,8002`);
   if (!o.command.length) fail('usage', 'no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js');
-  const cwdOk = await stat(o.cwd).then((s) => s.isDirectory(), () => false);
+  const cwdOk = await sys.fs.stat(o.cwd).then((s) => s.isDirectory, () => false);
   if (!cwdOk) fail('config', `--cwd ${o.cwd}: no such directory`);
   const user = o.user ? await lookupUser(sys, o.user) : undefined;
   const env: NodeJS.ProcessEnv = { ...ctx.env, ...o.env, PORTFLIP_APP: o.app };
   for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES', 'PORTFLIP_PRELOAD_DIR']) delete env[k];
   if (user) Object.assign(env, { HOME: user.home, USER: user.name, LOGNAME: user.name });
-  await resolveCommand(o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
+  await resolveCommand(sys, o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
 
   if (o.dryRun) {
     // no lock and no change: the live rules are read where that is allowed, to show the exact commit
-    const state = (await readState(paths, o.app).catch(() => null)) ?? freshState(o, 'nft', []);
+    const state = (await readState(sys, paths, o.app).catch(() => null)) ?? freshState(o, 'nft', []);
     const port = o.ports?.find((p) => !state.instances.some((i) => i.state === 'active' && i.port === p)) ?? (o.ports ?? [DEFAULT_PORT_RANGE[0]])[0];
     const ipt = await openIptables(ctx, state.backend).catch(() => null);
     const views = new Map<Family, RulesView>();
@@ -342,13 +346,13 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
     return { ipt: ipt as Iptables, lock: { release: async () => {} }, user, env, state, port, views, fresh: false };
   }
 
-  const recorded = await readState(paths, o.app);
+  const recorded = await readState(sys, paths, o.app);
   const ipt = await openIptables(ctx, recorded?.backend);
   if (o.ipv6 === 'on' && !ipt.families.includes('ipv6')) fail('noIptables', '--ipv6 on: ip6tables nat does not work on this host; use --ipv6 auto or off');
-  await ensureDirs(paths);
+  await ensureDirs(sys, paths);
   const lock = await takeLock(sys, paths, o.app, `deploy ${o.app}`, (m) => ctx.emit({ kind: 'notice', app: o.app, message: m }));
   try {
-    const existing = await readState(paths, o.app);
+    const existing = await readState(sys, paths, o.app);
     const state = existing ?? freshState(o, ipt.backend, []);
     if (state.listen !== o.listen && state.instances.length) {
       ctx.emit({ kind: 'notice', app: o.app, message: `public port changes from ${state.listen} to ${o.listen}` });
@@ -388,9 +392,9 @@ const freshState = (o: DeployOptions, backend: AppState['backend'], families: Fa
 async function pickPort(o: DeployOptions, ctx: Ctx, st: AppState): Promise<number> {
   const socks = await tcpListeners(ctx.sys);
   const taken = new Set<number>();
-  for (const other of await listApps(ctx.paths)) {
+  for (const other of await listApps(ctx.sys, ctx.paths)) {
     if (other === o.app) continue;
-    for (const i of (await readState(ctx.paths, other).catch(() => null))?.instances ?? []) taken.add(i.port);
+    for (const i of (await readState(ctx.sys, ctx.paths, other).catch(() => null))?.instances ?? []) taken.add(i.port);
   }
   const ours = (p: number) => st.instances.find((i) => i.port === p);
   const free = (p: number) => !taken.has(p) && p !== o.listen && !listenersOn(socks, p).length;
@@ -437,14 +441,16 @@ function plan(r: DeployRun): void {
 }
 
 /** Runs one lifecycle hook; its output goes to portflip's stderr so --json stdout stays clean. */
-function runHook(name: HookName, command: string, o: { cwd: string; env: NodeJS.ProcessEnv; user?: User }): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('sh', ['-c', command], { cwd: o.cwd, env: o.env, uid: o.user?.uid, gid: o.user?.gid, stdio: ['ignore', 2, 2], timeout: HOOK_TIMEOUT_MS });
-    child.once('error', (err) => reject(new PortflipError('deployFailed', `${name} hook could not start: ${err.message}`)));
-    child.once('exit', (code, signal) =>
-      code === 0 ? resolve() : reject(new PortflipError('deployFailed', `${name} hook failed (${signal ? `killed by ${signal}` : `exit ${code}`}): ${command}`)),
-    );
+type HookPlace = { cwd: string; env: NodeJS.ProcessEnv; user?: User };
+async function runHook(sys: Sys, name: HookName, command: string, o: HookPlace): Promise<void> {
+  const r = await sys.run('sh', ['-c', command], {
+    cwd: o.cwd, env: o.env, uid: o.user?.uid, gid: o.user?.gid, output: 'stderr', timeoutMs: HOOK_TIMEOUT_MS,
   });
+  if (r.error) throw new PortflipError('deployFailed', `${name} hook could not start: ${r.error}`);
+  if (r.code !== 0) {
+    const how = r.signal ? `killed by ${r.signal}` : `exit ${r.code}`;
+    throw new PortflipError('deployFailed', `${name} hook failed (${how}): ${command}`);
+  }
 }
 
 /** A hook that hangs must not hold the deploy (and its lock) forever. */

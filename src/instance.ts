@@ -1,16 +1,11 @@
 // Instances as processes: spawn detached in their own group, wait until ready, drain and stop.
 
-import { spawn, type ChildProcess } from 'node:child_process';
-import { open, chown, readFile, stat, access, constants } from 'node:fs/promises';
-import { connect } from 'node:net';
-import { request as httpRequest } from 'node:http';
-import { request as httpsRequest } from 'node:https';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { fail } from './errors.js';
-import { groupMembers, isAlive, openConnections, pendingAccepts, restorePriority, tcpSockets } from './proc.js';
+import { groupMembers, isAlive, openConnections, pendingAccepts, tcpSockets } from './proc.js';
 import type { Emit } from './events.js';
 import type { Instance, StopPolicy } from './state.js';
-import type { Sys } from './sys.js';
+import type { Child, Exit, Sys } from './sys.js';
 
 export interface User {
   name: string;
@@ -29,20 +24,13 @@ export async function lookupUser(sys: Sys, name: string): Promise<User> {
 }
 
 /** Finds the executable the way execvp would, so "command not found" is caught before anything starts. */
-export async function resolveCommand(cmd: string, cwd: string, pathVar: string | undefined): Promise<string> {
+export async function resolveCommand(sys: Sys, cmd: string, cwd: string, pathVar: string | undefined): Promise<string> {
   const candidates = cmd.includes('/')
     ? [isAbsolute(cmd) ? cmd : resolve(cwd, cmd)]
     : (pathVar ?? '/usr/local/bin:/usr/bin:/bin').split(delimiter).filter(Boolean).map((d) => join(d, cmd));
   for (const c of candidates) {
-    try {
-      const st = await stat(c);
-      if (st.isFile()) {
-        await access(c, constants.X_OK);
-        return c;
-      }
-    } catch {
-      // keep looking
-    }
+    const st = await sys.fs.stat(c).catch(() => null);
+    if (st?.isFile && (await sys.fs.canExec(c))) return c;
   }
   return fail('commandNotFound', `command not found: "${cmd}"${cmd.includes('/') ? '' : ' in PATH'}; give a full path or fix PATH with --env PATH=...`);
 }
@@ -56,85 +44,33 @@ export interface SpawnSpec {
   log: string;
 }
 
-export interface Spawned {
-  pid: number;
-  child: ChildProcess;
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
+export type Spawned = Child;
 
-export async function spawnInstance(spec: SpawnSpec): Promise<Spawned> {
-  const fh = await open(spec.log, 'w', 0o640); // a fresh log per instance, so a failure's tail is its own
-  if (spec.user) await chown(spec.log, spec.user.uid, spec.user.gid).catch(() => {});
-  try {
-    const [cmd, ...args] = spec.command;
-    // detached: its own process group, so it outlives this CLI and can be signalled as a tree
-    const child = spawn(cmd, args, {
-      cwd: spec.cwd,
-      env: spec.env,
-      detached: true,
-      stdio: ['ignore', fh.fd, fh.fd],
-      uid: spec.user?.uid,
-      gid: spec.user?.gid,
-    });
-    const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) =>
-      child.once('exit', (code, signal) => res({ code, signal })),
-    );
-    await new Promise<void>((res, rej) => {
-      child.once('spawn', res);
-      child.once('error', rej);
-    });
-    child.unref();
-    restorePriority(child.pid!);
-    return { pid: child.pid!, child, exited };
-  } finally {
-    await fh.close();
-  }
+/** Detached in its own group, with a fresh log (so a failure's tail is its own) and portflip's first priority. */
+export async function spawnInstance(sys: Sys, spec: SpawnSpec): Promise<Spawned> {
+  const [cmd, ...args] = spec.command;
+  const { cwd, env, user, log } = spec;
+  const child = await sys.spawn(cmd, args, { cwd, env, uid: user?.uid, gid: user?.gid, log });
+  if (sys.getPriority() !== sys.startPriority) sys.setPriority(child.pid, sys.startPriority);
+  return child;
 }
 
 export type ReadyCheck = { kind: 'tcp' } | { kind: 'http'; url: string } | { kind: 'cmd'; command: string; cwd: string; user?: User };
 
-export const checkOnce = (check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS.ProcessEnv): Promise<boolean> => {
+export async function checkOnce(sys: Sys, check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS.ProcessEnv) {
   switch (check.kind) {
     case 'tcp':
-      return tcpOpen('127.0.0.1', port, timeoutMs).then((ok) => ok || tcpOpen('::1', port, timeoutMs));
+      return (await sys.connect('127.0.0.1', port, timeoutMs)) || sys.connect('::1', port, timeoutMs);
     case 'http':
-      return httpOk(check.url.replaceAll('{port}', String(port)), timeoutMs);
-    case 'cmd':
-      return new Promise((res) => {
-        const c = spawn('sh', ['-c', check.command.replaceAll('{port}', String(port))], {
-          env: { ...env, PORT: String(port) }, cwd: check.cwd, uid: check.user?.uid, gid: check.user?.gid, stdio: 'ignore', timeout: timeoutMs,
-        });
-        c.once('exit', (code) => res(code === 0));
-        c.once('error', () => res(false));
+      return sys.httpOk(check.url.replaceAll('{port}', String(port)), timeoutMs);
+    case 'cmd': {
+      const r = await sys.run('sh', ['-c', check.command.replaceAll('{port}', String(port))], {
+        env: { ...env, PORT: String(port) }, cwd: check.cwd, uid: check.user?.uid, gid: check.user?.gid,
+        output: 'ignore', timeoutMs,
       });
+      return r.code === 0;
+    }
   }
-};
-
-export function tcpOpen(host: string, port: number, timeoutMs: number): Promise<boolean> {
-  return new Promise((res) => {
-    const s = connect({ host, port });
-    const done = (ok: boolean) => {
-      s.destroy();
-      res(ok);
-    };
-    s.setTimeout(timeoutMs, () => done(false));
-    s.once('connect', () => done(true));
-    s.once('error', () => done(false));
-  });
-}
-
-function httpOk(url: string, timeoutMs: number): Promise<boolean> {
-  return new Promise((res) => {
-    // a health check on this host often sits behind a self-signed certificate: readiness, not trust, is asked
-    const request = url.startsWith('https:') ? httpsRequest : httpRequest;
-    const req = request(url, { method: 'GET', timeout: timeoutMs, agent: false, rejectUnauthorized: false }, (r) => {
-      r.resume();
-      res((r.statusCode ?? 0) >= 200 && (r.statusCode ?? 0) < 400);
-    });
-    req.once('timeout', () => req.destroy());
-    req.once('error', () => res(false));
-    req.end();
-  });
 }
 
 export type ReadyOutcome = { ready: true } | { ready: false; reason: string };
@@ -143,31 +79,31 @@ export type ReadyOutcome = { ready: true } | { ready: false; reason: string };
 export async function waitReady(
   sys: Sys,
   check: ReadyCheck,
-  inst: { pid: number; port: number; exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }> },
+  inst: { pid: number; port: number; exited: Promise<Exit> },
   timeoutMs: number,
   env: NodeJS.ProcessEnv,
   abort: AbortSignal,
 ): Promise<ReadyOutcome> {
   const deadline = sys.now() + timeoutMs;
-  let exit: { code: number | null; signal: NodeJS.Signals | null } | null = null;
+  let exit: Exit | null = null;
   void inst.exited.then((e) => (exit = e));
   for (;;) {
     if (exit) {
-      const e = exit as { code: number | null; signal: NodeJS.Signals | null };
+      const e = exit as Exit;
       return { ready: false, reason: `candidate pid ${inst.pid} exited (${e.signal ? `signal ${e.signal}` : `code ${e.code}`}) before it was ready` };
     }
     if (abort.aborted) return { ready: false, reason: `interrupted while waiting for the candidate (pid ${inst.pid}) to be ready; nothing was switched` };
     const left = deadline - sys.now();
     if (left <= 0) return { ready: false, reason: `candidate pid ${inst.pid} was not ready on port ${inst.port} after ${Math.round(timeoutMs / 1000)}s (--ready-timeout)` };
-    if (await checkOnce(check, inst.port, Math.min(left, 2000), env)) {
+    if (await checkOnce(sys, check, inst.port, Math.min(left, 2000), env)) {
       if (!exit) return { ready: true };
     }
     await sys.sleep(Math.min(100, Math.max(0, deadline - sys.now())), abort);
   }
 }
 
-export async function logTail(path: string, lines = 20): Promise<string[]> {
-  const text = (await readFile(path, 'utf8').catch(() => '')).trimEnd();
+export async function logTail(sys: Sys, path: string, lines = 20): Promise<string[]> {
+  const text = (await sys.fs.read(path).catch(() => '')).trimEnd();
   return text ? text.split('\n').slice(-lines) : [];
 }
 
@@ -250,7 +186,7 @@ export async function drainAndStop(
     await acceptQueueEmpty(sys, inst.port);
     emit({ kind: 'signal', app, port: inst.port, pid, signal: policy.stopSignal, reason });
     signalGroup(sys, pid, policy.stopSignal);
-    inst.signalledAt = new Date().toISOString();
+    inst.signalledAt = new Date(sys.wallNow()).toISOString();
     await onSignalled();
   }
   // report the connections as they fall while the app finishes its in-flight requests

@@ -373,8 +373,8 @@ const countRules = (text: string) => text.split('\n').filter((l) => l.startsWith
  * chain, else the one with rules in it, else nft. PORTFLIP_IPTABLES=nft|legacy forces it.
  */
 export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables> {
-  const hasNft = await which('iptables-nft-restore');
-  const hasLegacy = await which('iptables-legacy-restore');
+  const hasNft = await which(sys, 'iptables-nft-restore');
+  const hasLegacy = await which(sys, 'iptables-legacy-restore');
   let backend: Backend;
   if (forced === 'default') forced = undefined; // recorded for a host with one plain iptables
   if (forced) {
@@ -392,7 +392,7 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
     else backend = countRules(legacy.stdout) > countRules(nft.stdout) ? 'legacy' : 'nft';
   } else if (hasNft || hasLegacy) {
     backend = hasNft ? 'nft' : 'legacy';
-  } else if (await which('iptables-restore')) {
+  } else if (await which(sys, 'iptables-restore')) {
     backend = 'default';
   } else {
     return fail('noIptables', 'iptables is not installed; install it (apt-get install -y iptables) and run again');
@@ -400,7 +400,8 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
   const probe = await sys.run(tool('ipv4', backend, 'save'), ['-t', 'nat']);
   if (probe.code !== 0) fail('noIptables', `iptables does not work here (${tool('ipv4', backend, 'save')}: ${firstLine(probe.stderr)})`);
   const families: Family[] = ['ipv4'];
-  const v6 = (await sys.readText('/proc/net/if_inet6')) !== null && (await which(tool('ipv6', backend, 'restore'))) !== null;
+  const v6 = (await sys.readText('/proc/net/if_inet6')) !== null
+    && (await which(sys, tool('ipv6', backend, 'restore'))) !== null;
   if (v6 && (await sys.run(tool('ipv6', backend, 'save'), ['-t', 'nat'])).code === 0) families.push('ipv6');
   return new Iptables(sys, backend, families);
 }

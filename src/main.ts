@@ -2,7 +2,7 @@
 // The portflip executable: yields the CPU to the apps it manages, then runs the CLI and exits with its code.
 
 import { readFileSync } from 'node:fs';
-import { yieldCpu } from './proc.js';
+import { yieldCpu } from './sys.js';
 
 const uidMap = (() => {
   try {

@@ -1,6 +1,5 @@
 // Shared moves of every command: check the environment, find out what is real, and repair it.
 
-import { spawn } from 'node:child_process';
 import { fail, PortflipError } from './errors.js';
 import { invariantProblem, move } from './lifecycle.js';
 import type { Emit, StepName } from './events.js';
@@ -85,8 +84,12 @@ export function conntrackWarning(fill: { count: number; max: number; percent: nu
   return `the connection-tracking table is ${fill.percent}% full (${fill.count} of ${fill.max}); when it is full new connections are dropped. Raise net.netfilter.nf_conntrack_max (and net.netfilter.nf_conntrack_buckets), or shorten net.netfilter.nf_conntrack_tcp_timeout_time_wait; see README "Firewalls"`;
 }
 
-let nftPath: Promise<string | null> | undefined;
-export const openGuard = async (sys: Sys) => new NftGuard(sys, await (nftPath ??= which('nft')));
+// looked up once per Sys: a deploy asks several times, and each lookup walks PATH
+const nftPaths = new WeakMap<Sys, Promise<string | null>>();
+export async function openGuard(sys: Sys): Promise<NftGuard> {
+  if (!nftPaths.has(sys)) nftPaths.set(sys, which(sys, 'nft'));
+  return new NftGuard(sys, await nftPaths.get(sys)!);
+}
 
 /**
  * Makes native nftables input chains that drop by default accept the app's redirected connections
@@ -178,6 +181,11 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
     emit({ kind: 'notice', app, message: `an earlier run switched to ${describe(active)} and was interrupted; it is the active instance` });
     for (const other of alive) if (other !== active && other.state === 'active') move(other, 'draining');
     move(active, 'active');
+    // the switch committed but its state write did not: the families it switched are the app's now,
+    // or the repair below would take the live redirect away from the instance it just adopted
+    for (const [f, view] of views) {
+      if (appRules(view, app).target === active.port && !st.families.includes(f)) st.families.push(f);
+    }
   }
   if (!active) active = alive.find((i) => i.state === 'active') ?? alive.find((i) => i.state === 'kept');
   if (active) move(active, 'active');
@@ -187,7 +195,7 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
     await killNow(sys, orphan);
     st.instances = st.instances.filter((i) => i !== orphan);
   }
-  const now = Date.now();
+  const now = sys.wallNow();
   for (const kept of st.instances.filter((i) => i.state === 'kept' && (i.keepUntil ?? 0) <= now)) move(kept, 'draining');
   // a state file written before the invariant was kept can hold more instances than it allows:
   // the oldest ones that are not active go at once, before anything is written
@@ -200,19 +208,15 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   }
 
   await settle(ctx, ipt, st, views);
-  if (JSON.stringify(st) !== before) await writeState(ctx.paths, st);
+  if (JSON.stringify(st) !== before) await writeState(ctx.sys, ctx.paths, st);
   return views;
 }
 
 /** A detached helper that retires kept instances when their time is up, after this CLI has returned. */
-export function spawnReaper(ctx: Ctx, app: string): number | undefined {
-  const child = spawn(process.execPath, [process.argv[1], '_reap', app], {
-    detached: true,
-    stdio: 'ignore',
-    env: ctx.env,
-  });
-  child.unref();
-  return child.pid;
+export async function spawnReaper(ctx: Ctx, app: string): Promise<number | undefined> {
+  // no reaper is no harm: the next portflip run retires what is due
+  const reaper = ctx.sys.spawn(process.execPath, [process.argv[1], '_reap', app], { env: ctx.env });
+  return (await reaper.catch(() => null))?.pid;
 }
 
 /** Live rules against the state file, for `portflip run` and `portflip watch`; repairs under the app's lock. */
@@ -242,7 +246,7 @@ export class Healer {
    * family with what was missing. A held lock means a deploy is running; it leaves the rules right.
    */
   async heal(app: string): Promise<'ok' | 'repaired' | 'busy' | 'gone'> {
-    const st = await readState(this.ctx.paths, app).catch(() => null);
+    const st = await readState(this.ctx.sys, this.ctx.paths, app).catch(() => null);
     if (!st) return 'gone';
     const missing = await this.check(st);
     if (!missing.length) return 'ok';
@@ -254,7 +258,7 @@ export class Healer {
       throw err;
     }
     try {
-      const fresh = await readState(this.ctx.paths, app);
+      const fresh = await readState(this.ctx.sys, this.ctx.paths, app);
       if (!fresh) return 'gone';
       this.ctx.emit({ kind: 'notice', app, message: `rules changed behind portflip's back (${missing.join('; ')}); repairing` });
       await reconcile(this.ctx, await this.iptables(fresh), fresh);
@@ -270,7 +274,7 @@ export async function watch(ctx: Ctx, everyMs: number): Promise<void> {
   const healer = new Healer(ctx);
   ctx.emit({ kind: 'notice', message: `watching the rules of every app in ${ctx.paths.stateDir} every ${everyMs}ms` });
   while (!ctx.abort.aborted) {
-    for (const app of await listApps(ctx.paths)) {
+    for (const app of await listApps(ctx.sys, ctx.paths)) {
       await healer.heal(app).catch((err) => ctx.emit({ kind: 'notice', app, message: `could not repair: ${(err as Error).message}` }));
     }
     await ctx.sys.sleep(everyMs, ctx.abort);

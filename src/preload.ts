@@ -1,7 +1,6 @@
 // The Node drain preload (node-drain.cjs): where it is read from, how it joins NODE_OPTIONS, and proof it loaded.
 
 import { createHash } from 'node:crypto';
-import { chmod, copyFile, mkdir, readFile, readlink, rename, stat } from 'node:fs/promises';
 import { basename, dirname, join, parse } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { groupMembers, pidsListeningOn } from './proc.js';
@@ -18,15 +17,15 @@ export const PRELOAD_SOURCE = fileURLToPath(new URL('./node-drain.cjs', import.m
 export const preloadDir = (env: NodeJS.ProcessEnv) => env.PORTFLIP_PRELOAD_DIR || '/var/lib/portflip-node';
 
 /** True when uid:gid can traverse every directory up to `path` and read it (supplementary groups ignored). */
-export async function readableBy(path: string, uid: number, gid: number): Promise<boolean> {
+export async function readableBy(sys: Sys, path: string, uid: number, gid: number): Promise<boolean> {
   if (uid === 0) return true;
   const bit = (mode: number, owner: number, group: number, want: number) =>
     uid === owner ? (mode >> 6) & want : gid === group ? (mode >> 3) & want : mode & want;
   try {
-    const f = await stat(path);
+    const f = await sys.fs.stat(path);
     if (!bit(f.mode, f.uid, f.gid, 4)) return false;
     for (let dir = dirname(path); ; dir = dirname(dir)) {
-      const d = await stat(dir);
+      const d = await sys.fs.stat(dir);
       if (!bit(d.mode, d.uid, d.gid, 1)) return false;
       if (dir === parse(dir).root) return true;
     }
@@ -39,29 +38,30 @@ export type PreloadPlace = { path: string; copied: boolean } | { path: null; why
 
 /** The preload's path, readable by the app's user: the package's own file, or a world-readable copy. */
 export async function placePreload(
+  sys: Sys,
   env: NodeJS.ProcessEnv,
   user?: { name: string; uid: number; gid: number },
   source = PRELOAD_SOURCE,
 ): Promise<PreloadPlace> {
   const uid = user?.uid ?? 0;
   const gid = user?.gid ?? 0;
-  if (await readableBy(source, uid, gid)) return { path: source, copied: false };
-  const text = await readFile(source);
+  if (await readableBy(sys, source, uid, gid)) return { path: source, copied: false };
+  const text = await sys.fs.read(source);
   const dir = preloadDir(env);
   const dest = join(dir, `node-drain-${createHash('sha256').update(text).digest('hex').slice(0, 12)}.cjs`);
   try {
-    await mkdir(dir, { recursive: true, mode: 0o755 });
-    await chmod(dir, 0o755);
-    if (!(await stat(dest).then((s) => s.isFile(), () => false))) {
-      const tmp = `${dest}.${process.pid}.tmp`;
-      await copyFile(source, tmp);
-      await chmod(tmp, 0o644);
-      await rename(tmp, dest);
+    await sys.fs.mkdir(dir, 0o755);
+    await sys.fs.chmod(dir, 0o755);
+    if (!(await sys.fs.stat(dest).then((s) => s.isFile, () => false))) {
+      const tmp = `${dest}.${sys.pid}.tmp`;
+      await sys.fs.write(tmp, text, 0o644);
+      await sys.fs.chmod(tmp, 0o644); // the umask may have taken bits away
+      await sys.fs.rename(tmp, dest);
     }
   } catch (err) {
     return { path: null, why: `cannot write ${dest} (${(err as NodeJS.ErrnoException).code ?? err})` };
   }
-  if (await readableBy(dest, uid, gid)) return { path: dest, copied: true };
+  if (await readableBy(sys, dest, uid, gid)) return { path: dest, copied: true };
   return { path: null, why: `neither ${source} nor ${dest} is readable by user ${user?.name}` };
 }
 
@@ -81,7 +81,7 @@ export const preloadEnv = (env: NodeJS.ProcessEnv, path: string, killAfterMs: nu
 
 /** Whether pid is a Node.js process that started with the preload in NODE_OPTIONS (Node loads it or refuses to start). */
 async function hasPreload(sys: Sys, pid: number, path: string): Promise<boolean> {
-  const exe = await readlink(`/proc/${pid}/exe`).catch(() => '');
+  const exe = await sys.fs.readlink(`/proc/${pid}/exe`).catch(() => '');
   if (!/^node(js)?[\d.]*$/.test(basename(exe))) return false;
   const environ = (await sys.readText(`/proc/${pid}/environ`)) ?? '';
   return !!environ.split('\0').find((kv) => kv.startsWith('NODE_OPTIONS='))?.includes(path);

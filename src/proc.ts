@@ -1,7 +1,5 @@
 // Reads procfs: process identity (pid + start time), process groups, and TCP sockets by port.
 
-import { readdir, readlink } from 'node:fs/promises';
-import os from 'node:os';
 import type { Sys } from './sys.js';
 
 export interface ProcStat {
@@ -34,15 +32,15 @@ export async function isAlive(sys: Sys, pid: number | null | undefined, startTim
   return !startTime || st.startTime === startTime;
 }
 
-export async function allPids(): Promise<number[]> {
-  const names = await readdir('/proc').catch(() => [] as string[]);
+export async function allPids(sys: Sys): Promise<number[]> {
+  const names = await sys.fs.readdir('/proc').catch(() => [] as string[]);
   return names.filter((n) => /^\d+$/.test(n)).map(Number);
 }
 
 /** Live (non-zombie) members of a process group. */
 export async function groupMembers(sys: Sys, pgid: number): Promise<number[]> {
   const out: number[] = [];
-  for (const pid of await allPids()) {
+  for (const pid of await allPids(sys)) {
     const st = await readStat(sys, pid);
     if (st && st.pgid === pgid && st.state !== 'Z' && st.state !== 'X') out.push(pid);
   }
@@ -176,10 +174,10 @@ export async function pidsListeningOn(sys: Sys, port: number): Promise<number[]>
   const inodes = new Set(listenersOn(await tcpListeners(sys), port).map((s) => s.inode));
   if (!inodes.size) return [];
   const found: number[] = [];
-  for (const pid of await allPids()) {
-    const fds = await readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
+  for (const pid of await allPids(sys)) {
+    const fds = await sys.fs.readdir(`/proc/${pid}/fd`).catch(() => [] as string[]);
     for (const fd of fds) {
-      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+      const target = await sys.fs.readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
       const m = /^socket:\[(\d+)\]$/.exec(target);
       if (m && inodes.has(Number(m[1]))) {
         found.push(pid);
@@ -194,30 +192,4 @@ export async function pidsListeningOn(sys: Sys, port: number): Promise<number[]>
 export function hasNetAdmin(status: string): boolean {
   const m = /^CapEff:\s*([0-9a-f]+)/m.exec(status);
   return !!m && (BigInt('0x' + m[1]) & (1n << 12n)) !== 0n;
-}
-
-/**
- * portflip's own CPU time competes with the requests the old instance is serving, so it runs
- * niced; instances get the priority portflip started with back. Only where that is allowed
- * (real root: in a user namespace a niced process cannot be raised again), else nothing changes.
- */
-export const startPriority = os.getPriority();
-
-export function yieldCpu(uidMap: string | null): void {
-  const realRoot = process.getuid?.() === 0 && /^\s*0\s+0\s+4294967295\s*$/.test(uidMap ?? '');
-  if (!realRoot) return;
-  try {
-    os.setPriority(Math.min(19, startPriority + 10));
-  } catch {
-    // not allowed here: run at the normal priority
-  }
-}
-
-export function restorePriority(pid: number): void {
-  if (os.getPriority() === startPriority) return;
-  try {
-    os.setPriority(pid, startPriority);
-  } catch {
-    // best effort: the instance keeps portflip's priority
-  }
 }

@@ -3,7 +3,6 @@
 // Every write checks the instance invariant of lifecycle.ts: a state file that breaks it is a bug,
 // and is refused rather than written.
 
-import { mkdir, open, readFile, readdir, rename, unlink, writeFile, link, chmod } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fail, PortflipError } from './errors.js';
 import { invariantProblem, type InstanceState } from './lifecycle.js';
@@ -70,19 +69,19 @@ export function paths(env: NodeJS.ProcessEnv = process.env): Paths {
 
 const stateFile = (p: Paths, app: string) => join(p.stateDir, `${app}.json`);
 
-export async function ensureDirs(p: Paths): Promise<void> {
+export async function ensureDirs(sys: Sys, p: Paths): Promise<void> {
   for (const dir of [p.stateDir, p.runDir]) {
-    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await sys.fs.mkdir(dir, 0o700);
   }
   // app users must be able to reach their own log files
-  await mkdir(p.logDir, { recursive: true, mode: 0o755 });
-  await chmod(p.logDir, 0o755);
+  await sys.fs.mkdir(p.logDir, 0o755);
+  await sys.fs.chmod(p.logDir, 0o755);
 }
 
-export async function readState(p: Paths, app: string): Promise<AppState | null> {
+export async function readState(sys: Sys, p: Paths, app: string): Promise<AppState | null> {
   let text: string;
   try {
-    text = await readFile(stateFile(p, app), 'utf8');
+    text = await sys.fs.read(stateFile(p, app));
   } catch {
     return null;
   }
@@ -96,44 +95,32 @@ export async function readState(p: Paths, app: string): Promise<AppState | null>
   return data;
 }
 
-export async function listApps(p: Paths): Promise<string[]> {
-  const names = await readdir(p.stateDir).catch(() => [] as string[]);
+export async function listApps(sys: Sys, p: Paths): Promise<string[]> {
+  const names = await sys.fs.readdir(p.stateDir).catch(() => [] as string[]);
   return names.filter((n) => n.endsWith('.json')).map((n) => n.slice(0, -5)).sort();
 }
 
 let writes: Promise<void> = Promise.resolve();
 
 /**
- * Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new file, never half.
+ * Written atomically (Sys.fs.writeAtomic: a crash leaves the old or the new file, never half).
  * Writes are queued so parallel drains of one app cannot interleave.
  */
-export function writeState(p: Paths, state: AppState): Promise<void> {
+export function writeState(sys: Sys, p: Paths, state: AppState): Promise<void> {
   const problem = invariantProblem(state.instances);
   if (problem) return Promise.reject(new PortflipError('internal', `refused to write the state of "${state.app}": ${problem}`));
-  const next = writes.then(() => writeNow(p, state));
+  const next = writes.then(() => writeNow(sys, p, state));
   writes = next.catch(() => {});
   return next;
 }
 
-async function writeNow(p: Paths, state: AppState): Promise<void> {
-  state.updatedAt = new Date().toISOString();
-  const target = stateFile(p, state.app);
-  const tmp = `${target}.${process.pid}.tmp`;
-  const fh = await open(tmp, 'w', 0o600);
-  try {
-    await fh.writeFile(JSON.stringify(state, null, 2) + '\n');
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, target);
-  const dir = await open(p.stateDir, 'r');
-  await dir.sync().catch(() => {});
-  await dir.close();
+async function writeNow(sys: Sys, p: Paths, state: AppState): Promise<void> {
+  state.updatedAt = new Date(sys.wallNow()).toISOString();
+  await sys.fs.writeAtomic(stateFile(p, state.app), JSON.stringify(state, null, 2) + '\n', 0o600);
 }
 
-export async function removeState(p: Paths, app: string): Promise<void> {
-  await unlink(stateFile(p, app)).catch(() => {});
+export async function removeState(sys: Sys, p: Paths, app: string): Promise<void> {
+  await sys.fs.unlink(stateFile(p, app)).catch(() => {});
 }
 
 // ---- the lock -----------------------------------------------------------------------------
@@ -154,21 +141,21 @@ interface LockInfo {
  */
 export async function takeLock(sys: Sys, p: Paths, app: string, command: string, notice: (m: string) => void): Promise<Lock> {
   const path = join(p.runDir, `${app}.lock`);
-  const me = await readStat(sys, process.pid);
-  const info: LockInfo = { pid: process.pid, startTime: me?.startTime ?? '', command };
-  const tmp = `${path}.${process.pid}`;
-  await writeFile(tmp, JSON.stringify(info), { mode: 0o600 });
+  const me = await readStat(sys, sys.pid);
+  const info: LockInfo = { pid: sys.pid, startTime: me?.startTime ?? '', command };
+  const tmp = `${path}.${sys.pid}`;
+  await sys.fs.write(tmp, JSON.stringify(info), 0o600);
   try {
     for (let attempt = 0; attempt < 5; attempt++) {
       try {
-        await link(tmp, path);
-        return { release: async () => void (await unlink(path).catch(() => {})) };
+        await sys.fs.link(tmp, path);
+        return { release: async () => void (await sys.fs.unlink(path).catch(() => {})) };
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       }
       let holder: LockInfo | null = null;
       try {
-        holder = JSON.parse(await readFile(path, 'utf8'));
+        holder = JSON.parse(await sys.fs.read(path));
       } catch {
         holder = null; // half-written or vanished: treat as stale
       }
@@ -176,10 +163,10 @@ export async function takeLock(sys: Sys, p: Paths, app: string, command: string,
         fail('lockHeld', `app "${app}" is locked by pid ${holder.pid} (${holder.command}); wait for it to finish, or kill it and run again`);
       }
       // move the stale file aside first, so two takers cannot both delete a fresh lock
-      const aside = `${path}.stale.${process.pid}`;
+      const aside = `${path}.stale.${sys.pid}`;
       try {
-        await rename(path, aside);
-        await unlink(aside);
+        await sys.fs.rename(path, aside);
+        await sys.fs.unlink(aside);
         notice(`took over a stale lock for "${app}"${holder ? ` left by pid ${holder.pid}, which is gone` : ''}`);
       } catch {
         // someone else moved it first; try again
@@ -187,6 +174,6 @@ export async function takeLock(sys: Sys, p: Paths, app: string, command: string,
     }
     return fail('lockHeld', `could not take the lock for "${app}" at ${path}; another portflip is starting right now`);
   } finally {
-    await unlink(tmp).catch(() => {});
+    await sys.fs.unlink(tmp).catch(() => {});
   }
 }

@@ -6,6 +6,7 @@
 // them in order: stop, then reload, then a crash restart. A crash restart waits 1s, 2s, 4s ... at
 // most 30s; the streak starts over once an instance has stayed up 60s.
 
+// The control socket is a server, not a call: it stays on node:net, and its file (chmod, unlink) with it.
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { chmod, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -16,6 +17,7 @@ import type { Emit, Event, SupervisorAction } from './events.js';
 import { Healer, type Ctx } from './ops.js';
 import { isAlive } from './proc.js';
 import { ensureDirs, readState, takeLock, writeState, type Paths } from './state.js';
+import type { Sys } from './sys.js';
 
 export interface RunOptions {
   app: string;
@@ -39,6 +41,7 @@ class Inbox {
   reload: Socket[] | null = null; // null: no reload pending; else the clients waiting for it (none for SIGHUP)
   onStop = () => {};
   private wake = () => {};
+  constructor(private sys: Sys) {}
   push(req: 'stop' | 'reload', client?: Socket): void {
     if (req === 'stop') {
       this.stop = true;
@@ -51,15 +54,12 @@ class Inbox {
     this.reload = null;
     return r;
   }
-  wait(ms: number): Promise<void> {
-    return new Promise((resolve) => {
-      const t = setTimeout(() => this.wake(), Math.max(0, ms));
-      this.wake = () => {
-        clearTimeout(t);
-        this.wake = () => {};
-        resolve();
-      };
-    });
+  /** Sleeps on the Sys clock until `ms` pass or a request arrives. */
+  async wait(ms: number): Promise<void> {
+    const woken = new AbortController();
+    this.wake = () => woken.abort();
+    await this.sys.sleep(Math.max(0, ms), woken.signal);
+    this.wake = () => {};
   }
 }
 
@@ -73,14 +73,14 @@ interface Watched {
 export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
   const { app } = o;
   const { sys } = ctx;
-  const inbox = new Inbox();
+  const inbox = new Inbox(sys);
   let clients: Socket[] = []; // the waiters of the reload in flight see its events too
   const emit: Emit = (e) => {
     ctx.emit(e);
     for (const c of clients) send(c, { event: e });
   };
   const say = (action: SupervisorAction, extra: { pid?: number | null; port?: number; detail?: string } = {}) => emit({ kind: 'supervisor', app, action, ...extra });
-  const control = await listenControl(ctx.paths, app, inbox);
+  const control = await listenControl(sys, ctx.paths, app, inbox);
   const onSignal = (sig: NodeJS.Signals) => inbox.push(sig === 'SIGHUP' ? 'reload' : 'stop');
   for (const s of SIGNALS) process.on(s, onSignal);
 
@@ -97,7 +97,7 @@ export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
     }
   };
   const watchActive = async (): Promise<Watched | null> => {
-    const a = (await readState(ctx.paths, app))?.instances.find((i) => i.state === 'active');
+    const a = (await readState(ctx.sys, ctx.paths, app))?.instances.find((i) => i.state === 'active');
     return a ? { port: a.port, pid: a.pid, startTime: a.startTime, since: sys.now() } : null;
   };
 
@@ -141,7 +141,7 @@ export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
       }
 
       if (restartAt === null && !(await isAlive(sys, watched?.pid, watched?.startTime))) {
-        const st = await readState(ctx.paths, app);
+        const st = await readState(ctx.sys, ctx.paths, app);
         if (!st) {
           say('exit', { detail: `the state file is gone (someone ran \`portflip stop ${app}\`); nothing to keep up` });
           return;
@@ -209,10 +209,10 @@ async function stopApp(ctx: Ctx, app: string, say: (a: SupervisorAction, x?: { d
 async function countRestart(ctx: Ctx, app: string): Promise<number> {
   const lock = await takeLock(ctx.sys, ctx.paths, app, `run ${app} (count a restart)`, (m) => ctx.emit({ kind: 'notice', app, message: m }));
   try {
-    const st = await readState(ctx.paths, app);
+    const st = await readState(ctx.sys, ctx.paths, app);
     if (!st) return 0;
     st.restarts = (st.restarts ?? 0) + 1;
-    await writeState(ctx.paths, st);
+    await writeState(ctx.sys, ctx.paths, st);
     return st.restarts;
   } finally {
     await lock.release();
@@ -224,8 +224,8 @@ const asPortflipError = (err: unknown) => (err instanceof PortflipError ? err : 
 // ---- the control socket ------------------------------------------------------------------------
 
 /** APP.sock under the run dir (0700), mode 0600. One that answers means another supervisor runs. */
-async function listenControl(p: Paths, app: string, inbox: Inbox): Promise<Server> {
-  await ensureDirs(p);
+async function listenControl(sys: Sys, p: Paths, app: string, inbox: Inbox): Promise<Server> {
+  await ensureDirs(sys, p);
   const path = socketPath(p, app);
   if (await answers(path)) fail('lockHeld', `a supervisor for "${app}" is already running (it answers on ${path}); to deploy again use: portflip reload ${app}`);
   await unlink(path).catch(() => {}); // left by a supervisor that died

@@ -52,26 +52,26 @@ test('--set writes and clears the flag file, refuses bad input; readView sees th
   try {
     const p = paths({ PORTFLIP_STATE_DIR: dir, PORTFLIP_RUN_DIR: path.join(dir, 'run') });
     assert.equal(await readView(realSys, p, 'web'), { app: 'web', mode: null, known: false, alive: false, canaryWeight: undefined });
-    const file = await setMode(p, 'web', 'drain');
+    const file = await setMode(realSys, p, 'web', 'drain');
     assert.is(await readFile(file, 'utf8'), 'drain\n');
     const st: AppState = {
       schema: 1, app: 'web', listen: 80, backend: 'nft', families: ['ipv4'], updatedAt: '',
       stop: { drain: 'signal', drainTimeoutMs: 1, stopSignal: 'SIGTERM', killAfterMs: 1 },
       instances: [{ port: 8001, pid: process.pid, startTime: null, state: 'active', startedAt: '', command: [], log: '' }],
     };
-    await writeState(p, st);
+    await writeState(realSys, p, st);
     assert.is(agentAnswer(await readView(realSys, p, 'web')), 'drain up');
     st.instances[0].pid = 2 ** 22 + 1; // above pid_max's ceiling: never a live process
-    await writeState(p, st);
+    await writeState(realSys, p, st);
     assert.is(agentAnswer(await readView(realSys, p, 'web')), 'drain down #no live active instance of web');
 
-    await setMode(p, 'web', 'ready');
+    await setMode(realSys, p, 'web', 'ready');
     const old = new Date(Date.now() - READY_FOR_MS - 5000);
     await utimes(file, old, old);
     assert.is((await readView(realSys, p, 'web')).mode, null, 'an old ready is no longer said');
-    await setMode(p, 'web', 'clear');
+    await setMode(realSys, p, 'web', 'clear');
     assert.not.ok(existsSync(file));
-    await setMode(p, 'web', 'clear'); // clearing twice is fine
+    await setMode(realSys, p, 'web', 'clear'); // clearing twice is fine
 
     const bad = async (fn: () => Promise<unknown>, kind: string, re: RegExp) => {
       try {
@@ -83,9 +83,9 @@ test('--set writes and clears the flag file, refuses bad input; readView sees th
         assert.match((err as Error).message, re);
       }
     };
-    await bad(() => setMode(p, 'web', 'up'), 'usage', /--set up: use one of ready, drain, maint, clear/);
-    await bad(() => setMode(p, 'Web!', 'drain'), 'usage', /app name "Web!"/);
-    await bad(() => setMode(paths({ PORTFLIP_STATE_DIR: path.join(dir, 'nope') }), 'web', 'drain'), 'config', /does not exist/);
+    await bad(() => setMode(realSys, p, 'web', 'up'), 'usage', /--set up: use one of ready, drain, maint, clear/);
+    await bad(() => setMode(realSys, p, 'Web!', 'drain'), 'usage', /app name "Web!"/);
+    await bad(() => setMode(realSys, paths({ PORTFLIP_STATE_DIR: path.join(dir, 'nope') }), 'web', 'drain'), 'config', /does not exist/);
     await writeFile(path.join(dir, 'web.agent'), 'maint\n');
     assert.is(agentAnswer(await readView(realSys, p, 'web')), 'maint');
   } finally {

@@ -5,6 +5,7 @@ import * as assert from 'uvu/assert';
 import { canMove, invariantProblem, move, type InstanceState } from '../../src/lifecycle.js';
 import { PortflipError } from '../../src/errors.js';
 import { writeState, type AppState } from '../../src/state.js';
+import { realSys } from '../../src/sys.js';
 
 const inst = (port: number, state: InstanceState) => ({ port, pid: 100 + port, state });
 
@@ -38,7 +39,7 @@ test('the invariant: one active, one candidate, at most two besides the candidat
 test('a state that breaks the invariant is refused, not written', async () => {
   const st = { schema: 1, app: 'web', listen: 80, backend: 'nft', families: ['ipv4'], instances: [inst(1, 'active'), inst(2, 'active')] } as unknown as AppState;
   const paths = { stateDir: '/nonexistent-portflip-test', runDir: '/nonexistent', logDir: '/nonexistent' };
-  await writeState(paths, st).then(
+  await writeState(realSys, paths, st).then(
     () => assert.unreachable('written'),
     (e) => assert.ok(e instanceof PortflipError && /refused to write the state of "web": 2 active/.test(e.message), String(e)),
   );

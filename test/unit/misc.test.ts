@@ -40,13 +40,13 @@ test('state files are written whole and read back; no temp files remain', async 
   const dir = await mkdtemp(join(tmpdir(), 'pf-unit-'));
   try {
     const p = { stateDir: join(dir, 's'), runDir: join(dir, 'r'), logDir: join(dir, 's', 'logs') };
-    await ensureDirs(p);
-    await writeState(p, sample('web'));
-    assert.is((await readState(p, 'web'))!.listen, 80);
+    await ensureDirs(realSys, p);
+    await writeState(realSys, p, sample('web'));
+    assert.is((await readState(realSys, p, 'web'))!.listen, 80);
     assert.equal((await readdir(p.stateDir)).sort(), ['logs', 'web.json']);
-    assert.is(await readState(p, 'none'), null);
+    assert.is(await readState(realSys, p, 'none'), null);
     await writeFile(join(p.stateDir, 'bad.json'), '{"schema": 99}');
-    const err = await readState(p, 'bad').then(() => null, (e) => e);
+    const err = await readState(realSys, p, 'bad').then(() => null, (e) => e);
     assert.ok(err instanceof PortflipError && err.kind === 'config', 'a foreign schema is refused');
   } finally {
     await rm(dir, { recursive: true, force: true });

@@ -6,6 +6,7 @@ import { chmod, mkdtemp, mkdir, readFile, rm, stat, writeFile } from 'node:fs/pr
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { placePreload, preloadEnv, readableBy, withPreload, PRELOAD_SOURCE } from '../../src/preload.js';
+import { realSys } from '../../src/sys.js';
 import { toDeployOptions } from '../../src/cli.js';
 
 test("NODE_OPTIONS: the preload is appended to the user's own options, once, quoted when needed", () => {
@@ -35,19 +36,19 @@ test('readableBy follows every directory on the way; a file in a 0700 dir is cop
     for (const d of [open, closed]) await writeFile(join(d, 'node-drain.cjs'), '// preload\n', { mode: 0o644 });
     await chmod(join(open, 'node-drain.cjs'), 0o644);
     const nobody = { name: 'nobody', uid: 65534, gid: 65534 };
-    assert.ok(await readableBy(join(open, 'node-drain.cjs'), nobody.uid, nobody.gid));
-    assert.not.ok(await readableBy(join(closed, 'node-drain.cjs'), nobody.uid, nobody.gid));
-    assert.ok(await readableBy(join(closed, 'node-drain.cjs'), 0, 0), 'root reads everything');
+    assert.ok(await readableBy(realSys, join(open, 'node-drain.cjs'), nobody.uid, nobody.gid));
+    assert.not.ok(await readableBy(realSys, join(closed, 'node-drain.cjs'), nobody.uid, nobody.gid));
+    assert.ok(await readableBy(realSys, join(closed, 'node-drain.cjs'), 0, 0), 'root reads everything');
 
     const env = { PORTFLIP_PRELOAD_DIR: join(base, 'copies') };
-    assert.equal(await placePreload(env, nobody, join(open, 'node-drain.cjs')), { path: join(open, 'node-drain.cjs'), copied: false });
-    const placed = await placePreload(env, nobody, join(closed, 'node-drain.cjs'));
+    assert.equal(await placePreload(realSys, env, nobody, join(open, 'node-drain.cjs')), { path: join(open, 'node-drain.cjs'), copied: false });
+    const placed = await placePreload(realSys, env, nobody, join(closed, 'node-drain.cjs'));
     assert.ok(placed.path && 'copied' in placed && placed.copied, JSON.stringify(placed));
     assert.match(placed.path!, /copies\/node-drain-[0-9a-f]{12}\.cjs$/);
     assert.is(await readFile(placed.path!, 'utf8'), '// preload\n');
     assert.is((await stat(join(base, 'copies'))).mode & 0o777, 0o755);
     assert.is((await stat(placed.path!)).mode & 0o777, 0o644);
-    assert.equal(await placePreload(env, nobody, join(closed, 'node-drain.cjs')), placed, 'the same content lands on the same file');
+    assert.equal(await placePreload(realSys, env, nobody, join(closed, 'node-drain.cjs')), placed, 'the same content lands on the same file');
   } finally {
     await rm(base, { recursive: true, force: true });
   }
