@@ -2,20 +2,26 @@
 
 import { resolve } from 'node:path';
 import yargs, { type Argv } from 'yargs';
-import { DEFAULT_AGENT_PORT, agentAnswer, readView, serveAgent, setMode } from './agent.js';
-import { deploy, type DeployOptions } from './deploy.js';
-import { cleanup, formatStatus, logs, reap, restore, rollback, status, stop } from './commands.js';
+import type { DeployOptions } from './deploy.js';
 import { parseDuration } from './duration.js';
 import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './config.js';
 import { ExitCode, PortflipError, fail, fromSystemError } from './errors.js';
 import { canonicalCidr } from './iptables.js';
 import { makeEmitter } from './events.js';
-import { conntrackFill, requireNetAdmin, watch, type Ctx } from './ops.js';
+import type { Ctx } from './ops.js';
 import { paths } from './state.js';
 import { realSys } from './sys.js';
-import { requestReload, supervise } from './supervisor.js';
-import { appUnit, execPrefix, restoreUnit, watchUnit } from './systemd.js';
 import type { DrainMode } from './state.js';
+
+// Each command loads only the modules it uses: a status or a deploy should not pay for the others.
+const lazy = {
+  agent: () => import('./agent.js'),
+  commands: () => import('./commands.js'),
+  deploy: () => import('./deploy.js'),
+  ops: () => import('./ops.js'),
+  supervisor: () => import('./supervisor.js'),
+  systemd: () => import('./systemd.js'),
+};
 
 const SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH', 'SIGKILL'];
 
@@ -166,6 +172,7 @@ export async function main(argv: string[]): Promise<number> {
         run(async () => {
           const app = appName(a);
           const { path, config } = await readConfig(ctx.sys, app, a.config as string | undefined);
+          const { deploy } = await lazy.deploy();
           await deploy(toDeployOptions({ ...a, app }, config, path), ctx);
         }),
     )
@@ -187,11 +194,12 @@ export async function main(argv: string[]): Promise<number> {
             const { path, config } = await readConfig(ctx.sys, app, a.config as string | undefined);
             return toDeployOptions({ ...a, app }, config, path);
           };
+          const { supervise } = await lazy.supervisor();
           await supervise({ app, load }, ctx);
         }),
     )
     .command('reload [app]', 'ask the running `portflip run APP` for a zero-downtime deploy (config file re-read); waits for the result', (y) => appArg(y), (a) =>
-      run(() => requestReload(ctx, appName(a))),
+      run(async () => (await lazy.supervisor()).requestReload(ctx, appName(a))),
     )
     .command('systemd [app]', 'print a systemd unit for `portflip run APP`; with --restore, a unit that restores the rules at boot; with --watch, one that heals them', (y) =>
       appArg(y)
@@ -199,6 +207,7 @@ export async function main(argv: string[]): Promise<number> {
         .option('watch', { type: 'boolean', describe: 'print the `portflip watch` unit instead (heals rules after a firewall reload)' }),
       (a) =>
         run(async () => {
+          const { appUnit, execPrefix, restoreUnit, watchUnit } = await lazy.systemd();
           const exec = execPrefix(resolve(process.argv[1]), process.execPath);
           const config = a.config ? resolve(String(a.config)) : undefined;
           process.stdout.write(a.restore ? restoreUnit(exec) : a.watch ? watchUnit(exec) : appUnit({ app: appName(a), exec, config }));
@@ -208,6 +217,7 @@ export async function main(argv: string[]): Promise<number> {
       y.option('interval', { type: 'string', describe: 'how often to compare (default 500ms)' }),
       (a) =>
         run(async () => {
+          const { requireNetAdmin, watch } = await lazy.ops();
           await requireNetAdmin(ctx.sys);
           await watch(ctx, a.interval === undefined ? 500 : parseDuration(String(a.interval), '--interval'));
         }),
@@ -220,6 +230,7 @@ export async function main(argv: string[]): Promise<number> {
           const colour = tty && !process.env.NO_COLOR;
           const every = a.watch === undefined ? 0 : a.watch === '' ? 2000 : parseDuration(String(a.watch), '--watch');
           do {
+            const [{ status, formatStatus }, { conntrackFill }] = await Promise.all([lazy.commands(), lazy.ops()]);
             const apps = await status(ctx, a.app || a.config ? appName(a) : undefined);
             const conntrack = await conntrackFill(ctx.sys);
             if (json) process.stdout.write(JSON.stringify({ apps, conntrack }) + '\n');
@@ -232,24 +243,25 @@ export async function main(argv: string[]): Promise<number> {
       appArg(y)
         .option('follow', { alias: 'f', type: 'boolean', describe: 'keep printing new lines, across deploys, until Ctrl-C' })
         .option('lines', { alias: 'n', type: 'number', default: 50, describe: 'how many lines to show first' }),
-      (a) => run(() => logs(ctx, appName(a), { follow: !!a.follow, lines: Number(a.lines) }, (s) => process.stdout.write(s))),
+      (a) => run(async () => (await lazy.commands()).logs(ctx, appName(a), { follow: !!a.follow, lines: Number(a.lines) }, (s) => process.stdout.write(s))),
     )
-    .command('rollback [app]', 'point the public port back at the kept previous instance', (y) => appArg(y), (a) => run(() => rollback(ctx, appName(a))))
-    .command('stop [app]', "remove the app's rules and stop all its instances", (y) => appArg(y), (a) => run(() => stop(ctx, appName(a))))
-    .command('restore', "re-create every app's rules from the state files", (y) => y, () => run(() => restore(ctx)))
+    .command('rollback [app]', 'point the public port back at the kept previous instance', (y) => appArg(y), (a) => run(async () => (await lazy.commands()).rollback(ctx, appName(a))))
+    .command('stop [app]', "remove the app's rules and stop all its instances", (y) => appArg(y), (a) => run(async () => (await lazy.commands()).stop(ctx, appName(a))))
+    .command('restore', "re-create every app's rules from the state files", (y) => y, () => run(async () => (await lazy.commands()).restore(ctx)))
     .command('cleanup', 'remove every chain and rule portflip owns', (y) =>
       y.option('stop-instances', { type: 'boolean', describe: 'also stop every instance and forget the apps' }),
-      (a) => run(() => cleanup(ctx, !!a.stopInstances)),
+      (a) => run(async () => (await lazy.commands()).cleanup(ctx, !!a.stopInstances)),
     )
     .command('agent [app]', "answer HAProxy's agent-check for APP from portflip's state (drain/maint/ready, up/down, weight)", (y) =>
       appArg(y)
-        .option('port', { type: 'string', describe: `TCP port to answer on (default ${DEFAULT_AGENT_PORT})` })
+        .option('port', { type: 'string', describe: 'TCP port to answer on (default 9777)' })
         .option('address', { type: 'string', describe: 'address to listen on (default: all)' })
         .option('set', { type: 'string', describe: 'drain, maint, ready or clear: what this host tells HAProxy from now on' })
         .option('once', { type: 'boolean', describe: 'print the answer HAProxy would get now, and exit' }),
       (a) =>
         run(async () => {
           const app = appName(a);
+          const { DEFAULT_AGENT_PORT, agentAnswer, readView, serveAgent, setMode } = await lazy.agent();
           if (a.set !== undefined) {
             const file = await setMode(ctx.sys, ctx.paths, app, String(a.set));
             process.stderr.write(`${app}: agent mode ${a.set} (${file})\n`);
@@ -261,7 +273,7 @@ export async function main(argv: string[]): Promise<number> {
           }
         }),
     )
-    .command('_reap <app>', false, (y) => appArg(y), (a) => run(() => reap(ctx, String(a.app))))
+    .command('_reap <app>', false, (y) => appArg(y), (a) => run(async () => (await lazy.commands()).reap(ctx, String(a.app))))
     .demandCommand(1, 'name a command: deploy, status, logs, rollback, stop, restore, cleanup, init, run, reload, watch, systemd or agent')
     .strict()
     .help()

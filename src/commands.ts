@@ -4,7 +4,7 @@ import { fail, PortflipError } from './errors.js';
 import { drainAndStop } from './instance.js';
 import { move } from './lifecycle.js';
 import { retire } from './deploy.js';
-import { appChain, cleanupText, detectBackend, type Backend, type Family, type Iptables, type Verdict } from './iptables.js';
+import { appChain, cleanupText, detectBackend, recordedBackend, type Backend, type Family, type Iptables, type Verdict } from './iptables.js';
 import { causeOf, runSteps, type Step } from './steps.js';
 import { GUARD_PREFIX, guardScript } from './nftguard.js';
 import { describe, applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, openGuard, openIptables, reconcile, removeApp, requireNetAdmin, rulesState, settle, syncGuard, syncGuardCheck, wantedSpec, type Ctx } from './ops.js';
@@ -265,17 +265,19 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
     let rules: AppStatus['rules'] = 'unknown';
     let firewall: AppStatus['firewall'] = st.firewall?.mode === 'off' ? 'off' : 'unknown';
     try {
-      const ipt = await openIptables(ctx, st.backend);
+      await requireNetAdmin(ctx.sys);
+      const ipt = await recordedBackend(ctx.sys, (ctx.env.PORTFLIP_IPTABLES as Backend) || st.backend);
       // what the state file wants, counting only instances that are still alive
       const live = { ...st, instances: st.instances.filter((i) => insts.find((s) => s.port === i.port)?.alive) };
       const worst = (vs: Verdict[]) => (vs.includes('missing') ? 'missing' : vs.includes('mismatch') ? 'mismatch' : 'ok');
-      const checks = [];
-      for (const f of ipt.families) checks.push(rulesState(await ipt.save(f), wantedSpec(live, f), f));
+      // the reads run side by side; an IPv6 table that cannot be read (no ip6tables nat here) is not the app's
+      const [views, guard] = await Promise.all([
+        Promise.all(ipt.families.map((f) => ipt.save(f).then((v) => [f, v] as const, (err) => (f === 'ipv4' ? Promise.reject(err) : null)))),
+        firewall === 'off' ? null : syncGuardCheck(ctx, live),
+      ]);
+      const checks = views.filter((v) => v !== null).map(([f, v]) => rulesState(v, wantedSpec(live, f), f));
       rules = worst(checks.map((c) => c.nat));
-      if (firewall !== 'off') {
-        const guardMissing = !!(await syncGuardCheck(ctx, live));
-        firewall = worst([...checks.map((c) => c.filter), guardMissing ? 'missing' : 'ok']);
-      }
+      if (firewall !== 'off') firewall = worst([...checks.map((c) => c.filter), guard ? 'missing' : 'ok']);
     } catch {
       rules = 'unknown'; // not root: the state is still worth showing
     }

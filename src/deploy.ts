@@ -9,11 +9,12 @@ import { HOOKS, type HookName } from './config.js';
 import { move } from './lifecycle.js';
 import { fail, PortflipError } from './errors.js';
 import { checkOnce, drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type Spawned, type User } from './instance.js';
-import { appChain, appText, parseSave, wouldDrop, type AppSpec, type Family, type Iptables, type RulesView } from './iptables.js';
+import { appChain, appRules, appText, parseSave, wouldDrop, type AppSpec, type Family, type Iptables, type RulesView } from './iptables.js';
 import { applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, describe, firewallOf, openGuard, openIptables, reconcile, settle, spawnReaper, syncGuard, wantedSpec, type Ctx } from './ops.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './proc.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type FirewallSettings, type Instance, type StopPolicy } from './state.js';
 import { listenersPreloaded, placePreload, preloadedIn, preloadEnv } from './preload.js';
+import { guardScript, type DenyChain } from './nftguard.js';
 import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from './steps.js';
 import type { Sys } from './sys.js';
 
@@ -157,6 +158,36 @@ const DEPLOY: Step<DeployRun>[] = [
   },
   hookStep('after_ready', 'before'),
   {
+    // the way to the new port opens before anything points at it: the filter chain accepts what will be
+    // redirected there, and native nftables chains that drop by default learn the public port. The
+    // switch itself is then the nat commit alone.
+    name: 'open',
+    does: (r) => `accept connections redirected to port ${r.cand.port} (filter, one commit per family)` +
+      `${r.pre.denyChains.length ? `, and from port ${r.o.listen} in ${r.pre.denyChains.map((c) => `${c.family} ${c.table} ${c.chain}`).join(', ')}` : ''}`,
+    undo: 'close it again',
+    skip: (r) => r.o.firewall.mode === 'off',
+    run: async (r, run) => {
+      const { ctx, st, pre } = r;
+      const wantGuard = { listen: r.o.listen, fw: firewallOf({ firewall: r.o.firewall })! };
+      if (guardScript(pre.denyChains, r.o.app, wantGuard)) {
+        if (!r.prev) run.undo('nftables accept removed', async () => void (await syncGuard(ctx, st, 'absent')));
+        await syncGuard(ctx, { ...st, firewall: r.o.firewall }, 'present');
+      }
+      const target = (f: Family) => (pre.views.get(f) ? appRules(pre.views.get(f)!, r.o.app).target : null);
+      for (const f of r.families) {
+        const was = switchSpec(r, f, target(f), st.firewall);
+        const before = { ...was, open: was.target === null ? [] : was.open.filter((p) => p !== r.cand.port) };
+        run.undo(`${f}: port ${r.cand.port} closed again`, async () => void (await applySpec(pre.ipt, f, before)));
+      }
+      // side by side, each family one commit; the switch then reads these views
+      await Promise.all(r.families.map(async (f) => {
+        await applySpec(pre.ipt, f, switchSpec(r, f, target(f), r.o.firewall), pre.views.get(f));
+        pre.views.set(f, await pre.ipt.save(f));
+      }));
+    },
+    where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
+  },
+  {
     name: 'switch',
     does: (r) => `${r.o.firewall.mode === 'off' ? '' : `accept connections redirected to ${r.cand.port} (filter), then `}` +
       `redirect port ${r.o.listen} to ${r.cand.port} (nat): one iptables-restore --noflush commit per family${r.prev ? ` (from ${r.prev.port})` : ''}`,
@@ -200,24 +231,22 @@ const drainWords = (stop: StopPolicy, old: Instance) =>
 async function switchTo(r: DeployRun, run: StepRun): Promise<void> {
   const { o, ctx, st, cand, pre } = r;
   const old = r.prev;
-  // native nftables chains that drop by default learn the public port before anything points at it
-  if ((await syncGuard(ctx, { ...st, firewall: o.firewall }, 'present')).length && !old) {
-    run.undo('nftables accept removed', async () => void (await syncGuard(ctx, st, 'absent')));
-  }
-  for (const f of pre.ipt.families) {
-    const had = st.families.includes(f) || !!pre.views.get(f)?.nat.chains.has(appChain(o.app));
-    if (!r.families.includes(f) && !had) continue;
-    const back = old && had && st.families.includes(f);
+  const families = pre.ipt.families.filter((f) => r.families.includes(f) || st.families.includes(f) || !!pre.views.get(f)?.nat.chains.has(appChain(o.app)));
+  // every way back is registered first; then the families commit side by side (each one atomic on its own)
+  for (const f of families) {
+    const back = old && st.families.includes(f);
     const previous = st.firewall;
     run.undo(`${f} redirect ${back ? `back on port ${old!.port}` : 'removed'}`, async () => {
       await applySpec(pre.ipt, f, switchSpec(r, f, back ? old!.port : null, previous));
     });
+  }
+  await Promise.all(families.map(async (f) => {
     try {
       await applySpec(pre.ipt, f, switchSpec(r, f, r.families.includes(f) ? cand.port : null, o.firewall), pre.views.get(f));
     } catch (err) {
       throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
     }
-  }
+  }));
   const before = { families: st.families, oldState: old?.state, firewall: st.firewall };
   run.undo(`state back on ${old ? `port ${old.port}` : 'no instance'}`, async () => {
     Object.assign(st, { families: before.families, firewall: before.firewall });
@@ -308,6 +337,7 @@ export async function retire(ctx: Ctx, st: AppState, inst: Instance): Promise<vo
 }
 
 interface Preflight {
+  denyChains: DenyChain[]; // native nftables input chains that drop by default (nftguard.ts)
   ipt: Iptables;
   lock: { release(): Promise<void> };
   user?: User;
@@ -343,7 +373,8 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
     const views = new Map<Family, RulesView>();
     for (const f of ipt?.families ?? []) views.set(f, await ipt!.save(f));
     Object.assign(state, { listen: o.listen });
-    return { ipt: ipt as Iptables, lock: { release: async () => {} }, user, env, state, port, views, fresh: false };
+    const denyChains = ipt ? await (await openGuard(ctx.sys)).chains() : [];
+    return { ipt: ipt as Iptables, lock: { release: async () => {} }, user, env, state, port, views, fresh: false, denyChains };
   }
 
   const recorded = await readState(sys, paths, o.app);
@@ -361,8 +392,9 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
     state.listen = o.listen;
     state.backend = ipt.backend;
     const port = await pickPort(o, ctx, state);
-    await warnFirewall(o, ctx, views, port);
-    return { ipt, lock, user, env, state, port, views, fresh: !existing };
+    const denyChains = await (await openGuard(ctx.sys)).chains();
+    await warnFirewall(o, ctx, views, port, denyChains);
+    return { ipt, lock, user, env, state, port, views, fresh: !existing, denyChains };
   } catch (err) {
     await lock.release();
     throw err;
@@ -370,7 +402,7 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
 }
 
 /** Warnings that change nothing: a filling conntrack table, and with --firewall off, a filter that would drop. */
-async function warnFirewall(o: DeployOptions, ctx: Ctx, views: Map<Family, RulesView>, port: number): Promise<void> {
+async function warnFirewall(o: DeployOptions, ctx: Ctx, views: Map<Family, RulesView>, port: number, denyChains: DenyChain[]): Promise<void> {
   const note = (message: string) => ctx.emit({ kind: 'notice', app: o.app, message });
   const fill = await conntrackFill(ctx.sys);
   if (fill && fill.percent >= CONNTRACK_WARN_PERCENT) note(conntrackWarning(fill));
@@ -380,7 +412,7 @@ async function warnFirewall(o: DeployOptions, ctx: Ctx, views: Map<Family, Rules
     const tool = f === 'ipv4' ? 'iptables' : 'ip6tables';
     note(`--firewall off: ${tool}'s INPUT drops what it does not accept, and nothing accepts connections redirected to port ${port}, so clients on other hosts will get no answer. Fix: ${tool} -I INPUT -p tcp -m conntrack --ctstate DNAT --ctorigdstport ${o.listen} -j ACCEPT, or deploy with --firewall auto`);
   }
-  for (const c of await (await openGuard(ctx.sys)).chains()) {
+  for (const c of denyChains) {
     note(`--firewall off: nftables chain "${c.family} ${c.table} ${c.chain}" drops by default and will drop connections redirected to port ${port}. Fix: nft insert rule ${c.family} ${c.table} ${c.chain} ct status dnat ct original proto-dst ${o.listen} accept, or deploy with --firewall auto`);
   }
 }

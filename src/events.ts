@@ -10,6 +10,7 @@ export type StepName =
   | 'start'
   | 'ready'
   | 'bind-check'
+  | 'open'
   | 'switch'
   | 'drain'
   | 'stop'

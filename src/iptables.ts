@@ -51,8 +51,8 @@ export interface FirewallSpec {
 export interface AppSpec {
   app: string;
   listen: number;
-  target: number | null; // the redirect's port; null: the app has no rules at all
-  open: number[]; // instance ports whose redirected connections the filter chain accepts
+  target: number | null; // the redirect's port; null: no redirect (no nat rules)
+  open: number[]; // instance ports whose redirected connections the filter chain accepts; none: no filter rules
   firewall: FirewallSpec | null;
 }
 
@@ -199,9 +199,9 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
     }
   }
   let filter: Verdict = 'ok';
-  const want = spec.target === null ? [] : filterRules(spec, family);
+  const want = filterRules(spec, family);
   const has = view.filter.chains.has(chain);
-  if (!spec.firewall || spec.target === null) {
+  if (!spec.firewall || !spec.open.length) {
     if (has || rulesIn(view.filter, ROOT_CHAIN).includes(filterJumpRule(spec.app))) {
       filter = 'mismatch';
       missing.push(`filter: ${chain} should be gone`);
@@ -247,7 +247,7 @@ export function wouldDrop(t: TableView, port: number): boolean {
 export function appText(view: RulesView, spec: AppSpec, family: Family): string | null {
   const check = checkApp(view, spec, family);
   const nat = check.nat === 'ok' ? [] : spec.target === null ? natRemoval(view, spec.app) : natEnsure(view, spec);
-  const filter = check.filter === 'ok' ? [] : spec.firewall && spec.target !== null ? filterEnsure(view, spec, family) : filterRemoval(view, spec.app);
+  const filter = check.filter === 'ok' ? [] : spec.firewall && spec.open.length ? filterEnsure(view, spec, family) : filterRemoval(view, spec.app);
   const section = (table: Table, lines: string[]) => (lines.length ? [`*${table}`, ...lines, 'COMMIT'] : []);
   const parts = spec.target === null ? [...section('nat', nat), ...section('filter', filter)] : [...section('filter', filter), ...section('nat', nat)];
   return parts.length ? [...parts, ''].join('\n') : null;
@@ -367,6 +367,15 @@ const firstLine = (s: string) => s.trim().split('\n')[0] || 'no output';
 
 
 const countRules = (text: string) => text.split('\n').filter((l) => l.startsWith('-A ')).length;
+
+/**
+ * The backend a state file recorded, without probing it: for reads that must be cheap (status). Where
+ * it does not work the first save fails, and the caller says "unknown".
+ */
+export async function recordedBackend(sys: Sys, backend: Backend): Promise<Iptables> {
+  const v6 = (await sys.readText('/proc/net/if_inet6')) !== null;
+  return new Iptables(sys, backend, v6 ? ['ipv4', 'ipv6'] : ['ipv4']);
+}
 
 /**
  * Picks the backend the host already uses, as Kubernetes' wrapper does: the one holding portflip's

@@ -43,7 +43,8 @@ export function firewallOf(st: Pick<AppState, 'firewall'>): FirewallSpec | null 
 export function wantedSpec(st: AppState, family: Family): AppSpec {
   const active = st.instances.find((i) => i.state === 'active');
   const target = active && st.families.includes(family) ? active.port : null;
-  const open = st.instances.filter((i) => i.state !== 'candidate').map((i) => i.port);
+  // with no redirect in this family there is nothing redirected to accept
+  const open = target === null ? [] : st.instances.filter((i) => i.state !== 'candidate').map((i) => i.port);
   return { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st) };
 }
 

@@ -25,7 +25,7 @@ for (const where of ['server', 'client'] as const) {
         const r = await w.pf([...deployArgs(ports, ['--ready', 'http://127.0.0.1:{port}/health', '--json'], ['--version', v, '--start-delay', '1000'])]);
         assert.is(r.code, 0, show(r));
         const steps = events(r.stdout).filter((e) => e.kind === 'step');
-        assert.equal(steps.map((e) => e.step), ['preflight', 'start', 'ready', 'bind-check', 'switch', 'drain', 'done']);
+        assert.equal(steps.map((e) => e.step), ['preflight', 'start', 'ready', 'bind-check', 'open', 'switch', 'drain', 'done']);
         for (const e of steps) {
           assert.is(e.app, 'web');
           assert.type(e.durationMs, 'number');
@@ -51,7 +51,7 @@ test('people see every step with its duration on stderr', async () => {
     const r = await w.pf(deployArgs(ports, [], ['--version', 'v1']));
     assert.is(r.code, 0, show(r));
     assert.is(r.stdout, '');
-    for (const step of ['preflight', 'start', 'ready', 'bind-check', 'switch', 'done']) {
+    for (const step of ['preflight', 'start', 'ready', 'bind-check', 'open', 'switch', 'done']) {
       assert.match(r.stderr, new RegExp(`web: ok\\s+${step}\\b.*\\d+(ms|\\.\\d+s)`), step);
     }
     const status = await w.pf(['status', '--json']);

@@ -168,7 +168,7 @@ test('provision.sh installs portflip into a prefix for real; the installed binar
       const res = await load.stop();
       assert.is(again.code, 0, show(again));
       const steps = events(again.stdout).filter((e) => e.kind === 'step').map((e) => e.step);
-      assert.equal(steps, ['preflight', 'start', 'ready', 'bind-check', 'switch', 'drain', 'done']);
+      assert.equal(steps, ['preflight', 'start', 'ready', 'bind-check', 'open', 'switch', 'drain', 'done']);
       assert.is(res.failed, 0, JSON.stringify(res));
       assert.ok(res.ok > 0);
 

@@ -12,7 +12,7 @@ import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js'
 type StepEvent = Extract<Event, { kind: 'step' }>;
 const steps = (events: Event[]) => (events.filter((e) => e.kind === 'step') as StepEvent[]).map((e) => `${e.step}:${e.status}`);
 const noticed = (events: Event[], re: RegExp) => events.some((e) => e.kind === 'notice' && re.test(e.message));
-const DONE = ['preflight:ok', 'start:ok', 'ready:ok', 'bind-check:ok', 'switch:ok'];
+const DONE = ['preflight:ok', 'start:ok', 'ready:ok', 'bind-check:ok', 'open:ok', 'switch:ok'];
 const signals = (events: Event[]) => events.filter((e) => e.kind === 'signal') as Extract<Event, { kind: 'signal' }>[];
 
 test('a deploy starts the candidate, switches the redirect to it, and signals the old instance', async () => {
