@@ -14,7 +14,7 @@ import { checkOnce, drainAndStop, killNow, logTail, resolveCommand, spawnInstanc
 import { appChain, ensureText, parseSave, switchText, type Family, type Iptables, type NatView } from './iptables.js';
 import { describe, openIptables, pointAt, reconcile, removeApp, spawnReaper, type Ctx } from './ops.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpSockets } from './proc.js';
-import { listenersPreloaded, placePreload, preloadedIn, preloadEnv } from './preload.js';
+import { inspectPreload, placePreload, preloadEnv } from './preload.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type Instance, type StopPolicy } from './state.js';
 
 export interface DeployOptions {
@@ -133,8 +133,8 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       const r = await waitReady(sys, check, { pid: spawned.pid, port: cand.port, exited: spawned.exited }, o.readyTimeoutMs, { ...env, PORT: String(cand.port) }, ctx.abort);
       if (!r.ready) throw new PortflipError('deployFailed', r.reason);
       if (preload?.path) {
-        loadedIn = await preloadedIn(sys, spawned.pid, preload.path);
-        cand.nodeDrain = await listenersPreloaded(sys, cand.port, preload.path);
+        const seen = await inspectPreload(sys, spawned.pid, cand.port, preload.path);
+        [loadedIn, cand.nodeDrain] = [seen.loadedIn, seen.listeners];
       }
     }, cand.port, () => cand.pid, () => (preload?.path ? (loadedIn.length ? `node-drain loaded in ${loadedIn.join(', ')}` : 'node-drain not loaded: no Node.js process') : undefined));
 
