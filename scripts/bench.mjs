@@ -15,7 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import * as h from '../dist/test/helpers/netns.js';
-import { APPS, CLEAN_ENV, contenders, portflipDeploy, PUBLIC_PORT, START_DELAY_MS, sleep } from './bench/contenders.mjs';
+import { APPS, CLEAN_ENV, contenders, portflipDeploy, PUBLIC_PORT, removeAppDirs, START_DELAY_MS, sleep } from './bench/contenders.mjs';
 import { chartSvg, fmtMs, fmtRatio, inWindows, median, modeTable, percentile, series, summarize, windowsOf, WINDOW_AFTER_MS } from './bench/report.mjs';
 
 const { values: opt } = parseArgs({
@@ -526,6 +526,8 @@ async function runAppsPhase(results) {
     results.phaseErrors.push(`apps: ${err.message}`);
     log(`  FAILED: ${err.stack}`);
     return;
+  } finally {
+    removeAppDirs();
   }
   mkdirSync(APPS_OUT, { recursive: true });
   const meta = { date: new Date().toISOString(), cpus: os.cpus().length, elapsedS: (performance.now() - t) / 1000, loadStart, loadEnd: os.loadavg() };

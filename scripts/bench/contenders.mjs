@@ -82,6 +82,9 @@ export const APPS = {
   },
 };
 
+/** nginx-app.sh leaves one small dir per instance under NGINX_BASE: remove them once the apps are done. */
+export const removeAppDirs = () => rmSync(NGINX_BASE, { recursive: true, force: true });
+
 // One app instance bound to DIRECT_PORT, started in the server namespace, stopped by pid.
 async function startInstance(ns, version, app = APPS.fixture) {
   mkdirSync(NGINX_BASE, { recursive: true });
