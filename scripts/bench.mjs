@@ -3,8 +3,11 @@
 // Phases: (1) per load mode (new connection per request, keep-alive) and per contender (baseline, portflip, plain
 // restart, SYN-drop restart, pm2 reload), a fresh server/client namespace pair, the same fixed-rate load from the
 // client namespace over the veth, and the same number of restarts; (2) the redirect's steady-state cost, public port
-// versus instance port, alternated; (3) the switch commit time with 1, 100 and 1000 apps' chains present.
-// Writes bench/results/latest.json (gitignored), bench/results/SUMMARY.md and one SVG chart per mode.
+// versus instance port, alternated; (3) the switch commit time with 1, 100 and 1000 apps' chains present; (4) the app
+// dimension: keep-alive load at 200 and 1000 req/s, every contender restarting the fixture, a plain Node server.close()
+// app and nginx, each run 3 times (`--apps-only` runs just this phase).
+// Writes bench/results/latest.json (gitignored), bench/results/SUMMARY.md and one SVG chart per mode, and for phase 4
+// bench/results/APPS.md (medians and spread) and apps.json (gitignored).
 // Nothing here touches the root namespace's rules: every iptables call and every app runs inside our namespaces.
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readlinkSync, readdirSync, writeFileSync } from 'node:fs';
@@ -12,7 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import * as h from '../dist/test/helpers/netns.js';
-import { CLEAN_ENV, contenders, portflipDeploy, PUBLIC_PORT, START_DELAY_MS, sleep } from './bench/contenders.mjs';
+import { APPS, CLEAN_ENV, contenders, portflipDeploy, PUBLIC_PORT, removeAppDirs, START_DELAY_MS, sleep } from './bench/contenders.mjs';
 import { chartSvg, fmtMs, fmtRatio, inWindows, median, modeTable, percentile, series, summarize, windowsOf, WINDOW_AFTER_MS } from './bench/report.mjs';
 
 const { values: opt } = parseArgs({
@@ -22,6 +25,12 @@ const { values: opt } = parseArgs({
     modes: { type: 'string' },
     'skip-cost': { type: 'boolean', default: false },
     'skip-scale': { type: 'boolean', default: false },
+    // phase 4, the app dimension: keep-alive load, each contender x app x rate run --reps times
+    apps: { type: 'string', default: 'fixture,node,nginx' },
+    'app-rates': { type: 'string', default: '200,1000' },
+    reps: { type: 'string', default: '3' },
+    'skip-apps': { type: 'boolean', default: false },
+    'apps-only': { type: 'boolean', default: false }, // only phase 4; writes bench/results/APPS.md
   },
 });
 
@@ -37,7 +46,11 @@ const modes = opt.modes ? opt.modes.split(',') : Object.keys(MODES);
 const names = opt.only ? opt.only.split(',') : Object.keys(contenders);
 const LOAD = path.join(h.repoRoot, 'scripts', 'bench', 'load.mjs');
 // Only a full default run replaces the committed summary and charts; a --quick or partial run writes to a temp dir.
-const PARTIAL = opt.quick || Boolean(opt.only || opt.modes || opt['skip-cost'] || opt['skip-scale']);
+const PARTIAL = opt.quick || Boolean(opt.only || opt.modes || opt['skip-cost'] || opt['skip-scale'] || opt['apps-only']);
+// The app phase has its own summary (APPS.md): a default --apps-only run replaces the committed one.
+const APPS_PARTIAL = opt.quick || Boolean(opt.only || opt.apps !== 'fixture,node,nginx' || opt['app-rates'] !== '200,1000' || opt.reps !== '3');
+const APPS_OUT = APPS_PARTIAL ? path.join(os.tmpdir(), 'portflip-bench-quick') : path.join(h.repoRoot, 'bench', 'results');
+const APP_CFG = { restarts: 3, baselineMs: 8000 };
 const OUT = PARTIAL ? path.join(os.tmpdir(), 'portflip-bench-quick') : path.join(h.repoRoot, 'bench', 'results');
 
 const began = performance.now();
@@ -105,10 +118,13 @@ async function startLoad(ns, args) {
 }
 
 // ---------- phase 1: one contender under one load mode ----------
-async function runContender(mode, name) {
+async function runContender(mode, name, o = {}) {
   const c = contenders[name];
+  const rate = o.rate ?? CFG.rate;
+  const nRestarts = o.restarts ?? CFG.restarts;
+  const baselineMs = o.baselineMs ?? CFG.baselineMs;
   return withNetns(async (ns) => {
-    const ctx = { ns };
+    const ctx = { ns, app: o.app ? APPS[o.app] : undefined };
     let url;
     try {
       url = await c.setup(ctx);
@@ -120,11 +136,11 @@ async function runContender(mode, name) {
     const restarts = [];
     let load;
     try {
-      load = await startLoad(ns, ['--url', url, '--mode', mode, '--rate', String(CFG.rate)]);
+      load = await startLoad(ns, ['--url', url, '--mode', mode, '--rate', String(rate)]);
       const t0 = Date.now();
       await sleep(CFG.leadMs);
       if (c.restarts) {
-        for (let i = 1; i <= CFG.restarts; i++) {
+        for (let i = 1; i <= nRestarts; i++) {
           const start = Date.now();
           let detail;
           let error;
@@ -137,11 +153,11 @@ async function runContender(mode, name) {
           const end = Date.now();
           restarts.push({ start, end, durationMs: end - start, ...(detail ?? {}), ...(error ? { error } : {}) });
           if (error) break; // the app may be down; the rest of the run would not be a restart benchmark
-          if (i < CFG.restarts) await sleep(Math.max(start + CFG.spacingMs, end + CFG.gapAfterMs) - Date.now());
+          if (i < nRestarts) await sleep(Math.max(start + CFG.spacingMs, end + CFG.gapAfterMs) - Date.now());
         }
         await sleep(Math.max(CFG.tailMs, CFG.gapAfterMs));
       } else {
-        await sleep(Math.max(0, t0 + CFG.baselineMs - Date.now()));
+        await sleep(Math.max(0, t0 + baselineMs - Date.now()));
       }
     } finally {
       const result = load ? await load.finish() : undefined;
@@ -301,7 +317,7 @@ function markdown(results) {
   md.push('');
   md.push(`**Restart window**: from the moment a restart starts until ${WINDOW_AFTER_MS / 1000} s after it has finished. This contains the issue's "2 s after each restart starts" and also covers what happens later in a slow restart (portflip's switch and drain come after its 1 s start-up; pm2's reload takes as long).`);
   md.push('');
-  md.push('Contenders: **portflip** deploys through an iptables REDIRECT from port 80 (`--ready` HTTP, default `--drain signal`); **plain restart** sends SIGTERM, waits for the exit, starts the new instance on the same port; **SYN-drop restart** does the same between `iptables -I INPUT -p tcp --dport 8080 --syn -j DROP` and its deletion; **pm2 reload** runs the app in cluster mode (1 instance, `listen_timeout` and `kill_timeout` 10 s, `PM2_KILL_SIGNAL=SIGTERM` so the app drains); the **baseline** never restarts. All but portflip are reached on the instance port directly.');
+  md.push('Contenders: **portflip** deploys through an iptables REDIRECT from port 80 (`--ready` HTTP, default `--drain auto`, which is `signal` for the fixture: a Node app with the drain module); **plain restart** sends SIGTERM, waits for the exit, starts the new instance on the same port; **SYN-drop restart** does the same between `iptables -I INPUT -p tcp --dport 8080 --syn -j DROP` and its deletion; **pm2 reload** runs the app in cluster mode (1 instance, `listen_timeout` and `kill_timeout` 10 s, `PM2_KILL_SIGNAL=SIGTERM` so the app drains); the **baseline** never restarts. All but portflip are reached on the instance port directly.');
   md.push('');
   md.push('## Verdict for portflip');
   md.push('');
@@ -370,6 +386,72 @@ function markdown(results) {
   return md.join('\n');
 }
 
+// ---------- phase 4: the app dimension (keep-alive), each contender x app x rate, --reps times ----------
+async function runApps() {
+  const out = { reps: Number(opt.reps), rates: opt['app-rates'].split(',').map(Number), apps: opt.apps.split(','), rows: [] };
+  for (const app of out.apps) {
+    for (const rate of out.rates) {
+      for (const name of names) {
+        const runs = [];
+        for (let rep = 1; rep <= out.reps; rep++) {
+          log(`apps: ${APPS[app].title}, ${rate} req/s, ${contenders[name].title}, run ${rep}/${out.reps}`);
+          try {
+            const r = await runContender('keepalive', name, { app, rate, restarts: APP_CFG.restarts, baselineMs: APP_CFG.baselineMs });
+            if (r.skipped) {
+              runs.push({ skipped: r.skipped });
+              log(`  skipped: ${r.skipped}`);
+              break;
+            }
+            runs.push({ requests: r.overall.requests, failed: r.overall.failed, errors: r.overall.errors, p99: r.overall.p99, windowP99: r.windows.p99,
+              restartErrors: r.restarts.filter((x) => x.error).map((x) => x.error), firstErrors: r.firstErrors?.slice(0, 3) });
+            log(`  ${r.overall.failed} failed of ${r.overall.requests}, p99 ${fmtMs(r.overall.p99)} ms, in windows ${fmtMs(r.windows.p99)} ms`);
+          } catch (err) {
+            runs.push({ error: err.message });
+            log(`  FAILED: ${err.message}`);
+          }
+        }
+        out.rows.push({ app, rate, contender: name, runs });
+      }
+    }
+  }
+  return out;
+}
+
+const spread = (xs, f = (x) => x) => {
+  const v = xs.filter((x) => typeof x === 'number');
+  if (!v.length) return '-';
+  const m = median(v);
+  return v.length > 1 ? `${f(m)} (${f(Math.min(...v))}-${f(Math.max(...v))})` : f(m);
+};
+
+function appsMarkdown(a, meta) {
+  const md = ['# Benchmark: restarts of the apps people run, under keep-alive load', ''];
+  md.push(`Generated by \`npm run bench -- --apps-only\` (or a full \`npm run bench\`) on ${meta.date} (${meta.cpus} CPUs, Node ${process.version}). Took ${Math.round(meta.elapsedS)} s. Load average at start ${meta.loadStart.map((x) => x.toFixed(2)).join('/')}, at end ${meta.loadEnd.map((x) => x.toFixed(2)).join('/')}.`);
+  if (APPS_PARTIAL) md.push('', '**Quick or partial run**: not the full app benchmark.');
+  md.push('');
+  md.push(`Setup as in SUMMARY.md (open-loop load from a second namespace over veth, per-request timeout ${TIMEOUT_MS} ms, keep-alive connections: a request on a reused connection that fails is counted, never retried), with ${APP_CFG.restarts} restarts per run and each contender x app x rate run ${a.reps} times, each in fresh namespaces. Cells: the median over the runs, and in brackets the lowest and highest. Apps: ${a.apps.map((x) => `**${APPS[x].title}**`).join(', ')} (\`test/fixtures/app.mjs\`, \`plain-app.mjs\`, \`nginx-app.sh\`). portflip runs with its defaults (\`--drain auto\`, the Node drain module on) and the app's stop signal; the other contenders send the same stop signal themselves; pm2 runs the Node apps in cluster mode (reload) and nginx in fork mode (where reload is a restart).`);
+  for (const rate of a.rates) {
+    md.push('', `## ${rate} req/s`, '');
+    md.push('| app | contender | failed | requests | p99 ms | p99 in restart windows ms |');
+    md.push('|---|---|---:|---:|---:|---:|');
+    for (const app of a.apps) {
+      for (const row of a.rows.filter((r) => r.app === app && r.rate === rate)) {
+        const ok = row.runs.filter((r) => typeof r.failed === 'number');
+        const bad = row.runs.find((r) => r.skipped || r.error);
+        const title = contenders[row.contender].title;
+        if (!ok.length) {
+          md.push(`| ${APPS[app].title} | ${title} | ${String(bad?.skipped ?? bad?.error ?? 'no run').replace(/\|/g, '/').slice(0, 120)} ||||`);
+          continue;
+        }
+        const restartErrs = ok.flatMap((r) => r.restartErrors);
+        md.push(`| ${APPS[app].title} | ${title} | **${spread(ok.map((r) => r.failed), String)}** | ${spread(ok.map((r) => r.requests), String)} | ${spread(ok.map((r) => r.p99), fmtMs)} | ${row.contender === 'baseline' ? '-' : spread(ok.map((r) => r.windowP99), fmtMs)}${restartErrs.length ? ` (restart failed: ${restartErrs[0].slice(0, 80)})` : ''}${ok.length < a.reps ? ` (${ok.length} of ${a.reps} runs)` : ''} |`);
+      }
+    }
+  }
+  md.push('', 'Raw results: `bench/results/apps.json` (not committed).', '');
+  return md.join('\n');
+}
+
 // ---------- main ----------
 async function main() {
   mkdirSync(OUT, { recursive: true });
@@ -382,6 +464,7 @@ async function main() {
     runs: {},
     phaseErrors: [],
   };
+  if (opt['apps-only']) return runAppsPhase(results);
   for (const mode of modes) {
     const run = { mode, modeTitle: MODES[mode], rate: CFG.rate, contenders: {} };
     for (const name of names) {
@@ -420,6 +503,7 @@ async function main() {
       log(`  FAILED: ${err.stack}`);
     }
   }
+  if (!opt['skip-apps']) await runAppsPhase(results);
   results.elapsedS = (performance.now() - began) / 1000;
   results.host.loadavgAtEnd = os.loadavg();
   writeFileSync(path.join(OUT, 'latest.json'), `${JSON.stringify(results, null, 1)}\n`);
@@ -430,6 +514,28 @@ async function main() {
   const v = verdictFor(results);
   if (!v.pass) log('portflip missed its mark in this run (see the verdict above)');
   process.exitCode = v.pass && results.phaseErrors.length === 0 ? 0 : 1;
+}
+
+async function runAppsPhase(results) {
+  log('the app dimension: keep-alive, every contender x app x rate');
+  const t = performance.now();
+  const loadStart = os.loadavg();
+  try {
+    results.apps = await runApps();
+  } catch (err) {
+    results.phaseErrors.push(`apps: ${err.message}`);
+    log(`  FAILED: ${err.stack}`);
+    return;
+  } finally {
+    removeAppDirs();
+  }
+  mkdirSync(APPS_OUT, { recursive: true });
+  const meta = { date: new Date().toISOString(), cpus: os.cpus().length, elapsedS: (performance.now() - t) / 1000, loadStart, loadEnd: os.loadavg() };
+  writeFileSync(path.join(APPS_OUT, 'apps.json'), `${JSON.stringify({ ...meta, ...results.apps }, null, 1)}\n`);
+  const md = appsMarkdown(results.apps, meta);
+  writeFileSync(path.join(APPS_OUT, 'APPS.md'), md);
+  if (opt['apps-only']) process.stdout.write(`${md}\n`);
+  log(`wrote ${APPS_OUT}/APPS.md and apps.json`);
 }
 
 await main();

@@ -94,9 +94,10 @@ for (const appName of opt.apps.split(',')) {
 }
 
 const drains = opt.drains.split(',');
-const cell = (r) => (!r ? '' : r.error ? 'error' : `${r.failed} of ${r.total}`);
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const cell = (r) => (!r ? '' : r.error ? 'error' : `${r.failed} of ${r.total} (${(median(r.deployMs) / 1000).toFixed(1)} s)`);
 const lines = [
-  `| app | load | ${drains.map((d) => `\`--drain ${d}\`: failed`).join(' | ')} |`,
+  `| app | load | ${drains.map((d) => `\`--drain ${d}\`: failed (deploy)`).join(' | ')} |`,
   `|---|---|${drains.map(() => '---:').join('|')}|`,
 ];
 for (const appName of opt.apps.split(',')) {

@@ -13,7 +13,7 @@ import { appChain, appRules, appText, parseSave, wouldDrop, type AppSpec, type F
 import { applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, describe, firewallOf, openGuard, openIptables, reconcile, settle, spawnReaper, syncGuard, wantedSpec, type Ctx } from './ops.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './proc.js';
 import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type FirewallSettings, type Instance, type StopPolicy } from './state.js';
-import { listenersPreloaded, placePreload, preloadedIn, preloadEnv } from './preload.js';
+import { inspectPreload, placePreload, preloadEnv } from './preload.js';
 import { guardScript, type DenyChain } from './nftguard.js';
 import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from './steps.js';
 import type { Sys } from './sys.js';
@@ -142,8 +142,8 @@ const DEPLOY: Step<DeployRun>[] = [
       const res = await waitReady(ctx.sys, r.check, { pid: spawned!.pid, port: cand.port, exited: spawned!.exited }, r.o.readyTimeoutMs, env, ctx.abort);
       if (!res.ready) throw new PortflipError('deployFailed', res.reason);
       if (r.preload?.path) {
-        r.loadedIn = await preloadedIn(ctx.sys, spawned!.pid, r.preload.path);
-        cand.nodeDrain = await listenersPreloaded(ctx.sys, cand.port, r.preload.path);
+        const seen = await inspectPreload(ctx.sys, spawned!.pid, cand.port, r.preload.path);
+        [r.loadedIn, cand.nodeDrain] = [seen.loadedIn, seen.listeners];
       }
     },
     where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),

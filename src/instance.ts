@@ -144,8 +144,9 @@ export const killNow = async (sys: Sys, inst: Instance) => {
 };
 
 /**
- * Drain on a monotonic clock: in idle mode (and auto, for an instance without the Node drain module) wait for open connections to reach zero (bounded by
- * the drain timeout), then the stop signal, then SIGKILL for the whole group after kill-after.
+ * Drain on a monotonic clock: in idle mode (and auto, for an instance without the Node drain module) wait for
+ * open connections to reach zero (bounded by the drain timeout), then the stop signal, then SIGKILL for the whole
+ * group after kill-after.
  * `onSignalled` lets the caller record that the signal went out before it waits.
  */
 export async function drainAndStop(

@@ -93,5 +93,6 @@ function closeIdleUnlessDraining(original: (...a: unknown[]) => void) {
 for (const proto of [http.Server.prototype, https.Server.prototype] as any[]) {
   if (proto.close === gentleClose) continue; // loaded twice (NODE_OPTIONS repeated)
   proto.close = gentleClose;
-  if (typeof proto.closeIdleConnections === 'function') proto.closeIdleConnections = closeIdleUnlessDraining(proto.closeIdleConnections);
+  const closeIdle = proto.closeIdleConnections;
+  if (typeof closeIdle === 'function') proto.closeIdleConnections = closeIdleUnlessDraining(closeIdle);
 }

@@ -3,7 +3,7 @@
 import { createHash } from 'node:crypto';
 import { basename, dirname, join, parse } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { groupMembers, pidsListeningOn } from './proc.js';
+import { groupMembers, listenersOn, tcpListeners } from './proc.js';
 import type { Sys } from './sys.js';
 
 /** The preload as built, next to this module in the installed package. */
@@ -87,21 +87,35 @@ async function hasPreload(sys: Sys, pid: number, path: string): Promise<boolean>
   return !!environ.split('\0').find((kv) => kv.startsWith('NODE_OPTIONS='))?.includes(path);
 }
 
-/** The Node processes in the instance's group that carry the preload: "pid 9203 (node)", "pid 9199 (npm start)". */
-export async function preloadedIn(sys: Sys, pgid: number, path: string): Promise<string[]> {
-  const out: string[] = [];
+/**
+ * What the preload reached in the instance's group, in one pass over its members: the Node processes that carry
+ * it ("pid 9203 (node)", "pid 9199 (npm start)"), and whether every member holding a listening socket on the
+ * port carries it (then `--drain auto` can signal at once).
+ */
+export async function inspectPreload(sys: Sys, pgid: number, port: number, path: string): Promise<{ loadedIn: string[]; listeners: boolean }> {
+  const inodes = new Set(listenersOn(await tcpListeners(sys), port).map((s) => s.inode));
+  const loadedIn: string[] = [];
+  let listening = 0;
+  let listeningWithPreload = 0;
   for (const pid of await groupMembers(sys, pgid)) {
-    if (!(await hasPreload(sys, pid, path))) continue;
-    const comm = ((await sys.readText(`/proc/${pid}/comm`)) ?? '').trim();
-    out.push(`pid ${pid}${comm ? ` (${comm})` : ''}`);
+    const has = await hasPreload(sys, pid, path);
+    if (has) {
+      const comm = ((await sys.readText(`/proc/${pid}/comm`)) ?? '').trim();
+      loadedIn.push(`pid ${pid}${comm ? ` (${comm})` : ''}`);
+    }
+    if (await holdsSocket(sys, pid, inodes)) {
+      listening++;
+      if (has) listeningWithPreload++;
+    }
   }
-  return out;
+  return { loadedIn, listeners: listening > 0 && listening === listeningWithPreload };
 }
 
-/** True when something listens on the port and every process listening there carries the preload. */
-export async function listenersPreloaded(sys: Sys, port: number, path: string): Promise<boolean> {
-  const pids = await pidsListeningOn(sys, port);
-  if (!pids.length) return false;
-  for (const pid of pids) if (!(await hasPreload(sys, pid, path))) return false;
-  return true;
+async function holdsSocket(sys: Sys, pid: number, inodes: Set<number>): Promise<boolean> {
+  if (!inodes.size) return false;
+  for (const fd of await sys.fs.readdir(`/proc/${pid}/fd`).catch(() => [] as string[])) {
+    const m = /^socket:\[(\d+)\]$/.exec(await sys.fs.readlink(`/proc/${pid}/fd/${fd}`).catch(() => ''));
+    if (m && inodes.has(Number(m[1]))) return true;
+  }
+  return false;
 }

@@ -1,10 +1,13 @@
 // The restart methods the benchmark compares: each sets up one app in the server namespace, restarts it, tears down.
-import { mkdtempSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import * as h from '../../dist/test/helpers/netns.js';
 
 export const APP = h.fixture('app.mjs');
+const PLAIN = h.fixture('plain-app.mjs');
+const NGINX = h.fixture('nginx-app.sh');
+const NGINX_BASE = path.join(tmpdir(), 'portflip-bench-nginx'); // nginx-app.sh makes one dir per instance in it
 export const START_DELAY_MS = 1000; // the issue's "configurable time to start (default 1 s)"
 export const PUBLIC_PORT = 80; // portflip's public port
 export const DIRECT_PORT = 8080; // the port the in-place contenders bind
@@ -53,9 +56,41 @@ async function waitListening(ns, port, timeoutMs, child) {
   }, timeoutMs, `a listener on port ${port}`);
 }
 
-// One fixture app instance bound to DIRECT_PORT, started in the server namespace, stopped by pid.
-async function startInstance(ns, version) {
-  const child = ns.spawn(process.execPath, [APP, '--port', String(DIRECT_PORT), '--version', version, '--start-delay', String(START_DELAY_MS)], { stdio: 'ignore', env: CLEAN_ENV });
+// The kinds of app every contender restarts: the fixture (written to portflip's contract), a plain Node app whose
+// SIGTERM handler is server.close(), and nginx (graceful stop on SIGQUIT). Each knows its command for a port.
+export const APPS = {
+  fixture: {
+    title: "fixture (portflip's contract)",
+    stopSignal: 'SIGTERM',
+    command: (port, version, startDelayMs = START_DELAY_MS) => [process.execPath, APP, '--port', String(port), '--version', version, '--start-delay', String(startDelayMs)],
+    env: {},
+    portflipFlags: ['--ready', 'http://127.0.0.1:{port}/health'],
+  },
+  node: {
+    title: 'plain Node app, server.close()',
+    stopSignal: 'SIGTERM',
+    command: (port, version) => [process.execPath, PLAIN, version],
+    env: {},
+    portflipFlags: [],
+  },
+  nginx: {
+    title: 'nginx (SIGQUIT)',
+    stopSignal: 'SIGQUIT',
+    command: (port, version) => [NGINX, version],
+    env: { NGINX_BASE },
+    portflipFlags: ['--stop-signal', 'SIGQUIT', '--env', `NGINX_BASE=${NGINX_BASE}`],
+  },
+};
+
+/** nginx-app.sh leaves one small dir per instance under NGINX_BASE: remove them once the apps are done. */
+export const removeAppDirs = () => rmSync(NGINX_BASE, { recursive: true, force: true });
+
+// One app instance bound to DIRECT_PORT, started in the server namespace, stopped by pid.
+async function startInstance(ns, version, app = APPS.fixture) {
+  mkdirSync(NGINX_BASE, { recursive: true });
+  const [cmd, ...args] = app.command(DIRECT_PORT, version);
+  const child = ns.spawn(cmd, args, { stdio: 'ignore', env: { ...CLEAN_ENV, ...app.env, PORT: String(DIRECT_PORT) } });
+  child.stopSignal = app.stopSignal;
   await waitListening(ns, DIRECT_PORT, 15_000, child);
   return child;
 }
@@ -63,7 +98,7 @@ async function startInstance(ns, version) {
 async function stopInstance(child, killAfterMs = 10_000) {
   if (child.exitCode !== null || child.signalCode !== null) return;
   const exited = new Promise((r) => child.once('exit', r));
-  process.kill(child.pid, 'SIGTERM');
+  process.kill(child.pid, child.stopSignal ?? 'SIGTERM');
   const t = setTimeout(() => {
     try {
       process.kill(-child.pid, 'SIGKILL');
@@ -83,13 +118,14 @@ function parseEvents(stdout) {
   });
 }
 
-export function portflipDeployArgs(version, startDelayMs = START_DELAY_MS) {
-  return ['deploy', 'web', '--listen', String(PUBLIC_PORT), '--ports', '20001,20002', '--ready', 'http://127.0.0.1:{port}/health', '--json',
-    '--', process.execPath, APP, '--version', version, '--start-delay', String(startDelayMs)];
+export function portflipDeployArgs(version, startDelayMs = START_DELAY_MS, app = APPS.fixture) {
+  return ['deploy', 'web', '--listen', String(PUBLIC_PORT), '--ports', '20001,20002', ...app.portflipFlags, '--json',
+    '--', ...app.command('{port}', version, startDelayMs)];
 }
 
-export async function portflipDeploy(ns, dirs, version, startDelayMs = START_DELAY_MS) {
-  const r = await h.portflip(ns, portflipDeployArgs(version, startDelayMs), dirs, { timeoutMs: 60_000, env: CLEAN_ENV });
+export async function portflipDeploy(ns, dirs, version, startDelayMs = START_DELAY_MS, app = APPS.fixture) {
+  mkdirSync(NGINX_BASE, { recursive: true });
+  const r = await h.portflip(ns, portflipDeployArgs(version, startDelayMs, app), dirs, { timeoutMs: 90_000, env: CLEAN_ENV });
   const events = parseEvents(r.stdout);
   if (r.code !== 0) throw new Error(`portflip deploy exited ${r.code}: ${r.stderr.trim().slice(-800)} ${r.stdout.trim().slice(-800)}`);
   const step = (name) => events.find((e) => e.kind === 'step' && e.step === name);
@@ -111,7 +147,7 @@ export const contenders = {
     title: 'no restart (baseline)',
     restarts: false,
     async setup(ctx) {
-      ctx.child = await startInstance(ctx.ns, 'v0');
+      ctx.child = await startInstance(ctx.ns, 'v0', ctx.app);
       return `http://${h.SERVER_ADDR}:${DIRECT_PORT}/`;
     },
     async restart() {},
@@ -125,11 +161,11 @@ export const contenders = {
     restarts: true,
     async setup(ctx) {
       ctx.dirs = h.tmpDirs();
-      await portflipDeploy(ctx.ns, ctx.dirs, 'v0');
+      await portflipDeploy(ctx.ns, ctx.dirs, 'v0', START_DELAY_MS, ctx.app);
       return `http://${h.SERVER_ADDR}:${PUBLIC_PORT}/`;
     },
     async restart(ctx, i) {
-      const d = await portflipDeploy(ctx.ns, ctx.dirs, `v${i}`);
+      const d = await portflipDeploy(ctx.ns, ctx.dirs, `v${i}`, START_DELAY_MS, ctx.app);
       return { steps: d.steps };
     },
     async teardown(ctx) {
@@ -143,13 +179,13 @@ export const contenders = {
     title: 'plain restart',
     restarts: true,
     async setup(ctx) {
-      ctx.child = await startInstance(ctx.ns, 'v0');
+      ctx.child = await startInstance(ctx.ns, 'v0', ctx.app);
       return `http://${h.SERVER_ADDR}:${DIRECT_PORT}/`;
     },
     // Stop the old (SIGTERM, the app drains gracefully and exits), then start the new on the same port.
     async restart(ctx, i) {
       await stopInstance(ctx.child);
-      ctx.child = await startInstance(ctx.ns, `v${i}`);
+      ctx.child = await startInstance(ctx.ns, `v${i}`, ctx.app);
     },
     async teardown(ctx) {
       if (ctx.child) await stopInstance(ctx.child);
@@ -160,7 +196,7 @@ export const contenders = {
     title: 'SYN-drop restart',
     restarts: true,
     async setup(ctx) {
-      ctx.child = await startInstance(ctx.ns, 'v0');
+      ctx.child = await startInstance(ctx.ns, 'v0', ctx.app);
       return `http://${h.SERVER_ADDR}:${DIRECT_PORT}/`;
     },
     // The classic recipe, in the server namespace only: drop new SYNs, restart in place, delete the rule.
@@ -170,7 +206,7 @@ export const contenders = {
       if (add.code !== 0) throw new Error(`iptables -I failed: ${add.stderr}`);
       try {
         await stopInstance(ctx.child);
-        ctx.child = await startInstance(ctx.ns, `v${i}`);
+        ctx.child = await startInstance(ctx.ns, `v${i}`, ctx.app);
       } finally {
         const del = await ctx.ns.exec('iptables', ['-D', ...rule]);
         if (del.code !== 0) throw new Error(`iptables -D failed: ${del.stderr}`);
@@ -189,13 +225,18 @@ export const contenders = {
       // pm2's documented graceful options: listen_timeout (a worker counts as up when it listens or this passes),
       // kill_timeout (stop signal to SIGKILL). PM2_KILL_SIGNAL makes the stop signal SIGTERM, which the app drains on.
       const eco = path.join(ctx.pm2Home, 'ecosystem.config.cjs');
+      const app = ctx.app ?? APPS.fixture;
+      const [script, ...args] = app.command(DIRECT_PORT, 'pm2').slice(app === APPS.nginx ? 0 : 1);
+      // Node apps in cluster mode (pm2's zero-downtime reload); nginx is no Node app: fork mode, where reload restarts
+      const mode = app === APPS.nginx ? { exec_mode: 'fork', interpreter: 'none' } : { exec_mode: 'cluster', instances: 1 };
+      mkdirSync(NGINX_BASE, { recursive: true });
       writeFileSync(eco, `module.exports = ${JSON.stringify({
         apps: [{
-          name: 'web', script: APP, args: ['--port', String(DIRECT_PORT), '--version', 'pm2', '--start-delay', String(START_DELAY_MS)],
-          exec_mode: 'cluster', instances: 1, listen_timeout: 10000, kill_timeout: 10000, autorestart: true,
+          name: 'web', script, args, ...mode, env: { PORT: String(DIRECT_PORT), ...app.env },
+          listen_timeout: 10000, kill_timeout: 10000, autorestart: true,
         }],
       }, null, 2)};\n`);
-      ctx.pm2Env = { ...CLEAN_ENV, PM2_HOME: ctx.pm2Home, PM2_KILL_SIGNAL: 'SIGTERM' };
+      ctx.pm2Env = { ...CLEAN_ENV, PM2_HOME: ctx.pm2Home, PM2_KILL_SIGNAL: app.stopSignal };
       const r = await ctx.ns.exec(PM2, ['start', eco], { env: ctx.pm2Env, timeoutMs: 30_000 });
       if (r.code !== 0) throw new Error(`pm2 start failed (${r.code}): ${(r.stderr || r.stdout).trim().slice(-600)}`);
       await waitListening(ctx.ns, DIRECT_PORT, 15_000);

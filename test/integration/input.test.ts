@@ -38,7 +38,7 @@ test('bad input: each error has its own exit code and message, and changes nothi
     await refused(w, ['deploy', 'web', '--listen', '80', '--ports', `${a}`, ...app()], 2, /give two or more ports/);
     await refused(w, deploy(['--ready-timeout', '5x']), 2, /--ready-timeout: "5x" is not a duration/);
     await refused(w, deploy(['--kill-after', 'soon']), 2, /--kill-after: "soon" is not a duration/);
-    await refused(w, deploy(['--drain', 'later']), 2, /--drain later: use signal or idle/);
+    await refused(w, deploy(['--drain', 'later']), 2, /--drain later: use auto, signal or idle/);
     await refused(w, deploy(['--bogus']), 2, /Unknown argument: bogus/);
     await refused(w, ['deploy', 'web', '--listen', '80'], 2, /no command/);
     for (const name of ['Web', 'a'.repeat(26), 'we b', 'a/b', 'ü']) {

@@ -6,7 +6,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fixture, freePorts, startLoad, waitForPort, type LoadResult } from '../helpers/netns.js';
-import { inWorld, events, show, type World } from './lib.js';
+import { inWorld, events, get, show, type World } from './lib.js';
 import { PRELOAD_SOURCE } from '../../src/preload.js';
 
 const node = process.execPath;
@@ -157,7 +157,10 @@ test('nginx stopped with SIGQUIT: 3 deploys under keep-alive load over veth, 0 f
       const { res, runs } = await deploysUnderLoad(w, {
         ports, flags: ['--stop-signal', 'SIGQUIT', '--env', `NGINX_BASE=${base}`], cmds: ['v1', 'v2', 'v3', 'v4'].map((v) => [NGINX, v]),
       });
-      okLoad(res, ['v1', 'v2', 'v3', 'v4']);
+      // the old nginx keeps answering on its open connections while they rotate, so versions alternate for a
+      // while (and the load's bounded version list may fill up): check the end state instead of the order
+      okLoad(res);
+      assert.is(await get(w.ns, `http://${w.ns.serverAddr}:80/`, 'client'), 'v4');
       assert.is(runs[1].find((e) => e.step === 'ready')!.detail, 'node-drain not loaded: no Node.js process');
       for (const ev of runs.slice(1)) {
         const sig = ev.find((e) => e.kind === 'signal')!;

@@ -152,7 +152,7 @@ test('provision.sh installs portflip into a prefix for real; the installed binar
     }
 
     await inWorld(async (w) => {
-      const env = { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir };
+      const env = { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir, PORTFLIP_PRELOAD_DIR: w.dirs.preloadDir };
       const pf = (argv: string[], json = true) => w.ns.exec(argv[0], [...argv.slice(1), ...(json ? ['--json'] : [])], { env, timeoutMs: 60_000 });
       // --json goes before `--`, which ends portflip's own flags.
       const withJson = (argv: string[]) => {
