@@ -9,13 +9,14 @@
 // Writes bench/results/latest.json (gitignored), bench/results/SUMMARY.md and one SVG chart per mode, and for phase 4
 // bench/results/APPS.md (medians and spread) and apps.json (gitignored).
 // Nothing here touches the root namespace's rules: every iptables call and every app runs inside our namespaces.
-import { spawnSync } from 'node:child_process';
+import { $ } from 'zx';
 import { mkdirSync, readlinkSync, readdirSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import * as h from '../dist/test/helpers/netns.js';
 import { APPS, CLEAN_ENV, contenders, portflipDeploy, PUBLIC_PORT, removeAppDirs, START_DELAY_MS, sleep } from './bench/contenders.mjs';
+import { ownCostMarkdown, runOwnCost } from './bench/own-cost.mjs';
 import { chartSvg, fmtMs, fmtRatio, inWindows, median, modeTable, percentile, series, summarize, windowsOf, WINDOW_AFTER_MS } from './bench/report.mjs';
 
 const { values: opt } = parseArgs({
@@ -30,6 +31,7 @@ const { values: opt } = parseArgs({
     'app-rates': { type: 'string', default: '200,1000' },
     reps: { type: 'string', default: '3' },
     'skip-apps': { type: 'boolean', default: false },
+    'skip-own': { type: 'boolean', default: false }, // portflip's own cost (status, deploy overhead, switch) beside node -e 0
     'apps-only': { type: 'boolean', default: false }, // only phase 4; writes bench/results/APPS.md
   },
 });
@@ -46,7 +48,7 @@ const modes = opt.modes ? opt.modes.split(',') : Object.keys(MODES);
 const names = opt.only ? opt.only.split(',') : Object.keys(contenders);
 const LOAD = path.join(h.repoRoot, 'scripts', 'bench', 'load.mjs');
 // Only a full default run replaces the committed summary and charts; a --quick or partial run writes to a temp dir.
-const PARTIAL = opt.quick || Boolean(opt.only || opt.modes || opt['skip-cost'] || opt['skip-scale'] || opt['apps-only']);
+const PARTIAL = opt.quick || Boolean(opt.only || opt.modes || opt['skip-cost'] || opt['skip-scale'] || opt['skip-own'] || opt['apps-only']);
 // The app phase has its own summary (APPS.md): a default --apps-only run replaces the committed one.
 const APPS_PARTIAL = opt.quick || Boolean(opt.only || opt.apps !== 'fixture,node,nginx' || opt['app-rates'] !== '200,1000' || opt.reps !== '3');
 const APPS_OUT = APPS_PARTIAL ? path.join(os.tmpdir(), 'portflip-bench-quick') : path.join(h.repoRoot, 'bench', 'results');
@@ -218,8 +220,11 @@ async function runCost() {
         out[mode] = res;
         log(`  cost ${mode}: public ${res.public.reqPerS} req/s p99 ${fmtMs(res.public.p99)} ms, direct ${res.direct.reqPerS} req/s p99 ${fmtMs(res.direct.p99)} ms`);
       }
+      // every connection through the redirect is a conntrack entry that outlives it (TIME_WAIT): how many the run left
+      const ct = await ns.exec('cat', ['/proc/sys/net/netfilter/nf_conntrack_count', '/proc/sys/net/netfilter/nf_conntrack_max']);
+      const [conntrackCount, conntrackMax] = ct.stdout.trim().split('\n').map(Number);
       await h.portflip(ns, ['stop', 'web', '--json'], dirs, { timeoutMs: 20_000, env: CLEAN_ENV }).catch(() => {});
-      return { concurrency: CFG.costConcurrency, roundMs: CFG.costMs, rounds: CFG.costRounds, instancePort: d.port, modes: out };
+      return { concurrency: CFG.costConcurrency, roundMs: CFG.costMs, rounds: CFG.costRounds, instancePort: d.port, modes: out, conntrackCount, conntrackMax };
     } finally {
       dirs.cleanup();
     }
@@ -366,7 +371,13 @@ function markdown(results) {
     for (const [mode, r] of Object.entries(results.cost.modes)) {
       md.push(`| ${MODES[mode]} | ${r.public.reqPerS} | ${r.direct.reqPerS} | ${r.throughputRatio.toFixed(3)} | ${fmtMs(r.public.p99)} | ${fmtMs(r.direct.p99)} | ${r.p99Ratio.toFixed(3)} |`);
     }
+    const fresh = results.cost.modes.new;
+    if (fresh) {
+      md.push('');
+      md.push(`**New connections per second** (the row above with a new connection per request): the redirect sustained ${fresh.public.reqPerS}/s beside ${fresh.direct.reqPerS}/s direct (${fresh.throughputRatio.toFixed(2)}x), the highest rate this closed loop reaches on this machine. Each one is a conntrack entry kept 120 s after it closes: the run left ${results.cost.conntrackCount ?? '?'} entries (table max ${results.cost.conntrackMax ?? '?'}), and ${fresh.public.reqPerS}/s sustained would need about ${fresh.public.reqPerS * 120} (README, "The connection-tracking table").`);
+    }
   }
+  if (results.ownCost) md.push('', ownCostMarkdown(results.ownCost));
   if (results.scale) {
     md.push('');
     md.push('## Scale: switch commit time with many apps present');
@@ -455,7 +466,7 @@ function appsMarkdown(a, meta) {
 // ---------- main ----------
 async function main() {
   mkdirSync(OUT, { recursive: true });
-  const ipt = spawnSync('iptables', ['--version'], { encoding: 'utf8' }).stdout?.trim() ?? 'iptables ?';
+  const ipt = (await $({ nothrow: true, quiet: true })`iptables --version`).stdout.trim() || 'iptables ?';
   const results = {
     date: new Date().toISOString(),
     quick: opt.quick,
@@ -500,6 +511,15 @@ async function main() {
       results.scale = await runScale();
     } catch (err) {
       results.phaseErrors.push(`scale: ${err.message}`);
+      log(`  FAILED: ${err.stack}`);
+    }
+  }
+  if (!opt['skip-own']) {
+    log("portflip's own cost beside node -e 0");
+    try {
+      results.ownCost = await runOwnCost({ withNetns: (fn) => withNetns(fn), h, log });
+    } catch (err) {
+      results.phaseErrors.push(`own cost: ${err.message}`);
       log(`  FAILED: ${err.stack}`);
     }
   }
