@@ -86,7 +86,8 @@ export async function readView(sys: Sys, p: Paths, app: string): Promise<AgentVi
 /** `portflip agent APP --set MODE`: writes (or with clear, removes) the flag file, atomically. Touches nothing else. */
 export async function setMode(sys: Sys, p: Paths, app: string, mode: string): Promise<string> {
   appChain(app); // the same name rules as everywhere else
-  if (!(SET_MODES as readonly string[]).includes(mode)) fail('usage', `--set ${mode}: use one of ${SET_MODES.join(', ')}`);
+  if (!(SET_MODES as readonly string[]).includes(mode))
+    fail('usage', `--set ${mode}: use one of ${SET_MODES.join(', ')}`);
   const noDir = `${p.stateDir} does not exist: deploy an app on this host first (or set PORTFLIP_STATE_DIR)`;
   await sys.fs.stat(p.stateDir).catch(() => fail('config', noDir));
   const file = flagFile(p, app);
@@ -122,10 +123,17 @@ export async function serveAgent(sys: Sys, p: Paths, o: AgentOptions, emit: Emit
   });
   await new Promise<void>((resolve, reject) => {
     const inUse = `agent port ${o.port} is already in use; pick another with --port`;
-    server.once('error', (err: NodeJS.ErrnoException) => reject(err.code === 'EADDRINUSE' ? new PortflipError('portInUse', inUse) : err));
+    server.once('error', (err: NodeJS.ErrnoException) =>
+      reject(err.code === 'EADDRINUSE' ? new PortflipError('portInUse', inUse) : err),
+    );
     server.listen({ port: o.port, host: o.address }, () => resolve());
   });
-  emit({ kind: 'notice', app: o.app, message: `agent answering HAProxy on ${o.address ?? '*'}:${o.port} (Ctrl-C to stop)` });
-  if (!abort.aborted) await new Promise<void>((resolve) => abort.addEventListener('abort', () => resolve(), { once: true }));
+  emit({
+    kind: 'notice',
+    app: o.app,
+    message: `agent answering HAProxy on ${o.address ?? '*'}:${o.port} (Ctrl-C to stop)`,
+  });
+  if (!abort.aborted)
+    await new Promise<void>((resolve) => abort.addEventListener('abort', () => resolve(), { once: true }));
   await new Promise<void>((resolve) => server.close(() => resolve()));
 }

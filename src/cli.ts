@@ -23,11 +23,12 @@ const lazy = {
   systemd: () => import('./systemd.js'),
 };
 
-const SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH', 'SIGKILL'];
+const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH', 'SIGKILL'];
 
 function port(v: unknown, flag: string): number {
   const n = Number(v);
-  if (!/^\d+$/.test(String(v)) || n < 1 || n > 65535) fail('usage', `${flag} ${v}: a port is a whole number from 1 to 65535`);
+  if (!/^\d+$/.test(String(v)) || n < 1 || n > 65535)
+    fail('usage', `${flag} ${v}: a port is a whole number from 1 to 65535`);
   return n;
 }
 
@@ -59,21 +60,41 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     env: flags.env,
   };
   const where = file ? ` or set it in ${file}` : '';
-  if (a.listen === undefined) fail('usage', `give --listen PORT${where || ` (or write a config file: portflip init ${a.app})`}`);
-  const command = (flags['--'] as unknown[] | undefined)?.length ? (flags['--'] as unknown[]).map(String) : cfg.command ?? [];
-  if (!command.length) fail('usage', `no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js${where ? `, or set command in ${file}` : ''}`);
+  if (a.listen === undefined)
+    fail('usage', `give --listen PORT${where || ` (or write a config file: portflip init ${a.app})`}`);
+  const command = (flags['--'] as unknown[] | undefined)?.length
+    ? (flags['--'] as unknown[]).map(String)
+    : (cfg.command ?? []);
+  if (!command.length)
+    fail(
+      'usage',
+      `no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js${where ? `, or set command in ${file}` : ''}`,
+    );
   const ready = String(a.ready ?? 'tcp');
   if (a.readyCmd && a.ready && a.ready !== 'tcp') fail('usage', 'give --ready or --ready-cmd, not both');
-  if (ready !== 'tcp' && !/^https?:\/\/[^/]/.test(ready)) fail('usage', `--ready ${ready}: use tcp or an http(s):// URL such as http://127.0.0.1:{port}/health`);
-  const signal = String(a.stopSignal).toUpperCase().replace(/^(?!SIG)/, 'SIG');
-  if (!SIGNALS.includes(signal)) fail('usage', `--stop-signal ${a.stopSignal}: use one of ${SIGNALS.join(', ')}`);
+  if (ready !== 'tcp' && !/^https?:\/\/[^/]/.test(ready))
+    fail('usage', `--ready ${ready}: use tcp or an http(s):// URL such as http://127.0.0.1:{port}/health`);
+  const signal = String(a.stopSignal)
+    .toUpperCase()
+    .replace(/^(?!SIG)/, 'SIG');
+  if (!STOP_SIGNALS.includes(signal))
+    fail('usage', `--stop-signal ${a.stopSignal}: use one of ${STOP_SIGNALS.join(', ')}`);
   if (!['auto', 'signal', 'idle'].includes(a.drain)) fail('usage', `--drain ${a.drain}: use auto, signal or idle`);
   if (!['auto', 'on', 'off'].includes(a.ipv6)) fail('usage', `--ipv6 ${a.ipv6}: use auto, on or off`);
   if (!['auto', 'off'].includes(a.firewall)) fail('usage', `--firewall ${a.firewall}: use auto or off`);
-  const allowFrom = [a.allowFrom].flat().flatMap((v) => String(v).split(',')).map((v) => v.trim()).filter(Boolean).map((v) => {
-    return canonicalCidr(v) ?? fail('usage', `--allow-from ${v}: not an address or network; write it like 192.0.2.0/24 or 2001:db8::/32`);
-  });
-  if (allowFrom.length && a.firewall === 'off') fail('usage', '--allow-from needs portflip\'s filter chain; drop --firewall off');
+  const allowFrom = [a.allowFrom]
+    .flat()
+    .flatMap((v) => String(v).split(','))
+    .map((v) => v.trim())
+    .filter(Boolean)
+    .map((v) => {
+      return (
+        canonicalCidr(v) ??
+        fail('usage', `--allow-from ${v}: not an address or network; write it like 192.0.2.0/24 or 2001:db8::/32`)
+      );
+    });
+  if (allowFrom.length && a.firewall === 'off')
+    fail('usage', "--allow-from needs portflip's filter chain; drop --firewall off");
   if (!['on', 'off'].includes(a.nodeDrain)) fail('usage', `--node-drain ${a.nodeDrain}: use on or off`);
   const env: Record<string, string> = { ...cfg.env };
   for (const kv of [a.env ?? []].flat().map(String)) {
@@ -81,8 +102,14 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     if (i < 1) fail('usage', `--env ${kv}: write it as NAME=value`);
     env[kv.slice(0, i)] = kv.slice(i + 1);
   }
-  const ports = a.ports === undefined ? undefined : String(a.ports).split(',').map((p) => port(p.trim(), '--ports'));
-  if (ports && ports.length < 2) fail('usage', `--ports ${a.ports}: give two or more ports to alternate between, like 8001,8002`);
+  const ports =
+    a.ports === undefined
+      ? undefined
+      : String(a.ports)
+          .split(',')
+          .map((p) => port(p.trim(), '--ports'));
+  if (ports && ports.length < 2)
+    fail('usage', `--ports ${a.ports}: give two or more ports to alternate between, like 8001,8002`);
   return {
     app: String(a.app),
     listen: port(a.listen, '--listen'),
@@ -91,7 +118,11 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     cwd: String(a.cwd ?? process.cwd()),
     user: a.user,
     env,
-    ready: a.readyCmd ? { kind: 'cmd', command: String(a.readyCmd), cwd: String(a.cwd ?? process.cwd()) } : ready === 'tcp' ? { kind: 'tcp' } : { kind: 'http', url: ready },
+    ready: a.readyCmd
+      ? { kind: 'cmd', command: String(a.readyCmd), cwd: String(a.cwd ?? process.cwd()) }
+      : ready === 'tcp'
+        ? { kind: 'tcp' }
+        : { kind: 'http', url: ready },
     readyTimeoutMs: dur(a.readyTimeout, '--ready-timeout'),
     stop: {
       drain: a.drain as DrainMode,
@@ -122,17 +153,40 @@ const deployFlags = (y: Argv) =>
     .option('ready', { type: 'string', describe: 'tcp (default), or http://127.0.0.1:{port}/PATH (2xx/3xx)' })
     .option('ready-cmd', { type: 'string', describe: 'a shell command that exits 0 when ready ($PORT set)' })
     .option('ready-timeout', { type: 'string', describe: 'default 60s' })
-    .option('drain', { type: 'string', describe: 'auto (default): signal for Node.js instances with the drain module, idle for others; signal: stop signal right after the switch; idle: wait for no open connections first' })
+    .option('drain', {
+      type: 'string',
+      describe:
+        'auto (default): signal for Node.js instances with the drain module, idle for others; signal: stop signal right after the switch; idle: wait for no open connections first',
+    })
     .option('drain-timeout', { type: 'string', describe: 'default 30s' })
     .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
     .option('kill-after', { type: 'string', describe: 'default 10s' })
     .option('keep-old', { type: 'string', describe: 'keep the previous instance this long for an instant rollback' })
-    .option('verify', { type: 'string', describe: 'after the switch, watch the new instance this long; switch back if it dies or fails its check' })
-    .option('ipv6', { type: 'string', describe: 'auto: redirect IPv6 when the host has it and the app listens on ::; on; off' })
-    .option('firewall', { type: 'string', describe: 'auto (default): accept redirected traffic in the filter table; off: never touch it' })
-    .option('expose-ports', { type: 'boolean', describe: 'let other hosts reach instance ports directly (private by default)' })
-    .option('allow-from', { type: 'string', array: true, describe: 'accept redirected traffic only from these networks (CIDR, repeatable or comma-separated)' })
-    .option('node-drain', { type: 'string', describe: 'on (default): load the drain module into Node.js instances (NODE_OPTIONS); off' })
+    .option('verify', {
+      type: 'string',
+      describe: 'after the switch, watch the new instance this long; switch back if it dies or fails its check',
+    })
+    .option('ipv6', {
+      type: 'string',
+      describe: 'auto: redirect IPv6 when the host has it and the app listens on ::; on; off',
+    })
+    .option('firewall', {
+      type: 'string',
+      describe: 'auto (default): accept redirected traffic in the filter table; off: never touch it',
+    })
+    .option('expose-ports', {
+      type: 'boolean',
+      describe: 'let other hosts reach instance ports directly (private by default)',
+    })
+    .option('allow-from', {
+      type: 'string',
+      array: true,
+      describe: 'accept redirected traffic only from these networks (CIDR, repeatable or comma-separated)',
+    })
+    .option('node-drain', {
+      type: 'string',
+      describe: 'on (default): load the drain module into Node.js instances (NODE_OPTIONS); off',
+    })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 
 /** The app named on the command line, or the one a -c file stands for (web.toml -> web). */
@@ -165,9 +219,10 @@ export async function main(argv: string[]): Promise<number> {
     .parserConfiguration({ 'populate--': true })
     .option('json', { type: 'boolean', describe: 'one JSON object per line on stdout' })
     .option('config', { alias: 'c', type: 'string', describe: 'config file (default /etc/portflip/APP.toml)' })
-    .command('deploy [app]', 'start a new instance and flip the public port to it', (y) =>
-      deployFlags(appArg(y))
-        .usage('$0 deploy <app> --listen PORT [options] -- COMMAND [ARGS...]'),
+    .command(
+      'deploy [app]',
+      'start a new instance and flip the public port to it',
+      (y) => deployFlags(appArg(y)).usage('$0 deploy <app> --listen PORT [options] -- COMMAND [ARGS...]'),
       (a) =>
         run(async () => {
           const app = appName(a);
@@ -176,18 +231,25 @@ export async function main(argv: string[]): Promise<number> {
           await deploy(toDeployOptions({ ...a, app }, config, path), ctx);
         }),
     )
-    .command('init [app]', 'write a commented starting config file (/etc/portflip/APP.toml or -c FILE)', (y) => appArg(y), (a) =>
-      run(async () => {
-        const path = await writeStarter(ctx.sys, appName(a), a.config as string | undefined);
-        process.stderr.write(`wrote ${path}; edit it, then: portflip deploy ${appName(a)}\n`);
-      }),
+    .command(
+      'init [app]',
+      'write a commented starting config file (/etc/portflip/APP.toml or -c FILE)',
+      (y) => appArg(y),
+      (a) =>
+        run(async () => {
+          const path = await writeStarter(ctx.sys, appName(a), a.config as string | undefined);
+          process.stderr.write(`wrote ${path}; edit it, then: portflip deploy ${appName(a)}\n`);
+        }),
     )
-    .command('run [app]', 'deploy the app and keep it up in the foreground (for systemd): restart it when it crashes, deploy again on SIGHUP or `portflip reload`', (y) =>
-      deployFlags(appArg(y)).usage('$0 run <app> [-c FILE] [deploy options] [-- COMMAND [ARGS...]]'),
+    .command(
+      'run [app]',
+      'deploy the app and keep it up in the foreground (for systemd): restart it when it crashes, deploy again on SIGHUP or `portflip reload`',
+      (y) => deployFlags(appArg(y)).usage('$0 run <app> [-c FILE] [deploy options] [-- COMMAND [ARGS...]]'),
       (a) =>
         run(async () => {
           const app = appName(a);
-          if (a.dryRun) fail('usage', 'run keeps an app up; --dry-run belongs to deploy (portflip deploy --dry-run ...)');
+          if (a.dryRun)
+            fail('usage', 'run keeps an app up; --dry-run belongs to deploy (portflip deploy --dry-run ...)');
           // a long-lived supervisor queues its own signals (supervisor.ts); the one-shot Ctrl-C handling in main() does not apply
           for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.removeAllListeners(sig);
           const load = async () => {
@@ -198,23 +260,36 @@ export async function main(argv: string[]): Promise<number> {
           await supervise({ app, load }, ctx);
         }),
     )
-    .command('reload [app]', 'ask the running `portflip run APP` for a zero-downtime deploy (config file re-read); waits for the result', (y) => appArg(y), (a) =>
-      run(async () => (await lazy.supervisor()).requestReload(ctx, appName(a))),
+    .command(
+      'reload [app]',
+      'ask the running `portflip run APP` for a zero-downtime deploy (config file re-read); waits for the result',
+      (y) => appArg(y),
+      (a) => run(async () => (await lazy.supervisor()).requestReload(ctx, appName(a))),
     )
-    .command('systemd [app]', 'print a systemd unit for `portflip run APP`; with --restore, a unit that restores the rules at boot; with --watch, one that heals them', (y) =>
-      appArg(y)
-        .option('restore', { type: 'boolean', describe: 'print the boot-time `portflip restore` unit instead' })
-        .option('watch', { type: 'boolean', describe: 'print the `portflip watch` unit instead (heals rules after a firewall reload)' }),
+    .command(
+      'systemd [app]',
+      'print a systemd unit for `portflip run APP`; with --restore, a unit that restores the rules at boot; with --watch, one that heals them',
+      (y) =>
+        appArg(y)
+          .option('restore', { type: 'boolean', describe: 'print the boot-time `portflip restore` unit instead' })
+          .option('watch', {
+            type: 'boolean',
+            describe: 'print the `portflip watch` unit instead (heals rules after a firewall reload)',
+          }),
       (a) =>
         run(async () => {
           const { appUnit, execPrefix, restoreUnit, watchUnit } = await lazy.systemd();
           const exec = execPrefix(resolve(process.argv[1]), process.execPath);
           const config = a.config ? resolve(String(a.config)) : undefined;
-          process.stdout.write(a.restore ? restoreUnit(exec) : a.watch ? watchUnit(exec) : appUnit({ app: appName(a), exec, config }));
+          process.stdout.write(
+            a.restore ? restoreUnit(exec) : a.watch ? watchUnit(exec) : appUnit({ app: appName(a), exec, config }),
+          );
         }),
     )
-    .command('watch', "keep every app's rules in line with its state file: repair them within a second after a firewall reload", (y) =>
-      y.option('interval', { type: 'string', describe: 'how often to compare (default 500ms)' }),
+    .command(
+      'watch',
+      "keep every app's rules in line with its state file: repair them within a second after a firewall reload",
+      (y) => y.option('interval', { type: 'string', describe: 'how often to compare (default 500ms)' }),
       (a) =>
         run(async () => {
           const { requireNetAdmin, watch } = await lazy.ops();
@@ -222,8 +297,15 @@ export async function main(argv: string[]): Promise<number> {
           await watch(ctx, a.interval === undefined ? 500 : parseDuration(String(a.interval), '--interval'));
         }),
     )
-    .command('status [app]', 'show apps, instances and whether the live rules agree', (y) =>
-      appArg(y).option('watch', { alias: 'w', type: 'string', describe: 'refresh every N seconds (default 2) until Ctrl-C' }),
+    .command(
+      'status [app]',
+      'show apps, instances and whether the live rules agree',
+      (y) =>
+        appArg(y).option('watch', {
+          alias: 'w',
+          type: 'string',
+          describe: 'refresh every N seconds (default 2) until Ctrl-C',
+        }),
       (a) =>
         run(async () => {
           const tty = !!process.stdout.isTTY;
@@ -234,30 +316,71 @@ export async function main(argv: string[]): Promise<number> {
             const apps = await status(ctx, a.app || a.config ? appName(a) : undefined);
             const conntrack = await conntrackFill(ctx.sys);
             if (json) process.stdout.write(JSON.stringify({ apps, conntrack }) + '\n');
-            else process.stdout.write((every && tty ? '\x1b[H\x1b[2J' : '') + formatStatus(apps, colour, conntrack) + '\n' + (every ? '\n' : ''));
+            else
+              process.stdout.write(
+                (every && tty ? '\x1b[H\x1b[2J' : '') +
+                  formatStatus(apps, colour, conntrack) +
+                  '\n' +
+                  (every ? '\n' : ''),
+              );
             if (every) await ctx.sys.sleep(every, abort.signal);
           } while (every && !abort.signal.aborted);
         }),
     )
-    .command('logs [app]', "show the active instance's log", (y) =>
-      appArg(y)
-        .option('follow', { alias: 'f', type: 'boolean', describe: 'keep printing new lines, across deploys, until Ctrl-C' })
-        .option('lines', { alias: 'n', type: 'number', default: 50, describe: 'how many lines to show first' }),
-      (a) => run(async () => (await lazy.commands()).logs(ctx, appName(a), { follow: !!a.follow, lines: Number(a.lines) }, (s) => process.stdout.write(s))),
+    .command(
+      'logs [app]',
+      "show the active instance's log",
+      (y) =>
+        appArg(y)
+          .option('follow', {
+            alias: 'f',
+            type: 'boolean',
+            describe: 'keep printing new lines, across deploys, until Ctrl-C',
+          })
+          .option('lines', { alias: 'n', type: 'number', default: 50, describe: 'how many lines to show first' }),
+      (a) =>
+        run(async () =>
+          (await lazy.commands()).logs(ctx, appName(a), { follow: !!a.follow, lines: Number(a.lines) }, (s) =>
+            process.stdout.write(s),
+          ),
+        ),
     )
-    .command('rollback [app]', 'point the public port back at the kept previous instance', (y) => appArg(y), (a) => run(async () => (await lazy.commands()).rollback(ctx, appName(a))))
-    .command('stop [app]', "remove the app's rules and stop all its instances", (y) => appArg(y), (a) => run(async () => (await lazy.commands()).stop(ctx, appName(a))))
-    .command('restore', "re-create every app's rules from the state files", (y) => y, () => run(async () => (await lazy.commands()).restore(ctx)))
-    .command('cleanup', 'remove every chain and rule portflip owns', (y) =>
-      y.option('stop-instances', { type: 'boolean', describe: 'also stop every instance and forget the apps' }),
+    .command(
+      'rollback [app]',
+      'point the public port back at the kept previous instance',
+      (y) => appArg(y),
+      (a) => run(async () => (await lazy.commands()).rollback(ctx, appName(a))),
+    )
+    .command(
+      'stop [app]',
+      "remove the app's rules and stop all its instances",
+      (y) => appArg(y),
+      (a) => run(async () => (await lazy.commands()).stop(ctx, appName(a))),
+    )
+    .command(
+      'restore',
+      "re-create every app's rules from the state files",
+      (y) => y,
+      () => run(async () => (await lazy.commands()).restore(ctx)),
+    )
+    .command(
+      'cleanup',
+      'remove every chain and rule portflip owns',
+      (y) => y.option('stop-instances', { type: 'boolean', describe: 'also stop every instance and forget the apps' }),
       (a) => run(async () => (await lazy.commands()).cleanup(ctx, !!a.stopInstances)),
     )
-    .command('agent [app]', "answer HAProxy's agent-check for APP from portflip's state (drain/maint/ready, up/down, weight)", (y) =>
-      appArg(y)
-        .option('port', { type: 'string', describe: 'TCP port to answer on (default 9777)' })
-        .option('address', { type: 'string', describe: 'address to listen on (default: all)' })
-        .option('set', { type: 'string', describe: 'drain, maint, ready or clear: what this host tells HAProxy from now on' })
-        .option('once', { type: 'boolean', describe: 'print the answer HAProxy would get now, and exit' }),
+    .command(
+      'agent [app]',
+      "answer HAProxy's agent-check for APP from portflip's state (drain/maint/ready, up/down, weight)",
+      (y) =>
+        appArg(y)
+          .option('port', { type: 'string', describe: 'TCP port to answer on (default 9777)' })
+          .option('address', { type: 'string', describe: 'address to listen on (default: all)' })
+          .option('set', {
+            type: 'string',
+            describe: 'drain, maint, ready or clear: what this host tells HAProxy from now on',
+          })
+          .option('once', { type: 'boolean', describe: 'print the answer HAProxy would get now, and exit' }),
       (a) =>
         run(async () => {
           const app = appName(a);
@@ -273,8 +396,16 @@ export async function main(argv: string[]): Promise<number> {
           }
         }),
     )
-    .command('_reap <app>', false, (y) => appArg(y), (a) => run(async () => (await lazy.commands()).reap(ctx, String(a.app))))
-    .demandCommand(1, 'name a command: deploy, status, logs, rollback, stop, restore, cleanup, init, run, reload, watch, systemd or agent')
+    .command(
+      '_reap <app>',
+      false,
+      (y) => appArg(y),
+      (a) => run(async () => (await lazy.commands()).reap(ctx, String(a.app))),
+    )
+    .demandCommand(
+      1,
+      'name a command: deploy, status, logs, rollback, stop, restore, cleanup, init, run, reload, watch, systemd or agent',
+    )
     .strict()
     .help()
     .version()
@@ -294,7 +425,10 @@ export async function main(argv: string[]): Promise<number> {
   } catch (caught) {
     const err = fromSystemError(caught) ?? caught;
     if (err instanceof PortflipError) {
-      if (json) process.stdout.write(JSON.stringify({ kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message }) + '\n');
+      if (json)
+        process.stdout.write(
+          JSON.stringify({ kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message }) + '\n',
+        );
       process.stderr.write(`portflip: ${err.message}\n`);
       return err.exitCode;
     }

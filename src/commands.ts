@@ -4,12 +4,47 @@ import { fail, PortflipError } from './errors.js';
 import { drainAndStop } from './instance.js';
 import { move } from './lifecycle.js';
 import { retire } from './deploy.js';
-import { appChain, cleanupText, detectBackend, recordedBackend, type Backend, type Family, type Iptables, type Verdict } from './iptables.js';
+import {
+  appChain,
+  cleanupText,
+  detectBackend,
+  recordedBackend,
+  type Backend,
+  type Family,
+  type Iptables,
+  type Verdict,
+} from './iptables.js';
 import { causeOf, runSteps, type Step } from './steps.js';
 import { GUARD_PREFIX, guardScript } from './nftguard.js';
-import { describe, applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, openGuard, openIptables, reconcile, removeApp, requireNetAdmin, rulesState, settle, syncGuard, syncGuardCheck, wantedSpec, type Ctx } from './ops.js';
+import {
+  applySpec,
+  instanceLabel,
+  conntrackFill,
+  conntrackWarning,
+  CONNTRACK_WARN_PERCENT,
+  openGuard,
+  openIptables,
+  reconcile,
+  removeApp,
+  requireNetAdmin,
+  rulesState,
+  settle,
+  syncGuard,
+  syncGuardCheck,
+  wantedSpec,
+  type Ctx,
+} from './ops.js';
 import { isAlive, openConnections, tcpSockets, uptimeSeconds } from './proc.js';
-import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type Instance } from './state.js';
+import {
+  ensureDirs,
+  listApps,
+  readState,
+  removeState,
+  takeLock,
+  writeState,
+  type AppState,
+  type Instance,
+} from './state.js';
 
 /** What rollback, stop and restore work on: the app's state under its lock, and its rules. */
 interface AppRun {
@@ -23,12 +58,21 @@ interface AppRun {
 }
 
 /** Runs steps on the app's state under its lock, after finding out what is real (unless the steps do that). */
-async function withApp(ctx: Ctx, app: string, what: string, steps: Step<AppRun>[], prepare?: (r: AppRun) => void, reconcileFirst = true): Promise<void> {
+async function withApp(
+  ctx: Ctx,
+  app: string,
+  what: string,
+  steps: Step<AppRun>[],
+  prepare?: (r: AppRun) => void,
+  reconcileFirst = true,
+): Promise<void> {
   const recorded = await readState(ctx.sys, ctx.paths, app);
   const ipt = await openIptables(ctx, recorded?.backend);
   if (!recorded) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir}); deploy it first`);
   await ensureDirs(ctx.sys, ctx.paths);
-  const lock = await takeLock(ctx.sys, ctx.paths, app, `${what} ${app}`, (m) => ctx.emit({ kind: 'notice', app, message: m }));
+  const lock = await takeLock(ctx.sys, ctx.paths, app, `${what} ${app}`, (m) =>
+    ctx.emit({ kind: 'notice', app, message: m }),
+  );
   try {
     const st = (await readState(ctx.sys, ctx.paths, app))!;
     if (reconcileFirst) await reconcile(ctx, ipt, st);
@@ -54,11 +98,11 @@ const pointAll = async (r: AppRun) => {
 const ROLLBACK: Step<AppRun>[] = [
   {
     name: 'rollback',
-    does: (r) => `point port ${r.st.listen} at the kept instance on ${describe(r.kept!)}, one commit per family`,
+    does: (r) => `point port ${r.st.listen} at the kept instance on ${instanceLabel(r.kept!)}, one commit per family`,
     undo: 'point it back at the instance that was active',
     run: async (r, run) => {
       const { kept, bad } = r;
-      run.undo(`redirect back on ${bad ? describe(bad) : 'nothing'}`, async () => {
+      run.undo(`redirect back on ${bad ? instanceLabel(bad) : 'nothing'}`, async () => {
         move(kept!, 'kept');
         if (bad) move(bad, 'active');
         await pointAll(r);
@@ -73,7 +117,8 @@ const ROLLBACK: Step<AppRun>[] = [
   },
   {
     name: 'drain',
-    does: (r) => `drain and stop the instance on ${r.bad ? describe(r.bad) : '-'} under the last deploy's drain settings`,
+    does: (r) =>
+      `drain and stop the instance on ${r.bad ? instanceLabel(r.bad) : '-'} under the last deploy's drain settings`,
     undo: '',
     settles: true,
     skip: (r) => !r.bad,
@@ -84,8 +129,14 @@ const ROLLBACK: Step<AppRun>[] = [
 
 export async function rollback(ctx: Ctx, app: string): Promise<void> {
   await withApp(ctx, app, 'rollback', ROLLBACK, (r) => {
-    r.kept = r.st.instances.filter((i) => i.state === 'kept').sort((a, b) => (b.keepUntil ?? 0) - (a.keepUntil ?? 0))[0];
-    if (!r.kept) fail('nothingToDo', `"${app}" has no kept previous instance alive to roll back to; deploy with --keep-old DURATION to keep one`);
+    r.kept = r.st.instances
+      .filter((i) => i.state === 'kept')
+      .sort((a, b) => (b.keepUntil ?? 0) - (a.keepUntil ?? 0))[0];
+    if (!r.kept)
+      fail(
+        'nothingToDo',
+        `"${app}" has no kept previous instance alive to roll back to; deploy with --keep-old DURATION to keep one`,
+      );
     r.bad = r.st.instances.find((i) => i.state === 'active');
   });
 }
@@ -100,18 +151,25 @@ const STOP: Step<AppRun>[] = [
       for (const f of r.ipt.families) for (const rule of await removeApp(r.ipt, f, r.st.app)) r.foreign.add(rule);
       await syncGuard(r.ctx, r.st, 'absent');
       if (r.foreign.size) {
-        r.ctx.emit({ kind: 'notice', app: r.st.app, message: `rules outside portflip still jump to ${appChain(r.st.app)} (${[...r.foreign].join('; ')}); its chain was emptied but left in place: delete those rules, then run portflip cleanup` });
+        r.ctx.emit({
+          kind: 'notice',
+          app: r.st.app,
+          message: `rules outside portflip still jump to ${appChain(r.st.app)} (${[...r.foreign].join('; ')}); its chain was emptied but left in place: delete those rules, then run portflip cleanup`,
+        });
       }
     },
     detail: () => 'rules removed',
   },
   {
     name: 'drain',
-    does: () => 'send the stop signal to every instance at once (no idle wait: the port already refuses); SIGKILL after --kill-after',
+    does: () =>
+      'send the stop signal to every instance at once (no idle wait: the port already refuses); SIGKILL after --kill-after',
     undo: '',
     run: async (r) => {
       const policy = { ...r.st.stop, drain: 'signal' as const };
-      await Promise.all(r.st.instances.map((i) => drainAndStop(r.ctx.sys, r.st.app, i, policy, r.ctx.emit, async () => {})));
+      await Promise.all(
+        r.st.instances.map((i) => drainAndStop(r.ctx.sys, r.st.app, i, policy, r.ctx.emit, async () => {})),
+      );
       r.stopped = r.st.instances.length;
       r.st.instances = [];
       await removeState(r.ctx.sys, r.ctx.paths, r.st.app);
@@ -128,13 +186,19 @@ export async function stop(ctx: Ctx, app: string): Promise<void> {
 const RESTORE: Step<AppRun>[] = [
   {
     name: 'restore',
-    does: (r) => `repair ${r.st.app}'s rules from its state file, pointing port ${r.st.listen} at its live active instance`,
+    does: (r) =>
+      `repair ${r.st.app}'s rules from its state file, pointing port ${r.st.listen} at its live active instance`,
     undo: '',
     run: async (r) => void (await reconcile(r.ctx, r.ipt, r.st)),
-    where: (r) => ({ port: r.st.instances.find((i) => i.state === 'active')?.port, pid: r.st.instances.find((i) => i.state === 'active')?.pid }),
+    where: (r) => ({
+      port: r.st.instances.find((i) => i.state === 'active')?.port,
+      pid: r.st.instances.find((i) => i.state === 'active')?.pid,
+    }),
     detail: (r) => {
       const active = r.st.instances.find((i) => i.state === 'active');
-      return active ? `port ${r.st.listen} -> ${active.port}` : `no live instance; port ${r.st.listen} is left alone (deploy it again)`;
+      return active
+        ? `port ${r.st.listen} -> ${active.port}`
+        : `no live instance; port ${r.st.listen} is left alone (deploy it again)`;
     },
   },
 ];
@@ -152,7 +216,10 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
   const apps = await listApps(ctx.sys, ctx.paths);
   const locks = [];
   try {
-    for (const app of apps) locks.push(await takeLock(ctx.sys, ctx.paths, app, 'cleanup', (m) => ctx.emit({ kind: 'notice', app, message: m })));
+    for (const app of apps)
+      locks.push(
+        await takeLock(ctx.sys, ctx.paths, app, 'cleanup', (m) => ctx.emit({ kind: 'notice', app, message: m })),
+      );
     // the backend in use, and any other one a state file says rules were made with
     const detected = await detectBackend(ctx.sys, ctx.env.PORTFLIP_IPTABLES);
     const backends = new Set<Backend>([detected.backend]);
@@ -162,7 +229,9 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
     }
     const guard = await openGuard(ctx.sys);
     const chains = await guard.chains();
-    const guarded = new Set(chains.flatMap((c) => c.ours.map((r) => r.comment.slice(GUARD_PREFIX.length).split(' ')[0])));
+    const guarded = new Set(
+      chains.flatMap((c) => c.ours.map((r) => r.comment.slice(GUARD_PREFIX.length).split(' ')[0])),
+    );
     for (const app of guarded) {
       const script = guardScript(chains, app, null);
       if (script) await guard.apply(script);
@@ -179,13 +248,23 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
       for (const app of apps) {
         const st = await readState(ctx.sys, ctx.paths, app).catch(() => null);
         if (!st) continue;
-        await Promise.all(st.instances.map((i) => drainAndStop(ctx.sys, app, i, { ...st.stop, drain: 'signal' }, ctx.emit, async () => {})));
+        await Promise.all(
+          st.instances.map((i) =>
+            drainAndStop(ctx.sys, app, i, { ...st.stop, drain: 'signal' }, ctx.emit, async () => {}),
+          ),
+        );
         stopped += st.instances.length;
         await removeState(ctx.sys, ctx.paths, app);
       }
     }
-    ctx.emit({ kind: 'step', step: 'cleanup', app: '*', status: 'ok', durationMs: ctx.sys.now() - started,
-      detail: `removed every portflip chain and rule${stopInstances ? `; stopped ${stopped} instance(s)` : '; instances left running (restore brings the rules back)'}` });
+    ctx.emit({
+      kind: 'step',
+      step: 'cleanup',
+      app: '*',
+      status: 'ok',
+      durationMs: ctx.sys.now() - started,
+      detail: `removed every portflip chain and rule${stopInstances ? `; stopped ${stopped} instance(s)` : '; instances left running (restore brings the rules back)'}`,
+    });
   } finally {
     for (const l of locks) await l.release();
   }
@@ -254,11 +333,16 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
       const alive = await isAlive(ctx.sys, i.pid, i.startTime);
       const usage = alive ? await pidusage(i.pid!).catch(() => null) : null;
       insts.push({
-        port: i.port, pid: i.pid, state: alive ? i.state : 'gone', alive,
+        port: i.port,
+        pid: i.pid,
+        state: alive ? i.state : 'gone',
+        alive,
         uptimeSeconds: alive && i.startTime ? Math.round((await uptimeSeconds(ctx.sys, i.startTime)) ?? 0) : null,
-        cpu: usage ? Math.round(usage.cpu * 10) / 10 : null, memory: usage?.memory ?? null,
+        cpu: usage ? Math.round(usage.cpu * 10) / 10 : null,
+        memory: usage?.memory ?? null,
         connections: openConnections(socks, i.port),
-        keepUntil: i.keepUntil ? new Date(i.keepUntil).toISOString() : undefined, log: i.log,
+        keepUntil: i.keepUntil ? new Date(i.keepUntil).toISOString() : undefined,
+        log: i.log,
       });
     }
     const active = insts.find((i) => i.state === 'active') ?? null;
@@ -269,10 +353,18 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
       const ipt = await recordedBackend(ctx.sys, (ctx.env.PORTFLIP_IPTABLES as Backend) || st.backend);
       // what the state file wants, counting only instances that are still alive
       const live = { ...st, instances: st.instances.filter((i) => insts.find((s) => s.port === i.port)?.alive) };
-      const worst = (vs: Verdict[]) => (vs.includes('missing') ? 'missing' : vs.includes('mismatch') ? 'mismatch' : 'ok');
+      const worst = (vs: Verdict[]) =>
+        vs.includes('missing') ? 'missing' : vs.includes('mismatch') ? 'mismatch' : 'ok';
       // the reads run side by side; an IPv6 table that cannot be read (no ip6tables nat here) is not the app's
       const [views, guard] = await Promise.all([
-        Promise.all(ipt.families.map((f) => ipt.save(f).then((v) => [f, v] as const, (err) => (f === 'ipv4' ? Promise.reject(err) : null)))),
+        Promise.all(
+          ipt.families.map((f) =>
+            ipt.save(f).then(
+              (v) => [f, v] as const,
+              (err) => (f === 'ipv4' ? Promise.reject(err) : null),
+            ),
+          ),
+        ),
         firewall === 'off' ? null : syncGuardCheck(ctx, live),
       ]);
       const checks = views.filter((v) => v !== null).map(([f, v]) => rulesState(v, wantedSpec(live, f), f));
@@ -281,7 +373,17 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
     } catch {
       rules = 'unknown'; // not root: the state is still worth showing
     }
-    out.push({ app, listen: st.listen, backend: st.backend, families: st.families, active, others: insts.filter((i) => i !== active), rules, firewall, restarts: st.restarts ?? 0 });
+    out.push({
+      app,
+      listen: st.listen,
+      backend: st.backend,
+      families: st.families,
+      active,
+      others: insts.filter((i) => i !== active),
+      rules,
+      firewall,
+      restarts: st.restarts ?? 0,
+    });
   }
   pidusage.clear();
   return out;
@@ -309,10 +411,17 @@ function formatApps(apps: AppStatus[], colour: boolean): string {
     if (!list.length) rows.push([a.app, String(a.listen), '-', '-', 'none', '-', '-', '-', '-', a.firewall, a.rules]);
     for (const i of list) {
       rows.push([
-        a.app, String(a.listen), String(i.port), String(i.pid ?? '-'), i.state,
-        i.uptimeSeconds === null ? '-' : fmtUptime(i.uptimeSeconds), i.cpu === null ? '-' : i.cpu.toFixed(1),
-        i.memory === null ? '-' : `${(i.memory / 1048576).toFixed(1)}M`, String(i.connections),
-        i === list[0] ? a.firewall : '', i === list[0] ? `${a.rules} (${a.backend} ${a.families.join('+')})` : '',
+        a.app,
+        String(a.listen),
+        String(i.port),
+        String(i.pid ?? '-'),
+        i.state,
+        i.uptimeSeconds === null ? '-' : fmtUptime(i.uptimeSeconds),
+        i.cpu === null ? '-' : i.cpu.toFixed(1),
+        i.memory === null ? '-' : `${(i.memory / 1048576).toFixed(1)}M`,
+        String(i.connections),
+        i === list[0] ? a.firewall : '',
+        i === list[0] ? `${a.rules} (${a.backend} ${a.families.join('+')})` : '',
       ]);
     }
   }
@@ -335,7 +444,12 @@ function formatApps(apps: AppStatus[], colour: boolean): string {
 }
 
 /** The active instance's log: the last lines, then (with follow) new lines as they come, across deploys. */
-export async function logs(ctx: Ctx, app: string, opts: { follow: boolean; lines: number }, write: (s: string) => void): Promise<void> {
+export async function logs(
+  ctx: Ctx,
+  app: string,
+  opts: { follow: boolean; lines: number },
+  write: (s: string) => void,
+): Promise<void> {
   const activeLog = async () => {
     const st = await readState(ctx.sys, ctx.paths, app);
     if (!st) return fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir})`);
@@ -347,7 +461,12 @@ export async function logs(ctx: Ctx, app: string, opts: { follow: boolean; lines
   const text = await ctx.sys.fs.read(path!).catch(() => '');
   const tail = text.split('\n');
   if (tail.at(-1) === '') tail.pop();
-  write(tail.slice(-opts.lines).map((l) => l + '\n').join(''));
+  write(
+    tail
+      .slice(-opts.lines)
+      .map((l) => l + '\n')
+      .join(''),
+  );
   let offset = Buffer.byteLength(text);
   while (opts.follow && !ctx.abort.aborted) {
     await ctx.sys.sleep(250, ctx.abort);
@@ -366,5 +485,9 @@ export async function logs(ctx: Ctx, app: string, opts: { follow: boolean; lines
   }
 }
 
-const fmtUptime = (s: number) => (s < 60 ? `${s}s` : s < 3600 ? `${Math.floor(s / 60)}m${s % 60}s` : `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`);
-
+const fmtUptime = (s: number) =>
+  s < 60
+    ? `${s}s`
+    : s < 3600
+      ? `${Math.floor(s / 60)}m${s % 60}s`
+      : `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`;

@@ -13,16 +13,23 @@ export type HookName = (typeof HOOKS)[number];
 // The parser and the schema library load only when a config file is read: most runs have none,
 // and every deploy's CPU time competes with the requests the old instance is serving.
 function makeSchema(z: typeof Zod) {
-  const duration = z.union([z.string(), z.number().nonnegative()], { error: 'expected a duration such as "30s" or a number of seconds' });
+  const duration = z.union([z.string(), z.number().nonnegative()], {
+    error: 'expected a duration such as "30s" or a number of seconds',
+  });
   const port = z.number({ error: 'expected a port number' }).int().min(1).max(65535);
   const hook = z.string({ error: 'expected a shell command (a string)' });
   return z.strictObject({
     listen: port.optional(),
     ports: z.array(port, { error: 'expected a list of ports such as [8001, 8002]' }).min(2).optional(),
-    command: z.array(z.string(), { error: 'expected a list of strings such as ["node", "server.js", "--port", "{port}"]' }).min(1).optional(),
+    command: z
+      .array(z.string(), { error: 'expected a list of strings such as ["node", "server.js", "--port", "{port}"]' })
+      .min(1)
+      .optional(),
     cwd: z.string().optional(),
     user: z.string().optional(),
-    env: z.record(z.string(), z.string(), { error: 'expected a table of strings such as { NODE_ENV = "production" }' }).optional(),
+    env: z
+      .record(z.string(), z.string(), { error: 'expected a table of strings such as { NODE_ENV = "production" }' })
+      .optional(),
     ready: z.string().optional(),
     ready_cmd: z.string().optional(),
     ready_timeout: duration.optional(),
@@ -35,7 +42,9 @@ function makeSchema(z: typeof Zod) {
     ipv6: z.enum(['auto', 'on', 'off'], { error: 'expected "auto", "on" or "off"' }).optional(),
     firewall: z.enum(['auto', 'off'], { error: 'expected "auto" or "off"' }).optional(),
     expose_ports: z.boolean({ error: 'expected true or false' }).optional(),
-    allow_from: z.array(z.string(), { error: 'expected a list of networks such as ["192.0.2.0/24", "2001:db8::/32"]' }).optional(),
+    allow_from: z
+      .array(z.string(), { error: 'expected a list of networks such as ["192.0.2.0/24", "2001:db8::/32"]' })
+      .optional(),
     node_drain: z.enum(['on', 'off'], { error: 'expected "on" or "off"' }).optional(),
     before_start: hook.optional(),
     after_ready: hook.optional(),
@@ -52,7 +61,10 @@ export type AppConfig = Zod.infer<ReturnType<typeof makeSchema>>;
  * a file named with -c must exist. Any mistake is one line naming the file and the key.
  */
 export async function readConfig(
-  sys: Sys, app: string | undefined, file: string | undefined, env = process.env,
+  sys: Sys,
+  app: string | undefined,
+  file: string | undefined,
+  env = process.env,
 ): Promise<{ path: string | null; config: AppConfig }> {
   const path = file ?? (app ? join(configDir(env), `${app}.toml`) : null);
   if (!path) return { path: null, config: {} };
@@ -135,13 +147,19 @@ kill_after = "10s"
 `;
 }
 
-export async function writeStarter(sys: Sys, app: string, file: string | undefined, env = process.env): Promise<string> {
+export async function writeStarter(
+  sys: Sys,
+  app: string,
+  file: string | undefined,
+  env = process.env,
+): Promise<string> {
   const path = file ?? join(configDir(env), `${app}.toml`);
   await sys.fs.mkdir(dirname(path), 0o777); // the umask decides, as for any directory a user makes
   try {
     await sys.fs.write(path, starterConfig(app), 0o644, true);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') fail('usage', `${path} already exists; edit it, or remove it first`);
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST')
+      fail('usage', `${path} already exists; edit it, or remove it first`);
     throw err;
   }
   return path;

@@ -8,11 +8,59 @@ import { join } from 'node:path';
 import { HOOKS, type HookName } from './config.js';
 import { move } from './lifecycle.js';
 import { fail, PortflipError } from './errors.js';
-import { checkOnce, drainAndStop, killNow, logTail, resolveCommand, spawnInstance, waitReady, lookupUser, type ReadyCheck, type Spawned, type User } from './instance.js';
-import { appChain, appRules, appText, parseSave, wouldDrop, type AppSpec, type Family, type Iptables, type RulesView } from './iptables.js';
-import { applySpec, conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT, describe, firewallOf, openGuard, openIptables, reconcile, settle, spawnReaper, syncGuard, wantedSpec, type Ctx } from './ops.js';
+import {
+  checkOnce,
+  drainAndStop,
+  killNow,
+  logTail,
+  resolveCommand,
+  spawnInstance,
+  waitReady,
+  lookupUser,
+  type ReadyCheck,
+  type Spawned,
+  type User,
+} from './instance.js';
+import {
+  appChain,
+  appRules,
+  appText,
+  parseSave,
+  wouldDrop,
+  type AppSpec,
+  type Family,
+  type Iptables,
+  type RulesView,
+} from './iptables.js';
+import {
+  applySpec,
+  conntrackFill,
+  conntrackWarning,
+  CONNTRACK_WARN_PERCENT,
+  instanceLabel,
+  firewallOf,
+  openGuard,
+  openIptables,
+  reconcile,
+  settle,
+  spawnReaper,
+  syncGuard,
+  wantedSpec,
+  type Ctx,
+} from './ops.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './proc.js';
-import { ensureDirs, listApps, readState, removeState, takeLock, writeState, type AppState, type FirewallSettings, type Instance, type StopPolicy } from './state.js';
+import {
+  ensureDirs,
+  listApps,
+  readState,
+  removeState,
+  takeLock,
+  writeState,
+  type AppState,
+  type FirewallSettings,
+  type Instance,
+  type StopPolicy,
+} from './state.js';
 import { inspectPreload, placePreload, preloadEnv } from './preload.js';
 import { guardScript, type DenyChain } from './nftguard.js';
 import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from './steps.js';
@@ -39,19 +87,33 @@ export interface DeployOptions {
 }
 
 /** Watches the new instance for --verify: alive, and its readiness check passing, the whole time. */
-async function verify(ctx: Ctx, o: DeployOptions, check: ReadyCheck, cand: Instance, exited: Promise<unknown>, env: NodeJS.ProcessEnv): Promise<void> {
+async function verify(
+  ctx: Ctx,
+  o: DeployOptions,
+  check: ReadyCheck,
+  cand: Instance,
+  exited: Promise<unknown>,
+  env: NodeJS.ProcessEnv,
+): Promise<void> {
   let gone = false;
   void exited.then(() => (gone = true));
   const until = ctx.sys.now() + o.verifyMs!;
   let failures = 0;
   while (ctx.sys.now() < until) {
     if (gone || !(await isAlive(ctx.sys, cand.pid, cand.startTime))) {
-      throw new PortflipError('deployFailed', `the new instance (pid ${cand.pid}) exited during --verify; switched back`);
+      throw new PortflipError(
+        'deployFailed',
+        `the new instance (pid ${cand.pid}) exited during --verify; switched back`,
+      );
     }
     // one failed check can be a blip; two in a row is a failing instance
     const ok = await checkOnce(ctx.sys, check, cand.port, 2000, { ...env, PORT: String(cand.port) });
     failures = ok ? 0 : failures + 1;
-    if (failures >= 2) throw new PortflipError('deployFailed', `the new instance on port ${cand.port} failed its readiness check during --verify; switched back`);
+    if (failures >= 2)
+      throw new PortflipError(
+        'deployFailed',
+        `the new instance on port ${cand.port} failed its readiness check during --verify; switched back`,
+      );
     if (ctx.abort.aborted) throw new PortflipError('deployFailed', 'interrupted during --verify; switched back');
     await ctx.sys.sleep(250, ctx.abort);
   }
@@ -94,7 +156,8 @@ const hookStep = (name: HookName, when: 'before' | 'after', soft = false): Step<
 const DEPLOY: Step<DeployRun>[] = [
   {
     name: 'retire',
-    does: (r) => `drain and stop ${r.stale.map((i) => `the ${i.state} instance on ${describe(i)}`).join(', ')} (left by an earlier run)`,
+    does: (r) =>
+      `drain and stop ${r.stale.map((i) => `the ${i.state} instance on ${instanceLabel(i)}`).join(', ')} (left by an earlier run)`,
     undo: '',
     skip: (r) => !r.stale.length,
     run: async (r) => void (await Promise.all(r.stale.map((i) => retire(r.ctx, r.st, i)))),
@@ -104,14 +167,15 @@ const DEPLOY: Step<DeployRun>[] = [
   hookStep('before_start', 'before'),
   {
     name: 'start',
-    does: (r) => `run ${JSON.stringify(r.cand.command)} in ${r.o.cwd}${r.o.user ? ` as ${r.o.user}` : ''} with PORT=${r.cand.port}` +
+    does: (r) =>
+      `run ${JSON.stringify(r.cand.command)} in ${r.o.cwd}${r.o.user ? ` as ${r.o.user}` : ''} with PORT=${r.cand.port}` +
       `${r.o.nodeDrain ? ' and the Node drain preload in NODE_OPTIONS' : ''}, log to ${r.cand.log}`,
     undo: 'SIGKILL its process group, forget it',
     run: async (r, run) => {
       const { ctx, st, cand, o } = r;
       // recorded before it exists, so a run killed right after the spawn still finds it by its port
       st.instances.push(cand);
-      run.undo(`stopped the candidate on ${describe(cand)}`, async () => {
+      run.undo(`stopped the candidate on ${instanceLabel(cand)}`, async () => {
         await killNow(ctx.sys, cand);
         st.instances = st.instances.filter((i) => i !== cand);
         await writeState(ctx.sys, ctx.paths, st);
@@ -119,7 +183,8 @@ const DEPLOY: Step<DeployRun>[] = [
       await writeState(ctx.sys, ctx.paths, st);
       // Node apps get the drain preload; other programs ignore NODE_OPTIONS (README: "The Node drain module")
       r.preload = o.nodeDrain ? await placePreload(ctx.sys, ctx.env, r.pre.user) : null;
-      if (r.preload && r.preload.path === null) ctx.emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${r.preload.why}` });
+      if (r.preload && r.preload.path === null)
+        ctx.emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${r.preload.why}` });
       const extraEnv = r.preload?.path ? preloadEnv(r.pre.env, r.preload.path, o.stop.killAfterMs) : {};
       const env = { ...r.pre.env, ...extraEnv, PORT: String(cand.port) };
       const spec = { command: cand.command, port: cand.port, cwd: o.cwd, env, user: r.pre.user, log: cand.log };
@@ -129,17 +194,33 @@ const DEPLOY: Step<DeployRun>[] = [
       await writeState(ctx.sys, ctx.paths, st);
     },
     where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
-    detail: (r) => (r.preload?.path ? `node-drain preload in NODE_OPTIONS${r.preload.copied ? ` (${r.preload.path})` : ''}` : undefined),
+    detail: (r) =>
+      r.preload?.path
+        ? `node-drain preload in NODE_OPTIONS${r.preload.copied ? ` (${r.preload.path})` : ''}`
+        : undefined,
   },
   {
     name: 'ready',
-    does: (r) => `wait up to ${r.o.readyTimeoutMs}ms for ${r.o.ready.kind === 'tcp' ? `a TCP connect to port ${r.cand.port}`
-      : r.o.ready.kind === 'http' ? r.o.ready.url.replaceAll('{port}', String(r.cand.port)) : `"${r.o.ready.command}" to exit 0`}`,
+    does: (r) =>
+      `wait up to ${r.o.readyTimeoutMs}ms for ${
+        r.o.ready.kind === 'tcp'
+          ? `a TCP connect to port ${r.cand.port}`
+          : r.o.ready.kind === 'http'
+            ? r.o.ready.url.replaceAll('{port}', String(r.cand.port))
+            : `"${r.o.ready.command}" to exit 0`
+      }`,
     undo: "start's undo",
     run: async (r) => {
       const { ctx, cand, spawned } = r;
       const env = { ...r.pre.env, PORT: String(cand.port) };
-      const res = await waitReady(ctx.sys, r.check, { pid: spawned!.pid, port: cand.port, exited: spawned!.exited }, r.o.readyTimeoutMs, env, ctx.abort);
+      const res = await waitReady(
+        ctx.sys,
+        r.check,
+        { pid: spawned!.pid, port: cand.port, exited: spawned!.exited },
+        r.o.readyTimeoutMs,
+        env,
+        ctx.abort,
+      );
       if (!res.ready) throw new PortflipError('deployFailed', res.reason);
       if (r.preload?.path) {
         const seen = await inspectPreload(ctx.sys, spawned!.pid, cand.port, r.preload.path);
@@ -147,7 +228,12 @@ const DEPLOY: Step<DeployRun>[] = [
       }
     },
     where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
-    detail: (r) => (r.preload?.path ? (r.loadedIn.length ? `node-drain loaded in ${r.loadedIn.join(', ')}` : 'node-drain not loaded: no Node.js process') : undefined),
+    detail: (r) =>
+      r.preload?.path
+        ? r.loadedIn.length
+          ? `node-drain loaded in ${r.loadedIn.join(', ')}`
+          : 'node-drain not loaded: no Node.js process'
+        : undefined,
   },
   {
     name: 'bind-check',
@@ -162,7 +248,8 @@ const DEPLOY: Step<DeployRun>[] = [
     // redirected there, and native nftables chains that drop by default learn the public port. The
     // switch itself is then the nat commit alone.
     name: 'open',
-    does: (r) => `accept connections redirected to port ${r.cand.port} (filter, one commit per family)` +
+    does: (r) =>
+      `accept connections redirected to port ${r.cand.port} (filter, one commit per family)` +
       `${r.pre.denyChains.length ? `, and from port ${r.o.listen} in ${r.pre.denyChains.map((c) => `${c.family} ${c.table} ${c.chain}`).join(', ')}` : ''}`,
     undo: 'close it again',
     skip: (r) => r.o.firewall.mode === 'off',
@@ -180,16 +267,19 @@ const DEPLOY: Step<DeployRun>[] = [
         run.undo(`${f}: port ${r.cand.port} closed again`, async () => void (await applySpec(pre.ipt, f, before)));
       }
       // side by side, each family one commit; the switch then reads these views
-      await Promise.all(r.families.map(async (f) => {
-        await applySpec(pre.ipt, f, switchSpec(r, f, target(f), r.o.firewall), pre.views.get(f));
-        pre.views.set(f, await pre.ipt.save(f));
-      }));
+      await Promise.all(
+        r.families.map(async (f) => {
+          await applySpec(pre.ipt, f, switchSpec(r, f, target(f), r.o.firewall), pre.views.get(f));
+          pre.views.set(f, await pre.ipt.save(f));
+        }),
+      );
     },
     where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
   },
   {
     name: 'switch',
-    does: (r) => `${r.o.firewall.mode === 'off' ? '' : `accept connections redirected to ${r.cand.port} (filter), then `}` +
+    does: (r) =>
+      `${r.o.firewall.mode === 'off' ? '' : `accept connections redirected to ${r.cand.port} (filter), then `}` +
       `redirect port ${r.o.listen} to ${r.cand.port} (nat): one iptables-restore --noflush commit per family${r.prev ? ` (from ${r.prev.port})` : ''}`,
     undo: 'the same commit pointing back at the previous instance (or removing the rules on a first deploy); the state as it was',
     run: (r, run) => switchTo(r, run),
@@ -208,8 +298,11 @@ const DEPLOY: Step<DeployRun>[] = [
   { ...hookStep('after_switch', 'after'), settles: true },
   {
     name: 'drain',
-    does: (r) => r.prev ? `${r.o.keepOldMs ? `keep port ${r.prev.port} for ${r.o.keepOldMs}ms, then ` : ''}${drainWords(r.o.stop, r.prev)}; ` +
-      `then close port ${r.prev.port} in the filter chain` : 'nothing to drain (first instance)',
+    does: (r) =>
+      r.prev
+        ? `${r.o.keepOldMs ? `keep port ${r.prev.port} for ${r.o.keepOldMs}ms, then ` : ''}${drainWords(r.o.stop, r.prev)}; ` +
+          `then close port ${r.prev.port} in the filter chain`
+        : 'nothing to drain (first instance)',
     undo: '',
     skip: (r) => !r.retiring.length,
     run: async (r) => {
@@ -224,14 +317,20 @@ const DEPLOY: Step<DeployRun>[] = [
 ];
 
 const drainWords = (stop: StopPolicy, old: Instance) =>
-  `${stop.drain !== 'signal' ? `${stop.drain === 'auto' ? 'unless the Node drain module listens on it, ' : ''}wait until port ${old.port} has no open connections ` +
-    `(at most ${stop.drainTimeoutMs}ms), then ` : ''}send ${stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${stop.killAfterMs}ms`;
+  `${
+    stop.drain !== 'signal'
+      ? `${stop.drain === 'auto' ? 'unless the Node drain module listens on it, ' : ''}wait until port ${old.port} has no open connections ` +
+        `(at most ${stop.drainTimeoutMs}ms), then `
+      : ''
+  }send ${stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${stop.killAfterMs}ms`;
 
 /** The switch: per family, the accept before the redirect in one commit; then the state, each undo first. */
 async function switchTo(r: DeployRun, run: StepRun): Promise<void> {
   const { o, ctx, st, cand, pre } = r;
   const old = r.prev;
-  const families = pre.ipt.families.filter((f) => r.families.includes(f) || st.families.includes(f) || !!pre.views.get(f)?.nat.chains.has(appChain(o.app)));
+  const families = pre.ipt.families.filter(
+    (f) => r.families.includes(f) || st.families.includes(f) || !!pre.views.get(f)?.nat.chains.has(appChain(o.app)),
+  );
   // every way back is registered first; then the families commit side by side (each one atomic on its own)
   for (const f of families) {
     const back = old && st.families.includes(f);
@@ -240,13 +339,20 @@ async function switchTo(r: DeployRun, run: StepRun): Promise<void> {
       await applySpec(pre.ipt, f, switchSpec(r, f, back ? old!.port : null, previous));
     });
   }
-  await Promise.all(families.map(async (f) => {
-    try {
-      await applySpec(pre.ipt, f, switchSpec(r, f, r.families.includes(f) ? cand.port : null, o.firewall), pre.views.get(f));
-    } catch (err) {
-      throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
-    }
-  }));
+  await Promise.all(
+    families.map(async (f) => {
+      try {
+        await applySpec(
+          pre.ipt,
+          f,
+          switchSpec(r, f, r.families.includes(f) ? cand.port : null, o.firewall),
+          pre.views.get(f),
+        );
+      } catch (err) {
+        throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
+      }
+    }),
+  );
   const before = { families: st.families, oldState: old?.state, firewall: st.firewall };
   run.undo(`state back on ${old ? `port ${old.port}` : 'no instance'}`, async () => {
     Object.assign(st, { families: before.families, firewall: before.firewall });
@@ -265,15 +371,26 @@ async function switchTo(r: DeployRun, run: StepRun): Promise<void> {
 }
 
 /** What one family's rules say after the switch: the redirect at `target`, every live port open. */
-function switchSpec(r: DeployRun, family: Family, target: number | null, firewall: FirewallSettings | undefined): AppSpec {
-  const open = [...r.st.instances.filter((i) => i.state !== 'candidate' && i !== r.cand).map((i) => i.port), r.cand.port];
+function switchSpec(
+  r: DeployRun,
+  family: Family,
+  target: number | null,
+  firewall: FirewallSettings | undefined,
+): AppSpec {
+  const open = [
+    ...r.st.instances.filter((i) => i.state !== 'candidate' && i !== r.cand).map((i) => i.port),
+    r.cand.port,
+  ];
   return { app: r.o.app, listen: r.o.listen, target, open, firewall: firewallOf({ firewall }) };
 }
 
 /** Hooks run as the app's user, in its directory, told which step they stand in. */
 function hookContext(r: DeployRun, name: HookName, failedStep?: string) {
   const env = {
-    ...r.pre.env, PORTFLIP_APP: r.o.app, PORTFLIP_PORT: String(r.cand.port), PORTFLIP_PREVIOUS_PORT: r.prev ? String(r.prev.port) : '',
+    ...r.pre.env,
+    PORTFLIP_APP: r.o.app,
+    PORTFLIP_PORT: String(r.cand.port),
+    PORTFLIP_PREVIOUS_PORT: r.prev ? String(r.prev.port) : '',
     PORTFLIP_STEP: failedStep ?? name,
   };
   return { cwd: r.o.cwd, env, user: r.pre.user };
@@ -289,24 +406,48 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   emit({ kind: 'step', step: 'preflight', app: o.app, status: 'ok', durationMs: sys.now() - t0 });
   const st = pre.state;
   const r: DeployRun = {
-    o, ctx, pre, st,
+    o,
+    ctx,
+    pre,
+    st,
     prev: st.instances.find((i) => i.state === 'active'),
     stale: st.instances.filter((i) => i.state === 'kept' || i.state === 'draining'),
     cand: {
-      port: pre.port, pid: null, startTime: null, state: 'candidate', startedAt: new Date(sys.wallNow()).toISOString(),
-      command: o.command.map((a) => a.replaceAll('{port}', String(pre.port))), log: join(paths.logDir, `${o.app}-${pre.port}.log`),
+      port: pre.port,
+      pid: null,
+      startTime: null,
+      state: 'candidate',
+      startedAt: new Date(sys.wallNow()).toISOString(),
+      command: o.command.map((a) => a.replaceAll('{port}', String(pre.port))),
+      log: join(paths.logDir, `${o.app}-${pre.port}.log`),
     },
     check: o.ready.kind === 'cmd' ? { ...o.ready, user: pre.user } : o.ready,
-    preload: null, loadedIn: [], families: [], retiring: [],
+    preload: null,
+    loadedIn: [],
+    families: [],
+    retiring: [],
   };
   if (o.dryRun) return plan(r);
   try {
     await runSteps(DEPLOY, r, { app: o.app, sys, emit });
     if (o.keepOldMs && r.prev) {
       const pid = await spawnReaper(ctx, o.app);
-      emit({ kind: 'notice', app: o.app, message: `keeping ${describe(r.prev)} for instant rollback until ${new Date(r.prev.keepUntil!).toISOString()}; a detached reaper (pid ${pid}) stops it then, or the next portflip run` });
+      emit({
+        kind: 'notice',
+        app: o.app,
+        message: `keeping ${instanceLabel(r.prev)} for instant rollback until ${new Date(r.prev.keepUntil!).toISOString()}; a detached reaper (pid ${pid}) stops it then, or the next portflip run`,
+      });
     }
-    emit({ kind: 'step', step: 'done', app: o.app, status: 'ok', port: r.cand.port, pid: r.cand.pid, durationMs: sys.now() - t0, detail: `port ${o.listen} -> ${r.cand.port}` });
+    emit({
+      kind: 'step',
+      step: 'done',
+      app: o.app,
+      status: 'ok',
+      port: r.cand.port,
+      pid: r.cand.pid,
+      durationMs: sys.now() - t0,
+      detail: `port ${o.listen} -> ${r.cand.port}`,
+    });
   } catch (failed) {
     const err = causeOf(failed);
     const at = failed instanceof StepFailed ? failed.step : 'preflight';
@@ -318,8 +459,9 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     }
     const onFailure = o.hooks?.on_failure;
     if (onFailure) {
-      await runHook(sys, 'on_failure', onFailure, hookContext(r, 'on_failure', at))
-        .catch((e) => emit({ kind: 'notice', app: o.app, message: `${(e as Error).message}; the deploy goes on` }));
+      await runHook(sys, 'on_failure', onFailure, hookContext(r, 'on_failure', at)).catch((e) =>
+        emit({ kind: 'notice', app: o.app, message: `${(e as Error).message}; the deploy goes on` }),
+      );
     }
     throw err;
   } finally {
@@ -355,33 +497,54 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
     if (!Number.isInteger(p) || p < 1 || p > 65535) fail('usage', `--ports: ${p} is not a port (1-65535)`);
     if (p === o.listen) fail('usage', `--ports: ${p} is the public port; instance ports must differ from --listen`);
   }
-  if (o.ports && new Set(o.ports).size !== o.ports.length) fail('usage', `--ports: give distinct ports, like 8001,8002`);
-  if (!o.command.length) fail('usage', 'no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js');
-  const cwdOk = await sys.fs.stat(o.cwd).then((s) => s.isDirectory, () => false);
+  if (o.ports && new Set(o.ports).size !== o.ports.length)
+    fail('usage', `--ports: give distinct ports, like 8001,8002`);
+  if (!o.command.length)
+    fail('usage', 'no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js');
+  const cwdOk = await sys.fs.stat(o.cwd).then(
+    (s) => s.isDirectory,
+    () => false,
+  );
   if (!cwdOk) fail('config', `--cwd ${o.cwd}: no such directory`);
   const user = o.user ? await lookupUser(sys, o.user) : undefined;
   const env: NodeJS.ProcessEnv = { ...ctx.env, ...o.env, PORTFLIP_APP: o.app };
-  for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES', 'PORTFLIP_PRELOAD_DIR']) delete env[k];
+  for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES', 'PORTFLIP_PRELOAD_DIR'])
+    delete env[k];
   if (user) Object.assign(env, { HOME: user.home, USER: user.name, LOGNAME: user.name });
   await resolveCommand(sys, o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
 
   if (o.dryRun) {
     // no lock and no change: the live rules are read where that is allowed, to show the exact commit
     const state = (await readState(sys, paths, o.app).catch(() => null)) ?? freshState(o, 'nft', []);
-    const port = o.ports?.find((p) => !state.instances.some((i) => i.state === 'active' && i.port === p)) ?? (o.ports ?? [DEFAULT_PORT_RANGE[0]])[0];
+    const port =
+      o.ports?.find((p) => !state.instances.some((i) => i.state === 'active' && i.port === p)) ??
+      (o.ports ?? [DEFAULT_PORT_RANGE[0]])[0];
     const ipt = await openIptables(ctx, state.backend).catch(() => null);
     const views = new Map<Family, RulesView>();
     for (const f of ipt?.families ?? []) views.set(f, await ipt!.save(f));
     Object.assign(state, { listen: o.listen });
     const denyChains = ipt ? await (await openGuard(ctx.sys)).chains() : [];
-    return { ipt: ipt as Iptables, lock: { release: async () => {} }, user, env, state, port, views, fresh: false, denyChains };
+    return {
+      ipt: ipt as Iptables,
+      lock: { release: async () => {} },
+      user,
+      env,
+      state,
+      port,
+      views,
+      fresh: false,
+      denyChains,
+    };
   }
 
   const recorded = await readState(sys, paths, o.app);
   const ipt = await openIptables(ctx, recorded?.backend);
-  if (o.ipv6 === 'on' && !ipt.families.includes('ipv6')) fail('noIptables', '--ipv6 on: ip6tables nat does not work on this host; use --ipv6 auto or off');
+  if (o.ipv6 === 'on' && !ipt.families.includes('ipv6'))
+    fail('noIptables', '--ipv6 on: ip6tables nat does not work on this host; use --ipv6 auto or off');
   await ensureDirs(sys, paths);
-  const lock = await takeLock(sys, paths, o.app, `deploy ${o.app}`, (m) => ctx.emit({ kind: 'notice', app: o.app, message: m }));
+  const lock = await takeLock(sys, paths, o.app, `deploy ${o.app}`, (m) =>
+    ctx.emit({ kind: 'notice', app: o.app, message: m }),
+  );
   try {
     const existing = await readState(sys, paths, o.app);
     const state = existing ?? freshState(o, ipt.backend, []);
@@ -402,7 +565,13 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
 }
 
 /** Warnings that change nothing: a filling conntrack table, and with --firewall off, a filter that would drop. */
-async function warnFirewall(o: DeployOptions, ctx: Ctx, views: Map<Family, RulesView>, port: number, denyChains: DenyChain[]): Promise<void> {
+async function warnFirewall(
+  o: DeployOptions,
+  ctx: Ctx,
+  views: Map<Family, RulesView>,
+  port: number,
+  denyChains: DenyChain[],
+): Promise<void> {
   const note = (message: string) => ctx.emit({ kind: 'notice', app: o.app, message });
   const fill = await conntrackFill(ctx.sys);
   if (fill && fill.percent >= CONNTRACK_WARN_PERCENT) note(conntrackWarning(fill));
@@ -410,15 +579,26 @@ async function warnFirewall(o: DeployOptions, ctx: Ctx, views: Map<Family, Rules
   for (const [f, view] of views) {
     if (!wouldDrop(view.filter, port)) continue;
     const tool = f === 'ipv4' ? 'iptables' : 'ip6tables';
-    note(`--firewall off: ${tool}'s INPUT drops what it does not accept, and nothing accepts connections redirected to port ${port}, so clients on other hosts will get no answer. Fix: ${tool} -I INPUT -p tcp -m conntrack --ctstate DNAT --ctorigdstport ${o.listen} -j ACCEPT, or deploy with --firewall auto`);
+    note(
+      `--firewall off: ${tool}'s INPUT drops what it does not accept, and nothing accepts connections redirected to port ${port}, so clients on other hosts will get no answer. Fix: ${tool} -I INPUT -p tcp -m conntrack --ctstate DNAT --ctorigdstport ${o.listen} -j ACCEPT, or deploy with --firewall auto`,
+    );
   }
   for (const c of denyChains) {
-    note(`--firewall off: nftables chain "${c.family} ${c.table} ${c.chain}" drops by default and will drop connections redirected to port ${port}. Fix: nft insert rule ${c.family} ${c.table} ${c.chain} ct status dnat ct original proto-dst ${o.listen} accept, or deploy with --firewall auto`);
+    note(
+      `--firewall off: nftables chain "${c.family} ${c.table} ${c.chain}" drops by default and will drop connections redirected to port ${port}. Fix: nft insert rule ${c.family} ${c.table} ${c.chain} ct status dnat ct original proto-dst ${o.listen} accept, or deploy with --firewall auto`,
+    );
   }
 }
 
 const freshState = (o: DeployOptions, backend: AppState['backend'], families: Family[]): AppState => ({
-  schema: 1, app: o.app, listen: o.listen, backend, families, stop: o.stop, instances: [], updatedAt: '',
+  schema: 1,
+  app: o.app,
+  listen: o.listen,
+  backend,
+  families,
+  stop: o.stop,
+  instances: [],
+  updatedAt: '',
 });
 
 async function pickPort(o: DeployOptions, ctx: Ctx, st: AppState): Promise<number> {
@@ -433,9 +613,16 @@ async function pickPort(o: DeployOptions, ctx: Ctx, st: AppState): Promise<numbe
   if (o.ports) {
     const usable = o.ports.filter((p) => ours(p)?.state !== 'active');
     const pick = usable.find((p) => !ours(p) && free(p)) ?? usable.find((p) => ours(p)); // our kept one is retired first
-    if (pick === undefined) fail('portInUse', `--ports ${o.ports.join(',')}: every port is in use (${o.ports.map((p) => `${p}: ${ours(p) ? `our ${ours(p)!.state} instance` : 'another process'}`).join(', ')}); free one or give another`);
+    if (pick === undefined)
+      fail(
+        'portInUse',
+        `--ports ${o.ports.join(',')}: every port is in use (${o.ports.map((p) => `${p}: ${ours(p) ? `our ${ours(p)!.state} instance` : 'another process'}`).join(', ')}); free one or give another`,
+      );
     if (!ours(pick!) && !free(pick!)) {
-      fail('portInUse', `port ${pick} is already in use by another process${taken.has(pick!) ? ' (another portflip app)' : ''}; stop it or pick other --ports`);
+      fail(
+        'portInUse',
+        `port ${pick} is already in use by another process${taken.has(pick!) ? ' (another portflip app)' : ''}; stop it or pick other --ports`,
+      );
     }
     return pick!;
   }
@@ -457,17 +644,26 @@ async function bindCheck(o: DeployOptions, ctx: Ctx, ipt: Iptables, port: number
 /** --dry-run: the deploy's own step list, and the exact rules its switch would commit against the live ones. */
 function plan(r: DeployRun): void {
   const { o, ctx, pre } = r;
-  const note = pre.views.size ? '' : ' (the live rules could not be read, so these are as on a host without portflip rules)';
+  const note = pre.views.size
+    ? ''
+    : ' (the live rules could not be read, so these are as on a host without portflip rules)';
   r.families = ['ipv4', ...(pre.ipt?.families.includes('ipv6') || !pre.views.size ? ['ipv6' as const] : [])];
   ctx.emit({
-    kind: 'plan', app: o.app,
+    kind: 'plan',
+    app: o.app,
     steps: [
-      { step: 'preflight', does: 'check root, iptables, config, command, free port; take the lock; repair what an earlier run left', undo: 'release the lock' },
+      {
+        step: 'preflight',
+        does: 'check root, iptables, config, command, free port; take the lock; repair what an earlier run left',
+        undo: 'release the lock',
+      },
       ...planSteps(DEPLOY, r),
     ],
     rules: r.families.map((family) => ({
       family: `${family}${note}`,
-      text: appText(pre.views.get(family) ?? parseSave(''), switchSpec(r, family, r.cand.port, o.firewall), family) ?? '(nothing to change)\n',
+      text:
+        appText(pre.views.get(family) ?? parseSave(''), switchSpec(r, family, r.cand.port, o.firewall), family) ??
+        '(nothing to change)\n',
     })),
   });
 }
@@ -476,7 +672,12 @@ function plan(r: DeployRun): void {
 type HookPlace = { cwd: string; env: NodeJS.ProcessEnv; user?: User };
 async function runHook(sys: Sys, name: HookName, command: string, o: HookPlace): Promise<void> {
   const r = await sys.run('sh', ['-c', command], {
-    cwd: o.cwd, env: o.env, uid: o.user?.uid, gid: o.user?.gid, output: 'stderr', timeoutMs: HOOK_TIMEOUT_MS,
+    cwd: o.cwd,
+    env: o.env,
+    uid: o.user?.uid,
+    gid: o.user?.gid,
+    output: 'stderr',
+    timeoutMs: HOOK_TIMEOUT_MS,
   });
   if (r.error) throw new PortflipError('deployFailed', `${name} hook could not start: ${r.error}`);
   if (r.code !== 0) {

@@ -22,17 +22,43 @@ export type StepName =
   | HookName;
 
 export type Event =
-  | { kind: 'step'; step: StepName; app: string; status: 'ok' | 'failed'; port?: number; pid?: number | null; durationMs: number; detail?: string; missing?: string[] }
+  | {
+      kind: 'step';
+      step: StepName;
+      app: string;
+      status: 'ok' | 'failed';
+      port?: number;
+      pid?: number | null;
+      durationMs: number;
+      detail?: string;
+      missing?: string[];
+    }
   | { kind: 'notice'; app?: string; message: string }
   | { kind: 'signal'; app: string; port: number; pid: number; signal: string; reason: string }
   | { kind: 'connections'; app: string; port: number; pid: number; open: number }
   | { kind: 'log-tail'; app: string; port: number; log: string; lines: string[] }
-  | { kind: 'plan'; app: string; steps: { step: string; does: string; undo: string }[]; rules: { family: string; text: string }[] }
+  | {
+      kind: 'plan';
+      app: string;
+      steps: { step: string; does: string; undo: string }[];
+      rules: { family: string; text: string }[];
+    }
   | { kind: 'crash'; app: string; port: number; pid: number | null; upMs: number; restartInMs: number }
   | { kind: 'supervisor'; app: string; action: SupervisorAction; pid?: number | null; port?: number; detail?: string };
 
 /** What `portflip run` is doing: the lines a person reads in `journalctl -u portflip-APP`. */
-export type SupervisorAction = 'started' | 'reload' | 'reloaded' | 'reload-failed' | 'restart' | 'restarted' | 'restart-failed' | 'adopted' | 'stopping' | 'exit' | 'heal-failed';
+export type SupervisorAction =
+  | 'started'
+  | 'reload'
+  | 'reloaded'
+  | 'reload-failed'
+  | 'restart'
+  | 'restarted'
+  | 'restart-failed'
+  | 'adopted'
+  | 'stopping'
+  | 'exit'
+  | 'heal-failed';
 
 export type Emit = (e: Event) => void;
 
@@ -57,7 +83,13 @@ export function formatHuman(e: Event): string {
       return [
         `${e.app}: dry run, nothing is changed. The deploy would:`,
         ...e.steps.map((s, i) => `  ${i + 1}. ${pad(s.step, 10)} ${s.does}${s.undo ? `  (undo: ${s.undo})` : ''}`),
-        ...e.rules.flatMap((r) => [`  ${r.family} rules (iptables-restore --noflush):`, ...r.text.trimEnd().split('\n').map((l) => `    ${l}`)]),
+        ...e.rules.flatMap((r) => [
+          `  ${r.family} rules (iptables-restore --noflush):`,
+          ...r.text
+            .trimEnd()
+            .split('\n')
+            .map((l) => `    ${l}`),
+        ]),
       ].join('\n');
     case 'crash':
       return `${e.app}: CRASH      port ${e.port}${e.pid ? ` pid ${e.pid}` : ''}: the active instance died after ${formatMs(e.upMs)}; restart in ${formatMs(e.restartInMs)}`;

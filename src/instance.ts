@@ -27,12 +27,18 @@ export async function lookupUser(sys: Sys, name: string): Promise<User> {
 export async function resolveCommand(sys: Sys, cmd: string, cwd: string, pathVar: string | undefined): Promise<string> {
   const candidates = cmd.includes('/')
     ? [isAbsolute(cmd) ? cmd : resolve(cwd, cmd)]
-    : (pathVar ?? '/usr/local/bin:/usr/bin:/bin').split(delimiter).filter(Boolean).map((d) => join(d, cmd));
+    : (pathVar ?? '/usr/local/bin:/usr/bin:/bin')
+        .split(delimiter)
+        .filter(Boolean)
+        .map((d) => join(d, cmd));
   for (const c of candidates) {
     const st = await sys.fs.stat(c).catch(() => null);
     if (st?.isFile && (await sys.fs.canExec(c))) return c;
   }
-  return fail('commandNotFound', `command not found: "${cmd}"${cmd.includes('/') ? '' : ' in PATH'}; give a full path or fix PATH with --env PATH=...`);
+  return fail(
+    'commandNotFound',
+    `command not found: "${cmd}"${cmd.includes('/') ? '' : ' in PATH'}; give a full path or fix PATH with --env PATH=...`,
+  );
 }
 
 export interface SpawnSpec {
@@ -55,7 +61,8 @@ export async function spawnInstance(sys: Sys, spec: SpawnSpec): Promise<Spawned>
   return child;
 }
 
-export type ReadyCheck = { kind: 'tcp' } | { kind: 'http'; url: string } | { kind: 'cmd'; command: string; cwd: string; user?: User };
+export type ReadyCheck =
+  { kind: 'tcp' } | { kind: 'http'; url: string } | { kind: 'cmd'; command: string; cwd: string; user?: User };
 
 export async function checkOnce(sys: Sys, check: ReadyCheck, port: number, timeoutMs: number, env: NodeJS.ProcessEnv) {
   switch (check.kind) {
@@ -65,8 +72,12 @@ export async function checkOnce(sys: Sys, check: ReadyCheck, port: number, timeo
       return sys.httpOk(check.url.replaceAll('{port}', String(port)), timeoutMs);
     case 'cmd': {
       const r = await sys.run('sh', ['-c', check.command.replaceAll('{port}', String(port))], {
-        env: { ...env, PORT: String(port) }, cwd: check.cwd, uid: check.user?.uid, gid: check.user?.gid,
-        output: 'ignore', timeoutMs,
+        env: { ...env, PORT: String(port) },
+        cwd: check.cwd,
+        uid: check.user?.uid,
+        gid: check.user?.gid,
+        output: 'ignore',
+        timeoutMs,
       });
       return r.code === 0;
     }
@@ -90,11 +101,22 @@ export async function waitReady(
   for (;;) {
     if (exit) {
       const e = exit as Exit;
-      return { ready: false, reason: `candidate pid ${inst.pid} exited (${e.signal ? `signal ${e.signal}` : `code ${e.code}`}) before it was ready` };
+      return {
+        ready: false,
+        reason: `candidate pid ${inst.pid} exited (${e.signal ? `signal ${e.signal}` : `code ${e.code}`}) before it was ready`,
+      };
     }
-    if (abort.aborted) return { ready: false, reason: `interrupted while waiting for the candidate (pid ${inst.pid}) to be ready; nothing was switched` };
+    if (abort.aborted)
+      return {
+        ready: false,
+        reason: `interrupted while waiting for the candidate (pid ${inst.pid}) to be ready; nothing was switched`,
+      };
     const left = deadline - sys.now();
-    if (left <= 0) return { ready: false, reason: `candidate pid ${inst.pid} was not ready on port ${inst.port} after ${Math.round(timeoutMs / 1000)}s (--ready-timeout)` };
+    if (left <= 0)
+      return {
+        ready: false,
+        reason: `candidate pid ${inst.pid} was not ready on port ${inst.port} after ${Math.round(timeoutMs / 1000)}s (--ready-timeout)`,
+      };
     if (await checkOnce(sys, check, inst.port, Math.min(left, 2000), env)) {
       if (!exit) return { ready: true };
     }
@@ -175,7 +197,11 @@ export async function drainAndStop(
         break;
       }
       if (sys.now() >= until) {
-        emit({ kind: 'notice', app, message: `port ${inst.port} still has ${open} open connection(s) after --drain-timeout; stopping anyway` });
+        emit({
+          kind: 'notice',
+          app,
+          message: `port ${inst.port} still has ${open} open connection(s) after --drain-timeout; stopping anyway`,
+        });
         reason = 'drain timeout';
         break;
       }
@@ -201,7 +227,14 @@ export async function drainAndStop(
     await sys.sleep(100);
   }
   if (await groupGone(sys, inst)) return 'exited';
-  emit({ kind: 'signal', app, port: inst.port, pid, signal: 'SIGKILL', reason: `still running ${Math.round(policy.killAfterMs / 1000)}s after ${policy.stopSignal} (--kill-after)` });
+  emit({
+    kind: 'signal',
+    app,
+    port: inst.port,
+    pid,
+    signal: 'SIGKILL',
+    reason: `still running ${Math.round(policy.killAfterMs / 1000)}s after ${policy.stopSignal} (--kill-after)`,
+  });
   signalGroup(sys, pid, 'SIGKILL');
   await waitGone(sys, inst, 5000);
   return 'killed';

@@ -30,13 +30,17 @@ const MAX_CHAIN = 28; // iptables' limit on chain names
 export function appChain(app: string): string {
   const max = MAX_CHAIN - APP_PREFIX.length;
   if (!new RegExp(`^[a-z0-9][a-z0-9_-]{0,${max - 1}}$`).test(app)) {
-    fail('usage', `app name "${app}" cannot name an iptables chain: use 1-${max} characters of a-z, 0-9, "-" or "_", starting with a letter or digit`);
+    fail(
+      'usage',
+      `app name "${app}" cannot name an iptables chain: use 1-${max} characters of a-z, 0-9, "-" or "_", starting with a letter or digit`,
+    );
   }
   return APP_PREFIX + app;
 }
 
 export const hookRule = (hook: string) => `-A ${hook} -m addrtype --dst-type LOCAL -j ${ROOT_CHAIN}`;
-export const jumpRule = (app: string, listen: number) => `-A ${ROOT_CHAIN} -p tcp -m tcp --dport ${listen} -j ${appChain(app)}`;
+export const jumpRule = (app: string, listen: number) =>
+  `-A ${ROOT_CHAIN} -p tcp -m tcp --dport ${listen} -j ${appChain(app)}`;
 export const redirectRule = (app: string, port: number) => `-A ${appChain(app)} -p tcp -j REDIRECT --to-ports ${port}`;
 export const FILTER_HOOK = `-A INPUT -j ${ROOT_CHAIN}`;
 export const filterJumpRule = (app: string) => `-A ${ROOT_CHAIN} -p tcp -j ${appChain(app)}`;
@@ -60,7 +64,8 @@ export interface AppSpec {
 export function filterRules(spec: AppSpec, family: Family): string[] {
   if (!spec.firewall) return [];
   const chain = appChain(spec.app);
-  const redirected = (port: number) => `-p tcp -m conntrack --ctstate DNAT --ctorigdstport ${spec.listen} --ctreplsrcport ${port}`;
+  const redirected = (port: number) =>
+    `-p tcp -m conntrack --ctstate DNAT --ctorigdstport ${spec.listen} --ctreplsrcport ${port}`;
   const ports = [...new Set(spec.open)].sort((a, b) => a - b);
   const lines: string[] = [];
   const sources = spec.firewall.allowFrom.filter((c) => cidrFamily(c) === family);
@@ -73,7 +78,8 @@ export function filterRules(spec: AppSpec, family: Family): string[] {
     lines.push(`-A ${chain} -p tcp -m conntrack --ctstate DNAT --ctorigdstport ${spec.listen} -j DROP`);
   }
   if (!spec.firewall.exposePorts) {
-    for (const p of ports) lines.push(`-A ${chain} ! -i lo -p tcp -m tcp --dport ${p} -j REJECT --reject-with tcp-reset`);
+    for (const p of ports)
+      lines.push(`-A ${chain} ! -i lo -p tcp -m tcp --dport ${p} -j REJECT --reject-with tcp-reset`);
   }
   return lines;
 }
@@ -100,7 +106,8 @@ export function canonicalCidr(text: string): string | null {
   return `${parts.map((p, i) => Number(p) & maskBits(bits - i * 8, 8)).join('.')}/${bits}`;
 }
 
-const maskBits = (bits: number, width: number) => (bits >= width ? (1 << width) - 1 : bits <= 0 ? 0 : ((1 << width) - 1) ^ ((1 << (width - bits)) - 1));
+const maskBits = (bits: number, width: number) =>
+  bits >= width ? (1 << width) - 1 : bits <= 0 ? 0 : ((1 << width) - 1) ^ ((1 << (width - bits)) - 1);
 
 function parseV6(text: string): number[] | null {
   const halves = text.split('::');
@@ -186,7 +193,8 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
   const live = appRules(view, spec.app);
   let nat: Verdict = 'ok';
   if (spec.target === null) {
-    if (view.nat.chains.has(chain) || live.jumps.length) [nat] = ['mismatch', missing.push(`nat: ${chain} should be gone`)];
+    if (view.nat.chains.has(chain) || live.jumps.length)
+      [nat] = ['mismatch', missing.push(`nat: ${chain} should be gone`)];
   } else {
     if (!live.hooked) missing.push('nat: PREROUTING/OUTPUT hooks');
     if (!view.nat.chains.has(chain)) missing.push(`nat: chain ${chain}`);
@@ -194,7 +202,8 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
     if (missing.length) nat = 'missing';
     else if (live.target !== spec.target || live.jumps.join() !== String(spec.listen)) {
       nat = 'mismatch';
-      if (live.target !== spec.target) missing.push(`nat: redirect to ${spec.target} (it is ${live.target ?? 'absent'})`);
+      if (live.target !== spec.target)
+        missing.push(`nat: redirect to ${spec.target} (it is ${live.target ?? 'absent'})`);
       else missing.push(`nat: public port ${spec.listen} (it is ${live.jumps.join(',')})`);
     }
   }
@@ -232,7 +241,13 @@ export function wouldDrop(t: TableView, port: number): boolean {
   const denies = t.policies.get('INPUT') === 'DROP' || input.some((r) => /^-A INPUT -j (DROP|REJECT)( |$)/.test(r));
   if (!denies) return false;
   const accepts = (r: string) => / -j ACCEPT$/.test(r);
-  const opens = t.rules.some((r) => accepts(r) && (/ctstate \S*DNAT/.test(r) || new RegExp(`--dports? (\\S*,)?${port}(,|:| |$)`).test(r) || r === '-A INPUT -j ACCEPT'));
+  const opens = t.rules.some(
+    (r) =>
+      accepts(r) &&
+      (/ctstate \S*DNAT/.test(r) ||
+        new RegExp(`--dports? (\\S*,)?${port}(,|:| |$)`).test(r) ||
+        r === '-A INPUT -j ACCEPT'),
+  );
   return !opens;
 }
 
@@ -247,9 +262,17 @@ export function wouldDrop(t: TableView, port: number): boolean {
 export function appText(view: RulesView, spec: AppSpec, family: Family): string | null {
   const check = checkApp(view, spec, family);
   const nat = check.nat === 'ok' ? [] : spec.target === null ? natRemoval(view, spec.app) : natEnsure(view, spec);
-  const filter = check.filter === 'ok' ? [] : spec.firewall && spec.open.length ? filterEnsure(view, spec, family) : filterRemoval(view, spec.app);
+  const filter =
+    check.filter === 'ok'
+      ? []
+      : spec.firewall && spec.open.length
+        ? filterEnsure(view, spec, family)
+        : filterRemoval(view, spec.app);
   const section = (table: Table, lines: string[]) => (lines.length ? [`*${table}`, ...lines, 'COMMIT'] : []);
-  const parts = spec.target === null ? [...section('nat', nat), ...section('filter', filter)] : [...section('filter', filter), ...section('nat', nat)];
+  const parts =
+    spec.target === null
+      ? [...section('nat', nat), ...section('filter', filter)]
+      : [...section('filter', filter), ...section('nat', nat)];
   return parts.length ? [...parts, ''].join('\n') : null;
 }
 
@@ -303,7 +326,7 @@ export function removeAppText(view: RulesView, app: string): string | null {
 
 function rootRemoval(t: TableView): string[] {
   const lines = t.rules.filter((r) => / -j PORTFLIP$/.test(r) && !r.startsWith(`-A ${ROOT_CHAIN} `)).map(asDelete);
-  if (t.chains.has(ROOT_CHAIN)) lines.unshift(`:${ROOT_CHAIN} - [0:0]`), lines.push(`-X ${ROOT_CHAIN}`);
+  if (t.chains.has(ROOT_CHAIN)) (lines.unshift(`:${ROOT_CHAIN} - [0:0]`), lines.push(`-X ${ROOT_CHAIN}`));
   return lines;
 }
 
@@ -319,7 +342,11 @@ export function cleanupText(view: RulesView): string | null {
     const root = rootRemoval(t);
     // declarations first, then deletes
     lines.push(...root.filter((l) => l.startsWith(':')), ...root.filter((l) => l.startsWith('-D')));
-    lines.push(...ours.filter((c) => !kept.includes(c)).map((c) => `-X ${c}`), ...root.filter((l) => l.startsWith('-X')), 'COMMIT');
+    lines.push(
+      ...ours.filter((c) => !kept.includes(c)).map((c) => `-X ${c}`),
+      ...root.filter((l) => l.startsWith('-X')),
+      'COMMIT',
+    );
     sections.push(...lines);
   }
   return sections.length ? [...sections, ''].join('\n') : null;
@@ -353,18 +380,21 @@ export class Iptables {
     // -w: legacy iptables serialises writers with a lock; wait for it rather than fail (nft ignores it)
     const r = await this.sys.run(cmd, ['--noflush', '-w', '5'], { input: text });
     if (r.code !== 0) {
-      const what = text.trim().split('\n').filter((l) => !l.startsWith('*') && l !== 'COMMIT').slice(0, 3).join('; ');
-      throw new PortflipError('rules', `${cmd} refused portflip's rules (${firstLine(r.stderr)}) while applying: ${what}`);
+      const what = text
+        .trim()
+        .split('\n')
+        .filter((l) => !l.startsWith('*') && l !== 'COMMIT')
+        .slice(0, 3)
+        .join('; ');
+      throw new PortflipError(
+        'rules',
+        `${cmd} refused portflip's rules (${firstLine(r.stderr)}) while applying: ${what}`,
+      );
     }
-  }
-
-  describe(): string {
-    return `${tool('ipv4', this.backend, '')}${this.families.includes('ipv6') ? ` + ${tool('ipv6', this.backend, '')}` : ''}`;
   }
 }
 
 const firstLine = (s: string) => s.trim().split('\n')[0] || 'no output';
-
 
 const countRules = (text: string) => text.split('\n').filter((l) => l.startsWith('-A ')).length;
 
@@ -388,13 +418,11 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
   if (forced === 'default') forced = undefined; // recorded for a host with one plain iptables
   if (forced) {
     if (forced !== 'nft' && forced !== 'legacy') fail('usage', `PORTFLIP_IPTABLES="${forced}": use nft or legacy`);
-    if (!(forced === 'nft' ? hasNft : hasLegacy)) fail('noIptables', `iptables-${forced}-restore not found; install iptables (apt-get install -y iptables)`);
+    if (!(forced === 'nft' ? hasNft : hasLegacy))
+      fail('noIptables', `iptables-${forced}-restore not found; install iptables (apt-get install -y iptables)`);
     backend = forced as Backend;
   } else if (hasNft && hasLegacy) {
-    const [nft, legacy] = await Promise.all([
-      sys.run('iptables-nft-save', []),
-      sys.run('iptables-legacy-save', []),
-    ]);
+    const [nft, legacy] = await Promise.all([sys.run('iptables-nft-save', []), sys.run('iptables-legacy-save', [])]);
     const mine = (t: string) => t.includes(`:${ROOT_CHAIN} `);
     if (mine(legacy.stdout) && !mine(nft.stdout)) backend = 'legacy';
     else if (mine(nft.stdout)) backend = 'nft';
@@ -407,10 +435,12 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
     return fail('noIptables', 'iptables is not installed; install it (apt-get install -y iptables) and run again');
   }
   const probe = await sys.run(tool('ipv4', backend, 'save'), ['-t', 'nat']);
-  if (probe.code !== 0) fail('noIptables', `iptables does not work here (${tool('ipv4', backend, 'save')}: ${firstLine(probe.stderr)})`);
+  if (probe.code !== 0)
+    fail('noIptables', `iptables does not work here (${tool('ipv4', backend, 'save')}: ${firstLine(probe.stderr)})`);
   const families: Family[] = ['ipv4'];
-  const v6 = (await sys.readText('/proc/net/if_inet6')) !== null
-    && (await which(sys, tool('ipv6', backend, 'restore'))) !== null;
+  const v6 =
+    (await sys.readText('/proc/net/if_inet6')) !== null &&
+    (await which(sys, tool('ipv6', backend, 'restore'))) !== null;
   if (v6 && (await sys.run(tool('ipv6', backend, 'save'), ['-t', 'nat'])).code === 0) families.push('ipv6');
   return new Iptables(sys, backend, families);
 }

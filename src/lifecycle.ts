@@ -16,7 +16,10 @@ const MOVES: Record<InstanceState, Partial<Record<InstanceState, string>>> = {
     kept: 'a switch replaced it and --keep-old keeps it for a rollback',
     candidate: 'the switch to it was undone',
   },
-  kept: { active: 'a rollback, or a switch undone', draining: 'its keep time is over, or a newer instance replaced it' },
+  kept: {
+    active: 'a rollback, or a switch undone',
+    draining: 'its keep time is over, or a newer instance replaced it',
+  },
   draining: { active: 'a switch undone, or the live redirect points at it' },
 };
 
@@ -29,7 +32,10 @@ interface HasState {
 /** Moves an instance to a new state, or throws: a refused move is a bug, never a user error. */
 export function move<T extends HasState>(inst: T, to: InstanceState): T {
   if (inst.state !== to && !MOVES[inst.state][to]) {
-    throw new PortflipError('internal', `instance on port ${inst.port}${inst.pid ? ` (pid ${inst.pid})` : ''} cannot go from ${inst.state} to ${to}`);
+    throw new PortflipError(
+      'internal',
+      `instance on port ${inst.port}${inst.pid ? ` (pid ${inst.pid})` : ''} cannot go from ${inst.state} to ${to}`,
+    );
   }
   inst.state = to;
   return inst;
@@ -43,7 +49,8 @@ export function invariantProblem(instances: readonly HasState[]): string | null 
   if (count('active') > 1) return `${count('active')} active instances`;
   if (count('candidate') > 1) return `${count('candidate')} candidates`;
   const settled = instances.length - count('candidate');
-  if (settled > 2) return `${settled} instances besides the candidate (${instances.map((i) => `${i.port}:${i.state}`).join(', ')})`;
+  if (settled > 2)
+    return `${settled} instances besides the candidate (${instances.map((i) => `${i.port}:${i.state}`).join(', ')})`;
   const ports = instances.map((i) => i.port);
   if (new Set(ports).size !== ports.length) return `two instances on one port (${ports.join(', ')})`;
   return null;

@@ -39,7 +39,8 @@ export function parseRuleset(json: string): DenyChain[] {
   } catch {
     return [];
   }
-  const key = (o: { family: string; table: string; name?: string; chain?: string }) => `${o.family} ${o.table} ${o.name ?? o.chain}`;
+  const key = (o: { family: string; table: string; name?: string; chain?: string }) =>
+    `${o.family} ${o.table} ${o.name ?? o.chain}`;
   const chains = new Map<string, DenyChain & { deny: boolean }>();
   for (const { chain: c } of items.filter((i) => i.chain)) {
     if (c.hook !== 'input' || c.type !== 'filter' || !['inet', 'ip', 'ip6'].includes(c.family)) continue;
@@ -49,7 +50,8 @@ export function parseRuleset(json: string): DenyChain[] {
   for (const { rule: r } of items.filter((i) => i.rule)) {
     const c = chains.get(key(r));
     if (!c) continue;
-    if (typeof r.comment === 'string' && r.comment.startsWith(GUARD_PREFIX)) c.ours.push({ handle: r.handle, comment: r.comment });
+    if (typeof r.comment === 'string' && r.comment.startsWith(GUARD_PREFIX))
+      c.ours.push({ handle: r.handle, comment: r.comment });
     // a final unconditional drop or reject makes a chain default-deny even with policy accept
     const expr = (r.expr ?? []) as Record<string, unknown>[];
     if (!expr.some((e) => 'match' in e) && expr.some((e) => 'drop' in e || 'reject' in e)) c.deny = true;
@@ -62,7 +64,10 @@ export function guardRules(chain: DenyChain, listen: number, fw: FirewallSpec): 
   const redirected = `meta l4proto tcp ct status dnat ct original proto-dst ${listen}`;
   if (!fw.allowFrom.length) return [`${redirected} accept`];
   const rules = [`iif "lo" ${redirected} accept`];
-  for (const [family, word] of [['ipv4', 'ip'], ['ipv6', 'ip6']] as const) {
+  for (const [family, word] of [
+    ['ipv4', 'ip'],
+    ['ipv6', 'ip6'],
+  ] as const) {
     const nets = fw.allowFrom.filter((c) => cidrFamily(c) === family);
     const fits = chain.family === 'inet' || chain.family === word;
     if (nets.length && fits) rules.push(`${word} saddr { ${nets.join(', ')} } ${redirected} accept`);
@@ -74,7 +79,11 @@ export function guardRules(chain: DenyChain, listen: number, fw: FirewallSpec): 
  * The `nft -f` script that makes every deny chain hold exactly the app's wanted guard (none when
  * `want` is null), or null when they already do. Stale rules of the app go by handle.
  */
-export function guardScript(chains: DenyChain[], app: string, want: { listen: number; fw: FirewallSpec } | null): string | null {
+export function guardScript(
+  chains: DenyChain[],
+  app: string,
+  want: { listen: number; fw: FirewallSpec } | null,
+): string | null {
   const lines: string[] = [];
   for (const c of chains) {
     const mine = c.ours.filter((r) => commentApp(r.comment) === app);
@@ -84,14 +93,18 @@ export function guardScript(chains: DenyChain[], app: string, want: { listen: nu
     if (current) continue;
     for (const r of mine) lines.push(`delete rule ${c.family} ${c.table} ${c.chain} handle ${r.handle}`);
     // insert puts each at the top, so insert in reverse to keep their order
-    for (const r of [...rules].reverse()) lines.push(`insert rule ${c.family} ${c.table} ${c.chain} ${r} comment "${comment}"`);
+    for (const r of [...rules].reverse())
+      lines.push(`insert rule ${c.family} ${c.table} ${c.chain} ${r} comment "${comment}"`);
   }
   return lines.length ? lines.join('\n') + '\n' : null;
 }
 
 /** The executor: nft where it is installed; where it is not, there are no native chains to guard. */
 export class NftGuard {
-  constructor(private sys: Sys, private nft: string | null) {}
+  constructor(
+    private sys: Sys,
+    private nft: string | null,
+  ) {}
 
   async chains(): Promise<DenyChain[]> {
     if (!this.nft) return [];

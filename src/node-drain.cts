@@ -30,7 +30,9 @@ function connectionsList(server: any): any | undefined {
 }
 
 function internalInterval(server: any): any {
-  const sym = Object.getOwnPropertySymbols(server).find((s) => s.description === 'http.server.connectionsCheckingInterval');
+  const sym = Object.getOwnPropertySymbols(server).find(
+    (s) => s.description === 'http.server.connectionsCheckingInterval',
+  );
   return sym ? server[sym] : undefined;
 }
 

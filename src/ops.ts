@@ -4,7 +4,21 @@ import { fail, PortflipError } from './errors.js';
 import { invariantProblem, move } from './lifecycle.js';
 import type { Emit, StepName } from './events.js';
 import { killNow } from './instance.js';
-import { appChain, appRules, appText, checkApp, detectBackend, foreignJumps, removeAppText, type AppCheck, type AppSpec, type Family, type FirewallSpec, type Iptables, type RulesView } from './iptables.js';
+import {
+  appChain,
+  appRules,
+  appText,
+  checkApp,
+  detectBackend,
+  foreignJumps,
+  removeAppText,
+  type AppCheck,
+  type AppSpec,
+  type Family,
+  type FirewallSpec,
+  type Iptables,
+  type RulesView,
+} from './iptables.js';
 import { guardScript, NftGuard } from './nftguard.js';
 import { hasNetAdmin, isAlive, pidsListeningOn, readStat } from './proc.js';
 import { listApps, readState, takeLock, writeState, type AppState, type Instance, type Paths } from './state.js';
@@ -20,7 +34,8 @@ export interface Ctx {
 
 export async function requireNetAdmin(sys: Sys): Promise<void> {
   const status = (await sys.readText('/proc/self/status')) ?? '';
-  if (!hasNetAdmin(status)) fail('notPrivileged', 'portflip changes iptables rules and needs root (or CAP_NET_ADMIN); run it with sudo');
+  if (!hasNetAdmin(status))
+    fail('notPrivileged', 'portflip changes iptables rules and needs root (or CAP_NET_ADMIN); run it with sudo');
 }
 
 export async function openIptables(ctx: Ctx, recorded?: string): Promise<Iptables> {
@@ -71,7 +86,9 @@ export async function removeApp(ipt: Iptables, family: Family, app: string): Pro
 
 /** How full the connection-tracking table is; null where conntrack is not loaded (no rule needs it yet). */
 export async function conntrackFill(sys: Sys): Promise<{ count: number; max: number; percent: number } | null> {
-  const [count, max] = await Promise.all(['count', 'max'].map((k) => sys.readText(`/proc/sys/net/netfilter/nf_conntrack_${k}`)));
+  const [count, max] = await Promise.all(
+    ['count', 'max'].map((k) => sys.readText(`/proc/sys/net/netfilter/nf_conntrack_${k}`)),
+  );
   if (count === null || max === null || !Number(max)) return null;
   const c = Number(count.trim());
   const m = Number(max.trim());
@@ -96,7 +113,11 @@ export async function openGuard(sys: Sys): Promise<NftGuard> {
  * Makes native nftables input chains that drop by default accept the app's redirected connections
  * (or forget them when `want` is null). Returns what it changed, for the repair event.
  */
-export async function syncGuard(ctx: Ctx, st: AppState, mode: 'auto' | 'present' | 'absent' = 'auto'): Promise<string[]> {
+export async function syncGuard(
+  ctx: Ctx,
+  st: AppState,
+  mode: 'auto' | 'present' | 'absent' = 'auto',
+): Promise<string[]> {
   const guard = await openGuard(ctx.sys);
   const fw = firewallOf(st);
   const live = mode === 'present' || (mode === 'auto' && st.instances.some((i) => i.state !== 'candidate'));
@@ -106,7 +127,11 @@ export async function syncGuard(ctx: Ctx, st: AppState, mode: 'auto' | 'present'
   if (!script) return [];
   const err = await guard.apply(script);
   if (err) {
-    ctx.emit({ kind: 'notice', app: st.app, message: `could not update portflip's accept rule in nftables (${err}); redirected traffic may be dropped there` });
+    ctx.emit({
+      kind: 'notice',
+      app: st.app,
+      message: `could not update portflip's accept rule in nftables (${err}); redirected traffic may be dropped there`,
+    });
     return [];
   }
   return chains.map((c) => `nft: ${want ? 'accept in' : 'remove from'} ${c.family} ${c.table} ${c.chain}`);
@@ -124,7 +149,13 @@ export async function syncGuardCheck(ctx: Ctx, st: AppState): Promise<string | n
  * repair event saying what was missing, unless `quiet`: closing the port of an instance that just
  * drained is part of the drain, not a repair.
  */
-export async function settle(ctx: Ctx, ipt: Iptables, st: AppState, views?: Map<Family, RulesView>, quiet = false): Promise<void> {
+export async function settle(
+  ctx: Ctx,
+  ipt: Iptables,
+  st: AppState,
+  views?: Map<Family, RulesView>,
+  quiet = false,
+): Promise<void> {
   const step: StepName = 'repair';
   for (const f of ipt.families) {
     const spec = wantedSpec(st, f);
@@ -134,20 +165,37 @@ export async function settle(ctx: Ctx, ipt: Iptables, st: AppState, views?: Map<
     views?.set(f, await ipt.save(f));
     const active = st.instances.find((i) => i.state === 'active');
     ctx.emit({
-      kind: 'step', step, app: st.app, status: 'ok', port: spec.target ?? undefined, pid: active?.pid, durationMs: ctx.sys.now() - started, missing,
-      detail: spec.target !== null
-        ? `${f} rules were out of line (${missing.join('; ')}); port ${st.listen} points at ${spec.target}`
-        : `${f} rules pointed at no live instance; removed them`,
+      kind: 'step',
+      step,
+      app: st.app,
+      status: 'ok',
+      port: spec.target ?? undefined,
+      pid: active?.pid,
+      durationMs: ctx.sys.now() - started,
+      missing,
+      detail:
+        spec.target !== null
+          ? `${f} rules were out of line (${missing.join('; ')}); port ${st.listen} points at ${spec.target}`
+          : `${f} rules pointed at no live instance; removed them`,
     });
   }
   const started = ctx.sys.now();
   const changed = await syncGuard(ctx, st);
   if (changed.length && !quiet) {
-    ctx.emit({ kind: 'step', step, app: st.app, status: 'ok', durationMs: ctx.sys.now() - started, missing: changed, detail: changed.join('; ') });
+    ctx.emit({
+      kind: 'step',
+      step,
+      app: st.app,
+      status: 'ok',
+      durationMs: ctx.sys.now() - started,
+      missing: changed,
+      detail: changed.join('; '),
+    });
   }
 }
 
-export const describe = (i: Instance) => `port ${i.port}${i.pid ? ` (pid ${i.pid})` : ''}`;
+/** How people read an instance in messages: "port 8002 (pid 9203)". */
+export const instanceLabel = (i: Instance) => `port ${i.port}${i.pid ? ` (pid ${i.pid})` : ''}`;
 
 /**
  * Finds out what is real after any earlier run, killed or not, and repairs it: the live redirect
@@ -172,14 +220,19 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   const alive: Instance[] = [];
   for (const inst of st.instances) {
     if (await isAlive(sys, inst.pid, inst.startTime)) alive.push(inst);
-    else if (inst.state !== 'candidate' || inst.pid) emit({ kind: 'notice', app, message: `${inst.state} instance on ${describe(inst)} is gone` });
+    else if (inst.state !== 'candidate' || inst.pid)
+      emit({ kind: 'notice', app, message: `${inst.state} instance on ${instanceLabel(inst)} is gone` });
   }
   st.instances = alive;
 
   const v4 = appRules(views.get('ipv4')!, app);
   let active = v4.jumps.includes(st.listen) ? alive.find((i) => i.port === v4.target) : undefined;
   if (active && active.state !== 'active') {
-    emit({ kind: 'notice', app, message: `an earlier run switched to ${describe(active)} and was interrupted; it is the active instance` });
+    emit({
+      kind: 'notice',
+      app,
+      message: `an earlier run switched to ${instanceLabel(active)} and was interrupted; it is the active instance`,
+    });
     for (const other of alive) if (other !== active && other.state === 'active') move(other, 'draining');
     move(active, 'active');
     // the switch committed but its state write did not: the families it switched are the app's now,
@@ -192,18 +245,27 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   if (active) move(active, 'active');
 
   for (const orphan of alive.filter((i) => i.state === 'candidate')) {
-    emit({ kind: 'notice', app, message: `stopping the candidate on ${describe(orphan)} left by an interrupted deploy` });
+    emit({
+      kind: 'notice',
+      app,
+      message: `stopping the candidate on ${instanceLabel(orphan)} left by an interrupted deploy`,
+    });
     await killNow(sys, orphan);
     st.instances = st.instances.filter((i) => i !== orphan);
   }
   const now = sys.wallNow();
-  for (const kept of st.instances.filter((i) => i.state === 'kept' && (i.keepUntil ?? 0) <= now)) move(kept, 'draining');
+  for (const kept of st.instances.filter((i) => i.state === 'kept' && (i.keepUntil ?? 0) <= now))
+    move(kept, 'draining');
   // a state file written before the invariant was kept can hold more instances than it allows:
   // the oldest ones that are not active go at once, before anything is written
   while (invariantProblem(st.instances)) {
     const extra = st.instances.find((i) => i.state !== 'active' && i.state !== 'candidate');
     if (!extra) break;
-    emit({ kind: 'notice', app, message: `stopping the ${extra.state} instance on ${describe(extra)}: more instances than an app may have` });
+    emit({
+      kind: 'notice',
+      app,
+      message: `stopping the ${extra.state} instance on ${instanceLabel(extra)}: more instances than an app may have`,
+    });
     await killNow(sys, extra);
     st.instances = st.instances.filter((i) => i !== extra);
   }
@@ -253,7 +315,9 @@ export class Healer {
     if (!missing.length) return 'ok';
     let lock;
     try {
-      lock = await takeLock(this.ctx.sys, this.ctx.paths, app, `heal ${app}`, (m) => this.ctx.emit({ kind: 'notice', app, message: m }));
+      lock = await takeLock(this.ctx.sys, this.ctx.paths, app, `heal ${app}`, (m) =>
+        this.ctx.emit({ kind: 'notice', app, message: m }),
+      );
     } catch (err) {
       if (err instanceof PortflipError && err.kind === 'lockHeld') return 'busy';
       throw err;
@@ -261,7 +325,11 @@ export class Healer {
     try {
       const fresh = await readState(this.ctx.sys, this.ctx.paths, app);
       if (!fresh) return 'gone';
-      this.ctx.emit({ kind: 'notice', app, message: `rules changed behind portflip's back (${missing.join('; ')}); repairing` });
+      this.ctx.emit({
+        kind: 'notice',
+        app,
+        message: `rules changed behind portflip's back (${missing.join('; ')}); repairing`,
+      });
       await reconcile(this.ctx, await this.iptables(fresh), fresh);
       return 'repaired';
     } finally {
@@ -276,7 +344,9 @@ export async function watch(ctx: Ctx, everyMs: number): Promise<void> {
   ctx.emit({ kind: 'notice', message: `watching the rules of every app in ${ctx.paths.stateDir} every ${everyMs}ms` });
   while (!ctx.abort.aborted) {
     for (const app of await listApps(ctx.sys, ctx.paths)) {
-      await healer.heal(app).catch((err) => ctx.emit({ kind: 'notice', app, message: `could not repair: ${(err as Error).message}` }));
+      await healer
+        .heal(app)
+        .catch((err) => ctx.emit({ kind: 'notice', app, message: `could not repair: ${(err as Error).message}` }));
     }
     await ctx.sys.sleep(everyMs, ctx.abort);
   }

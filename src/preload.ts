@@ -52,7 +52,12 @@ export async function placePreload(
   try {
     await sys.fs.mkdir(dir, 0o755);
     await sys.fs.chmod(dir, 0o755);
-    if (!(await sys.fs.stat(dest).then((s) => s.isFile, () => false))) {
+    if (
+      !(await sys.fs.stat(dest).then(
+        (s) => s.isFile,
+        () => false,
+      ))
+    ) {
       const tmp = `${dest}.${sys.pid}.tmp`;
       await sys.fs.write(tmp, text, 0o644);
       await sys.fs.chmod(tmp, 0o644); // the umask may have taken bits away
@@ -84,7 +89,10 @@ async function hasPreload(sys: Sys, pid: number, path: string): Promise<boolean>
   const exe = await sys.fs.readlink(`/proc/${pid}/exe`).catch(() => '');
   if (!/^node(js)?[\d.]*$/.test(basename(exe))) return false;
   const environ = (await sys.readText(`/proc/${pid}/environ`)) ?? '';
-  return !!environ.split('\0').find((kv) => kv.startsWith('NODE_OPTIONS='))?.includes(path);
+  return !!environ
+    .split('\0')
+    .find((kv) => kv.startsWith('NODE_OPTIONS='))
+    ?.includes(path);
 }
 
 /**
@@ -92,7 +100,12 @@ async function hasPreload(sys: Sys, pid: number, path: string): Promise<boolean>
  * it ("pid 9203 (node)", "pid 9199 (npm start)"), and whether every member holding a listening socket on the
  * port carries it (then `--drain auto` can signal at once).
  */
-export async function inspectPreload(sys: Sys, pgid: number, port: number, path: string): Promise<{ loadedIn: string[]; listeners: boolean }> {
+export async function inspectPreload(
+  sys: Sys,
+  pgid: number,
+  port: number,
+  path: string,
+): Promise<{ loadedIn: string[]; listeners: boolean }> {
   const inodes = new Set(listenersOn(await tcpListeners(sys), port).map((s) => s.inode));
   const loadedIn: string[] = [];
   let listening = 0;

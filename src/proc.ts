@@ -14,9 +14,18 @@ export function parseStat(text: string): ProcStat | null {
   const open = text.indexOf('(');
   const close = text.lastIndexOf(')');
   if (open < 0 || close < 0) return null;
-  const f = text.slice(close + 2).trim().split(/\s+/);
+  const f = text
+    .slice(close + 2)
+    .trim()
+    .split(/\s+/);
   if (f.length < 20) return null;
-  return { pid: Number(text.slice(0, open).trim()), state: f[0], ppid: Number(f[1]), pgid: Number(f[2]), startTime: f[19] };
+  return {
+    pid: Number(text.slice(0, open).trim()),
+    state: f[0],
+    ppid: Number(f[1]),
+    pgid: Number(f[2]),
+    startTime: f[19],
+  };
 }
 
 export async function readStat(sys: Sys, pid: number): Promise<ProcStat | null> {
@@ -75,7 +84,11 @@ function hexToIp(hex: string, family: 'ipv4' | 'ipv6'): string {
   // four little-endian 32-bit words
   const groups: number[] = [];
   for (let i = 0; i < 32; i += 8) {
-    const be = hex.slice(i, i + 8).match(/../g)!.reverse().join('');
+    const be = hex
+      .slice(i, i + 8)
+      .match(/../g)!
+      .reverse()
+      .join('');
     groups.push(parseInt(be.slice(0, 4), 16), parseInt(be.slice(4, 8), 16));
   }
   return compressV6(groups);
@@ -84,7 +97,7 @@ function hexToIp(hex: string, family: 'ipv4' | 'ipv6'): string {
 export function compressV6(groups: number[]): string {
   let best = -1;
   let bestLen = 1;
-  for (let i = 0; i < 8; ) {
+  for (let i = 0; i < 8;) {
     let j = i;
     while (j < 8 && groups[j] === 0) j++;
     if (j - i > bestLen) [best, bestLen] = [i, j - i];
@@ -161,11 +174,15 @@ const wildcard = (s: TcpSocket) => s.localAddr === '0.0.0.0' || s.localAddr === 
  * so only a wildcard listener is reachable from every path.
  */
 export function bindProblem(listeners: TcpSocket[], wantV6: boolean, bindV6Only: boolean): string | null {
-  const v4 = listeners.some((s) => (s.family === 'ipv4' && wildcard(s)) || (s.family === 'ipv6' && s.localAddr === '::' && !bindV6Only));
+  const v4 = listeners.some(
+    (s) => (s.family === 'ipv4' && wildcard(s)) || (s.family === 'ipv6' && s.localAddr === '::' && !bindV6Only),
+  );
   const v6 = listeners.some((s) => s.family === 'ipv6' && s.localAddr === '::');
   const where = listeners.map((s) => (s.family === 'ipv6' ? `[${s.localAddr}]` : s.localAddr)).join(', ') || 'nowhere';
-  if (!v4) return `listens on ${where} only, so traffic redirected from other hosts cannot reach it; bind to 0.0.0.0 or :: (all addresses)`;
-  if (wantV6 && !v6) return `listens on ${where} only, but the IPv6 redirect is installed; bind to :: (all addresses, dual stack) or deploy with --ipv6 off`;
+  if (!v4)
+    return `listens on ${where} only, so traffic redirected from other hosts cannot reach it; bind to 0.0.0.0 or :: (all addresses)`;
+  if (wantV6 && !v6)
+    return `listens on ${where} only, but the IPv6 redirect is installed; bind to :: (all addresses, dual stack) or deploy with --ipv6 off`;
   return null;
 }
 

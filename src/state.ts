@@ -13,7 +13,6 @@ import type { Sys } from './sys.js';
 
 export const SCHEMA = 1;
 
-
 export interface Instance {
   port: number;
   pid: number | null; // null between "about to spawn" and "spawned"
@@ -91,13 +90,17 @@ export async function readState(sys: Sys, p: Paths, app: string): Promise<AppSta
   } catch {
     return fail('config', `state file ${stateFile(p, app)} is not valid JSON; move it away and run "portflip restore"`);
   }
-  if (data.schema !== SCHEMA) fail('config', `state file ${stateFile(p, app)} has schema ${data.schema}, this portflip reads ${SCHEMA}`);
+  if (data.schema !== SCHEMA)
+    fail('config', `state file ${stateFile(p, app)} has schema ${data.schema}, this portflip reads ${SCHEMA}`);
   return data;
 }
 
 export async function listApps(sys: Sys, p: Paths): Promise<string[]> {
   const names = await sys.fs.readdir(p.stateDir).catch(() => [] as string[]);
-  return names.filter((n) => n.endsWith('.json')).map((n) => n.slice(0, -5)).sort();
+  return names
+    .filter((n) => n.endsWith('.json'))
+    .map((n) => n.slice(0, -5))
+    .sort();
 }
 
 let writes: Promise<void> = Promise.resolve();
@@ -108,7 +111,8 @@ let writes: Promise<void> = Promise.resolve();
  */
 export function writeState(sys: Sys, p: Paths, state: AppState): Promise<void> {
   const problem = invariantProblem(state.instances);
-  if (problem) return Promise.reject(new PortflipError('internal', `refused to write the state of "${state.app}": ${problem}`));
+  if (problem)
+    return Promise.reject(new PortflipError('internal', `refused to write the state of "${state.app}": ${problem}`));
   const next = writes.then(() => writeNow(sys, p, state));
   writes = next.catch(() => {});
   return next;
@@ -139,7 +143,13 @@ interface LockInfo {
  * One lock file per app under the run dir, created with link() so exactly one taker wins. A lock
  * whose holder is gone (pid dead, or reused by another process) is stale and taken over.
  */
-export async function takeLock(sys: Sys, p: Paths, app: string, command: string, notice: (m: string) => void): Promise<Lock> {
+export async function takeLock(
+  sys: Sys,
+  p: Paths,
+  app: string,
+  command: string,
+  notice: (m: string) => void,
+): Promise<Lock> {
   const path = join(p.runDir, `${app}.lock`);
   const me = await readStat(sys, sys.pid);
   const info: LockInfo = { pid: sys.pid, startTime: me?.startTime ?? '', command };
@@ -160,7 +170,10 @@ export async function takeLock(sys: Sys, p: Paths, app: string, command: string,
         holder = null; // half-written or vanished: treat as stale
       }
       if (holder && (await isAlive(sys, holder.pid, holder.startTime))) {
-        fail('lockHeld', `app "${app}" is locked by pid ${holder.pid} (${holder.command}); wait for it to finish, or kill it and run again`);
+        fail(
+          'lockHeld',
+          `app "${app}" is locked by pid ${holder.pid} (${holder.command}); wait for it to finish, or kill it and run again`,
+        );
       }
       // move the stale file aside first, so two takers cannot both delete a fresh lock
       const aside = `${path}.stale.${sys.pid}`;

@@ -38,7 +38,10 @@ export interface Runner {
 
 /** What a failed run tells its caller besides the error: which step failed. */
 export class StepFailed extends Error {
-  constructor(readonly step: StepName, readonly cause: unknown) {
+  constructor(
+    readonly step: StepName,
+    readonly cause: unknown,
+  ) {
     super((cause as Error)?.message ?? String(cause));
   }
 }
@@ -54,13 +57,25 @@ export async function runSteps<C>(steps: Step<C>[], c: C, io: Runner): Promise<v
     if (s.skip?.(c)) continue;
     const started = io.sys.now();
     const event = (status: 'ok' | 'failed', detail?: string) =>
-      io.emit({ kind: 'step', step: s.name, app: io.app, status, ...s.where?.(c), durationMs: io.sys.now() - started, detail });
+      io.emit({
+        kind: 'step',
+        step: s.name,
+        app: io.app,
+        status,
+        ...s.where?.(c),
+        durationMs: io.sys.now() - started,
+        detail,
+      });
     try {
       await s.run(c, handle);
       event('ok', s.detail?.(c));
     } catch (err) {
       if (s.soft) {
-        io.emit({ kind: 'notice', app: io.app, message: `${(err as Error).message}; the ${s.name} step failed, the run goes on` });
+        io.emit({
+          kind: 'notice',
+          app: io.app,
+          message: `${(err as Error).message}; the ${s.name} step failed, the run goes on`,
+        });
         continue;
       }
       event('failed', (err as Error).message);
@@ -76,7 +91,11 @@ async function undoAll(undos: { title: string; fn: () => Promise<void> }[], io: 
       await u.fn();
       io.emit({ kind: 'notice', app: io.app, message: `undo: ${u.title}` });
     } catch (err) {
-      io.emit({ kind: 'notice', app: io.app, message: `undo FAILED: ${u.title}: ${(err as Error).message}; run portflip restore ${io.app}` });
+      io.emit({
+        kind: 'notice',
+        app: io.app,
+        message: `undo FAILED: ${u.title}: ${(err as Error).message}; run portflip restore ${io.app}`,
+      });
     }
   }
 }

@@ -19,7 +19,7 @@ import { isAlive } from './proc.js';
 import { ensureDirs, readState, takeLock, writeState, type Paths } from './state.js';
 import type { Sys } from './sys.js';
 
-export interface RunOptions {
+export interface SuperviseOptions {
   app: string;
   load: () => Promise<DeployOptions>; // flags plus the config file, read afresh: a reload picks up edits
 }
@@ -32,7 +32,8 @@ export const backoffMs = (streak: number) => Math.min(BACKOFF.maxMs, BACKOFF.fir
 export const socketPath = (p: Paths, app: string) => join(p.runDir, `${app}.sock`);
 
 /** Control-socket protocol, one JSON object per line: the client sends {cmd}, the server streams {event} then one {done}. */
-type Reply = { event: Event } | { done: true; ok: true } | { done: true; ok: false; error: ExitCodeName; message: string };
+type Reply =
+  { event: Event } | { done: true; ok: true } | { done: true; ok: false; error: ExitCodeName; message: string };
 const send = (s: Socket, r: Reply) => void (s.writable && s.write(JSON.stringify(r) + '\n'));
 
 /** What the loop has been asked to do; filled by signal handlers and socket clients, emptied only by the loop. */
@@ -70,7 +71,7 @@ interface Watched {
   since: number; // monotonic ms when this loop started watching it
 }
 
-export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
+export async function supervise(o: SuperviseOptions, ctx: Ctx): Promise<void> {
   const { app } = o;
   const { sys } = ctx;
   const inbox = new Inbox(sys);
@@ -79,10 +80,11 @@ export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
     ctx.emit(e);
     for (const c of clients) send(c, { event: e });
   };
-  const say = (action: SupervisorAction, extra: { pid?: number | null; port?: number; detail?: string } = {}) => emit({ kind: 'supervisor', app, action, ...extra });
+  const say = (action: SupervisorAction, extra: { pid?: number | null; port?: number; detail?: string } = {}) =>
+    emit({ kind: 'supervisor', app, action, ...extra });
   const control = await listenControl(sys, ctx.paths, app, inbox);
   const onSignal = (sig: NodeJS.Signals) => inbox.push(sig === 'SIGHUP' ? 'reload' : 'stop');
-  for (const s of SIGNALS) process.on(s, onSignal);
+  for (const s of HANDLED_SIGNALS) process.on(s, onSignal);
 
   // one deploy, cancelled (and undone by deploy itself) if a stop arrives while it waits for readiness
   const deployNow = async (opts: DeployOptions) => {
@@ -102,7 +104,10 @@ export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
   };
 
   try {
-    say('started', { pid: process.pid, detail: `control socket ${socketPath(ctx.paths, app)}; SIGHUP or \`portflip reload ${app}\` deploys again` });
+    say('started', {
+      pid: process.pid,
+      detail: `control socket ${socketPath(ctx.paths, app)}; SIGHUP or \`portflip reload ${app}\` deploys again`,
+    });
     let current = await o.load();
     let watched: Watched | null = null;
     try {
@@ -131,7 +136,9 @@ export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
           for (const c of waiting) send(c, { done: true, ok: true });
         } catch (err) {
           const e = asPortflipError(err);
-          say('reload-failed', { detail: `${e.message}; ${restartAt === null ? 'the running instance stays' : 'a crash restart is still due'}` });
+          say('reload-failed', {
+            detail: `${e.message}; ${restartAt === null ? 'the running instance stays' : 'a crash restart is still due'}`,
+          });
           for (const c of waiting) send(c, { done: true, ok: false, error: e.kind, message: e.message });
         } finally {
           for (const c of waiting) c.end();
@@ -164,7 +171,11 @@ export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
         try {
           watched = await deployNow(current); // the last options that deployed: unreloaded edits wait for a reload
           restartAt = null;
-          say('restarted', { port: watched?.port, pid: watched?.pid, detail: `${await countRestart(ctx, app)} restart(s) so far` });
+          say('restarted', {
+            port: watched?.port,
+            pid: watched?.pid,
+            detail: `${await countRestart(ctx, app)} restart(s) so far`,
+          });
         } catch (err) {
           const wait = backoffMs(streak++);
           restartAt = sys.now() + wait;
@@ -183,19 +194,29 @@ export async function supervise(o: RunOptions, ctx: Ctx): Promise<void> {
       await inbox.wait(next);
     }
   } finally {
-    for (const s of SIGNALS) process.off(s, onSignal);
+    for (const s of HANDLED_SIGNALS) process.off(s, onSignal);
     for (const c of inbox.takeReload() ?? []) {
-      send(c, { done: true, ok: false, error: 'deployFailed', message: `the supervisor of "${app}" stopped before the reload ran` });
+      send(c, {
+        done: true,
+        ok: false,
+        error: 'deployFailed',
+        message: `the supervisor of "${app}" stopped before the reload ran`,
+      });
       c.end();
     }
     await closeControl(control, socketPath(ctx.paths, app));
   }
 }
 
-const SIGNALS = ['SIGHUP', 'SIGTERM', 'SIGINT'] as const;
+const HANDLED_SIGNALS = ['SIGHUP', 'SIGTERM', 'SIGINT'] as const;
 
 /** What `systemctl stop` asks for: the same as `portflip stop APP`, then run exits 0. */
-async function stopApp(ctx: Ctx, app: string, say: (a: SupervisorAction, x?: { detail?: string }) => void, emit: Emit): Promise<void> {
+async function stopApp(
+  ctx: Ctx,
+  app: string,
+  say: (a: SupervisorAction, x?: { detail?: string }) => void,
+  emit: Emit,
+): Promise<void> {
   say('stopping', { detail: 'removing the rules, then stopping the instances with their stop signal' });
   try {
     await stop({ ...ctx, emit }, app);
@@ -207,7 +228,9 @@ async function stopApp(ctx: Ctx, app: string, say: (a: SupervisorAction, x?: { d
 
 /** Adds one to the app's restart count, under its lock so a concurrent deploy's write is not lost. */
 async function countRestart(ctx: Ctx, app: string): Promise<number> {
-  const lock = await takeLock(ctx.sys, ctx.paths, app, `run ${app} (count a restart)`, (m) => ctx.emit({ kind: 'notice', app, message: m }));
+  const lock = await takeLock(ctx.sys, ctx.paths, app, `run ${app} (count a restart)`, (m) =>
+    ctx.emit({ kind: 'notice', app, message: m }),
+  );
   try {
     const st = await readState(ctx.sys, ctx.paths, app);
     if (!st) return 0;
@@ -219,7 +242,8 @@ async function countRestart(ctx: Ctx, app: string): Promise<number> {
   }
 }
 
-const asPortflipError = (err: unknown) => (err instanceof PortflipError ? err : new PortflipError('internal', String((err as Error)?.message ?? err)));
+const asPortflipError = (err: unknown) =>
+  err instanceof PortflipError ? err : new PortflipError('internal', String((err as Error)?.message ?? err));
 
 // ---- the control socket ------------------------------------------------------------------------
 
@@ -227,7 +251,11 @@ const asPortflipError = (err: unknown) => (err instanceof PortflipError ? err : 
 async function listenControl(sys: Sys, p: Paths, app: string, inbox: Inbox): Promise<Server> {
   await ensureDirs(sys, p);
   const path = socketPath(p, app);
-  if (await answers(path)) fail('lockHeld', `a supervisor for "${app}" is already running (it answers on ${path}); to deploy again use: portflip reload ${app}`);
+  if (await answers(path))
+    fail(
+      'lockHeld',
+      `a supervisor for "${app}" is already running (it answers on ${path}); to deploy again use: portflip reload ${app}`,
+    );
   await unlink(path).catch(() => {}); // left by a supervisor that died
   const server = createServer((sock) => {
     let buf = '';
@@ -243,7 +271,12 @@ async function listenControl(sys: Sys, p: Paths, app: string, inbox: Inbox): Pro
       const req = parseLine(buf.slice(0, nl));
       if (req?.cmd === 'reload') inbox.push('reload', sock);
       else {
-        send(sock, { done: true, ok: false, error: 'usage', message: `unknown request ${JSON.stringify(req)}; this supervisor answers {"cmd":"reload"}` });
+        send(sock, {
+          done: true,
+          ok: false,
+          error: 'usage',
+          message: `unknown request ${JSON.stringify(req)}; this supervisor answers {"cmd":"reload"}`,
+        });
         sock.end();
       }
     });
@@ -289,7 +322,10 @@ export async function requestReload(ctx: Ctx, app: string): Promise<void> {
     s.once('error', reject);
   }).catch((err: NodeJS.ErrnoException): never => {
     if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') {
-      fail('nothingToDo', `no supervisor is running for "${app}" (nothing answers on ${path}); start one with: portflip run ${app} (or systemctl start portflip-${app})`);
+      fail(
+        'nothingToDo',
+        `no supervisor is running for "${app}" (nothing answers on ${path}); start one with: portflip run ${app} (or systemctl start portflip-${app})`,
+      );
     }
     if (err.code === 'EACCES') fail('notPrivileged', `cannot open ${path}: permission denied; run it with sudo`);
     throw err;
@@ -319,7 +355,12 @@ export async function requestReload(ctx: Ctx, app: string): Promise<void> {
     ctx.abort.removeEventListener('abort', leave);
   }
   const r = done as Reply | null;
-  if (ctx.abort.aborted && !r) fail('deployFailed', `interrupted; the supervisor of "${app}" goes on with the reload (see its log)`);
-  if (!r || !('done' in r)) return fail('deployFailed', `the supervisor of "${app}" closed the connection before the result; see its log (journalctl -u portflip-${app})`);
+  if (ctx.abort.aborted && !r)
+    fail('deployFailed', `interrupted; the supervisor of "${app}" goes on with the reload (see its log)`);
+  if (!r || !('done' in r))
+    return fail(
+      'deployFailed',
+      `the supervisor of "${app}" closed the connection before the result; see its log (journalctl -u portflip-${app})`,
+    );
   if (!r.ok) throw new PortflipError(r.error in ExitCode ? r.error : 'internal', r.message);
 }

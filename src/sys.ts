@@ -144,9 +144,21 @@ const realFs: SysFs = {
   readlink: (path) => fsp.readlink(path),
   async stat(path) {
     const s = await fsp.stat(path);
-    return { isFile: s.isFile(), isDirectory: s.isDirectory(), mode: s.mode, uid: s.uid, gid: s.gid, size: s.size, mtimeMs: s.mtimeMs };
+    return {
+      isFile: s.isFile(),
+      isDirectory: s.isDirectory(),
+      mode: s.mode,
+      uid: s.uid,
+      gid: s.gid,
+      size: s.size,
+      mtimeMs: s.mtimeMs,
+    };
   },
-  canExec: (path) => fsp.access(path, fsp.constants.X_OK).then(() => true, () => false),
+  canExec: (path) =>
+    fsp.access(path, fsp.constants.X_OK).then(
+      () => true,
+      () => false,
+    ),
 };
 
 export const realSys: Sys = {
@@ -157,7 +169,11 @@ export const realSys: Sys = {
     const stdio = output === 'capture' ? 'pipe' : output === 'stderr' ? 2 : 'ignore';
     return new Promise((resolve) => {
       const child = spawnChild(cmd, args, {
-        env: opts.env ?? process.env, cwd: opts.cwd, uid: opts.uid, gid: opts.gid, timeout: opts.timeoutMs,
+        env: opts.env ?? process.env,
+        cwd: opts.cwd,
+        uid: opts.uid,
+        gid: opts.gid,
+        timeout: opts.timeoutMs,
         stdio: [output === 'capture' ? 'pipe' : 'ignore', stdio, stdio],
       });
       let stdout = '';
@@ -179,7 +195,12 @@ export const realSys: Sys = {
     try {
       const out = fh ? fh.fd : 'ignore';
       const child = spawnChild(cmd, args, {
-        cwd: opts.cwd, env: opts.env, detached: true, stdio: ['ignore', out, out], uid: opts.uid, gid: opts.gid,
+        cwd: opts.cwd,
+        env: opts.env,
+        detached: true,
+        stdio: ['ignore', out, out],
+        uid: opts.uid,
+        gid: opts.gid,
       });
       const exited = new Promise<Exit>((res) => child.once('exit', (code, signal) => res({ code, signal })));
       await new Promise<void>((res, rej) => {

@@ -18,7 +18,9 @@ export function execPrefix(script: string, nodePath: string): string[] {
 /** One ExecStart word: `%` and `$` escaped for systemd, quoted when it holds anything but plain characters. */
 export function quoteArg(arg: string): string {
   const escaped = arg.replaceAll('%', '%%').replaceAll('$', '$$$$');
-  return /^[A-Za-z0-9_@%$+=:,./-]+$/.test(escaped) ? escaped : `"${escaped.replaceAll('\\', '\\\\').replaceAll('"', '\\"')}"`;
+  return /^[A-Za-z0-9_@%$+=:,./-]+$/.test(escaped)
+    ? escaped
+    : `"${escaped.replaceAll('\\', '\\\\').replaceAll('"', '\\"')}"`;
 }
 
 const line = (args: string[]) => args.map(quoteArg).join(' ');

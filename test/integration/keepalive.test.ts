@@ -135,6 +135,23 @@ test('a plain Node app whose SIGTERM handler is server.close(): 3 deploys under 
   }
 });
 
+test('express, fastify and koa apps that close their server on SIGTERM: 3 deploys under keep-alive load over veth, 0 failed', async () => {
+  const app = fixture('framework-app.mjs');
+  await inWorld(async (w) => {
+    const ports = await freePorts(2);
+    // each deploy drains the instance of the framework before it: express, then fastify, then koa
+    const { res, runs } = await deploysUnderLoad(w, {
+      ports,
+      flags: [],
+      cmds: [[node, app, 'express', 'v1'], [node, app, 'fastify', 'v2'], [node, app, 'koa', 'v3'], [node, app, 'express', 'v4']],
+    });
+    okLoad(res, ['v1', 'v2', 'v3', 'v4']);
+    for (const ev of runs.slice(1)) {
+      assert.is(ev.find((e) => e.kind === 'signal')!.reason, 'stop; the Node drain module handles keep-alive');
+    }
+  }, { peer: true });
+});
+
 test("--node-drain off leaves NODE_OPTIONS as the user's, and the deploy output says nothing of it", async () => {
   await inWorld(async (w) => {
     const ports = await freePorts(2);
