@@ -189,7 +189,8 @@ async function runCost() {
   return withNetns(async (ns) => {
     const dirs = h.tmpDirs();
     try {
-      const d = await portflipDeploy(ns, dirs, 'v0');
+      // instance ports are private by default; the direct side of this comparison needs them reachable
+      const d = await portflipDeploy(ns, dirs, 'v0', undefined, { ...APPS.fixture, portflipFlags: [...APPS.fixture.portflipFlags, '--expose-ports'] });
       const targets = { public: `http://${h.SERVER_ADDR}:${PUBLIC_PORT}/`, direct: `http://${h.SERVER_ADDR}:${d.port}/` };
       const out = {};
       for (const mode of modes) {
