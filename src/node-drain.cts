@@ -8,7 +8,8 @@
 //   - answers each further request with `Connection: close` and closes the connection after it,
 //   - closes a keep-alive connection only once it has been idle for the server's keepAliveTimeout,
 //   - and calls close()'s callback when the last connection is gone, as before.
-// Nothing else changes, and nothing at all before close() is called: a Node process that never closes a
+// Its SIGTERM handlers also wait until the keep-alive connections have moved on (see the end of this file).
+// Nothing else changes, and nothing at all before SIGTERM or close(): a Node process that never closes a
 // server (npm itself, a build step, a worker) only pays for the two property assignments below.
 // PORTFLIP_NODE_DRAIN_MAX_IDLE_MS (set by portflip from --kill-after) bounds the idle wait, so that an app
 // with a long keepAliveTimeout still exits before it would be killed.
@@ -97,4 +98,90 @@ for (const proto of [http.Server.prototype, https.Server.prototype] as any[]) {
   proto.close = gentleClose;
   const closeIdle = proto.closeIdleConnections;
   if (typeof closeIdle === 'function') proto.closeIdleConnections = closeIdleUnlessDraining(closeIdle);
+}
+
+// The app's own SIGTERM handlers run once its servers' keep-alive connections have moved on: each one's next
+// answer says Connection: close, an idle one goes after the same idle time as above, bounded the same way.
+// A framework that refuses requests while it closes (fastify answers them 503) then finds none left. With no
+// listening server, or none with a connection, the handlers run at once, as before.
+const servers = new Set<any>();
+for (const proto of [http.Server.prototype, https.Server.prototype] as any[]) {
+  const listen = proto.listen;
+  if (listen[kDraining]) continue;
+  const tracked = function (this: any, ...args: unknown[]) {
+    servers.add(this);
+    this.once('close', () => servers.delete(this));
+    return listen.apply(this, args);
+  };
+  (tracked as any)[kDraining] = true;
+  proto.listen = tracked;
+}
+
+let moved: Promise<void> | null = null;
+function connectionsMoved(): Promise<void> {
+  moved ??= new Promise<void>((resolve) => {
+    const live = [...servers].filter((s) => s.listening && connectionsList(s)?.all().length);
+    if (!live.length) return resolve();
+    const idleOf = (s: any) => Math.min(s.keepAliveTimeout > 0 ? s.keepAliveTimeout : DEFAULT_IDLE_MS, maxIdle);
+    // at most half of what the module may wait in all: the app's own close keeps the rest of --kill-after
+    const deadline = performance.now() + Math.min(Math.max(...live.map(idleOf)), maxIdle / 2) + POLL_MS;
+    const idleSince = new WeakMap<object, number>();
+    for (const s of live) {
+      s.prependListener('request', (_req: any, res: any) => void (res.shouldKeepAlive = false));
+      for (const parser of connectionsList(s).all()) {
+        const res = parser.socket?._httpMessage;
+        if (res && !res.headersSent) res.shouldKeepAlive = false;
+      }
+    }
+    const tick = () => {
+      let open = 0;
+      for (const s of live) {
+        const list = connectionsList(s);
+        const idle = new Set(list.idle().map((p: any) => p.socket));
+        for (const parser of list.all()) {
+          const socket = parser.socket;
+          if (!socket || socket.destroyed) continue;
+          open++;
+          if (!idle.has(socket) || socket._httpMessage) idleSince.delete(socket);
+          else if (!idleSince.has(socket)) idleSince.set(socket, performance.now());
+          else if (performance.now() - idleSince.get(socket)! >= idleOf(s)) socket.destroy();
+        }
+      }
+      if (open === 0 || performance.now() >= deadline) {
+        clearInterval(timer);
+        resolve();
+      }
+    };
+    const timer = setInterval(tick, POLL_MS);
+    tick();
+  });
+  return moved;
+}
+
+const deferred = new WeakMap<(...a: any[]) => unknown, (...a: any[]) => void>();
+const defer = (fn: (...a: any[]) => unknown) => {
+  let d = deferred.get(fn);
+  if (!d) {
+    d = function (this: unknown, ...args: unknown[]) {
+      void connectionsMoved().then(() => fn.apply(this, args));
+    };
+    deferred.set(fn, d);
+  }
+  return d;
+};
+const proc = process as any;
+if (!proc[kDraining]) {
+  proc[kDraining] = true;
+  for (const m of ['on', 'addListener', 'once', 'prependListener', 'prependOnceListener']) {
+    const add = proc[m];
+    proc[m] = function (this: unknown, event: unknown, fn: unknown) {
+      return add.call(this, event, event === 'SIGTERM' && typeof fn === 'function' ? defer(fn as any) : fn);
+    };
+  }
+  for (const m of ['off', 'removeListener']) {
+    const remove = proc[m];
+    proc[m] = function (this: unknown, event: unknown, fn: any) {
+      return remove.call(this, event, event === 'SIGTERM' ? (deferred.get(fn) ?? fn) : fn);
+    };
+  }
 }
