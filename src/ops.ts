@@ -113,15 +113,20 @@ export async function openGuard(sys: Sys): Promise<NftGuard> {
  * Makes native nftables input chains that drop by default accept the app's redirected connections
  * (or forget them when `want` is null). Returns what it changed, for the repair event.
  */
+/** The app's nftables accept as its state wants it: present while a live instance may be redirected to. */
+function guardWanted(st: AppState, mode: 'auto' | 'present' | 'absent') {
+  const fw = firewallOf(st);
+  const live = mode === 'present' || (mode === 'auto' && st.instances.some((i) => i.state !== 'candidate'));
+  return mode !== 'absent' && fw && live ? { listen: st.listen, fw } : null;
+}
+
 export async function syncGuard(
   ctx: Ctx,
   st: AppState,
   mode: 'auto' | 'present' | 'absent' = 'auto',
 ): Promise<string[]> {
   const guard = await openGuard(ctx.sys);
-  const fw = firewallOf(st);
-  const live = mode === 'present' || (mode === 'auto' && st.instances.some((i) => i.state !== 'candidate'));
-  const want = mode !== 'absent' && fw && live ? { listen: st.listen, fw } : null;
+  const want = guardWanted(st, mode);
   const chains = await guard.chains();
   const script = guardScript(chains, st.app, want);
   if (!script) return [];
@@ -139,9 +144,7 @@ export async function syncGuard(
 
 /** What syncGuard would change, without changing it: null when nothing. */
 export async function syncGuardCheck(ctx: Ctx, st: AppState): Promise<string | null> {
-  const fw = firewallOf(st);
-  const want = fw && st.instances.some((i) => i.state !== 'candidate') ? { listen: st.listen, fw } : null;
-  return guardScript(await (await openGuard(ctx.sys)).chains(), st.app, want);
+  return guardScript(await (await openGuard(ctx.sys)).chains(), st.app, guardWanted(st, 'auto'));
 }
 
 /**

@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { freePorts, startLoad, waitFor, type LoadHandle } from '../helpers/netns.js';
+import { fixture, freePorts, startLoad, waitFor, type LoadHandle } from '../helpers/netns.js';
 import { inWorld, deployArgs, events, show, get, type World } from './lib.js';
 
 /** What `ufw default deny incoming; ufw allow 80/tcp; ufw enable` leaves, reduced to its effect. */
@@ -181,7 +181,7 @@ test('--firewall off: nothing in filter, and preflight warns with the command th
 async function deadTimeAfter(w: World, wipe: string): Promise<number> {
   const ports = await freePorts(2);
   const sup = w.pfSpawn(['run', 'web', '--json', '--listen', '80', '--ports', ports.join(','), '--', process.execPath,
-    (await import('../helpers/netns.js')).fixture('app.mjs'), '--port', '{port}', '--version', 'v1']);
+    fixture('app.mjs'), '--port', '{port}', '--version', 'v1']);
   let out = '';
   sup.stdout!.on('data', (d) => (out += d));
   try {
