@@ -313,8 +313,10 @@ export async function main(argv: string[]): Promise<number> {
           const every = a.watch === undefined ? 0 : a.watch === '' ? 2000 : parseDuration(String(a.watch), '--watch');
           do {
             const [{ status, formatStatus }, { conntrackFill }] = await Promise.all([lazy.commands(), lazy.ops()]);
-            const apps = await status(ctx, a.app || a.config ? appName(a) : undefined);
-            const conntrack = await conntrackFill(ctx.sys);
+            const [apps, conntrack] = await Promise.all([
+              status(ctx, a.app || a.config ? appName(a) : undefined),
+              conntrackFill(ctx.sys),
+            ]);
             if (json) process.stdout.write(JSON.stringify({ apps, conntrack }) + '\n');
             else
               process.stdout.write(

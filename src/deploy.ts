@@ -554,8 +554,11 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
     const views = await reconcile(ctx, ipt, state);
     state.listen = o.listen;
     state.backend = ipt.backend;
-    const port = await pickPort(o, ctx, state);
-    const denyChains = await (await openGuard(ctx.sys)).chains();
+    // read after the repair, which may change the nftables accept
+    const [port, denyChains] = await Promise.all([
+      pickPort(o, ctx, state),
+      openGuard(ctx.sys).then((g) => g.chains()),
+    ]);
     await warnFirewall(o, ctx, views, port, denyChains);
     return { ipt, lock, user, env, state, port, views, fresh: !existing, denyChains };
   } catch (err) {

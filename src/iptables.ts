@@ -412,8 +412,10 @@ export async function recordedBackend(sys: Sys, backend: Backend): Promise<Iptab
  * chain, else the one with rules in it, else nft. PORTFLIP_IPTABLES=nft|legacy forces it.
  */
 export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables> {
-  const hasNft = await which(sys, 'iptables-nft-restore');
-  const hasLegacy = await which(sys, 'iptables-legacy-restore');
+  const [hasNft, hasLegacy] = await Promise.all([
+    which(sys, 'iptables-nft-restore'),
+    which(sys, 'iptables-legacy-restore'),
+  ]);
   let backend: Backend;
   if (forced === 'default') forced = undefined; // recorded for a host with one plain iptables
   if (forced) {
@@ -434,13 +436,13 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
   } else {
     return fail('noIptables', 'iptables is not installed; install it (apt-get install -y iptables) and run again');
   }
-  const probe = await sys.run(tool('ipv4', backend, 'save'), ['-t', 'nat']);
+  // both families are probed side by side: each probe is a process start
+  const probeV6 = async () =>
+    (await sys.readText('/proc/net/if_inet6')) !== null &&
+    (await which(sys, tool('ipv6', backend, 'restore'))) !== null &&
+    (await sys.run(tool('ipv6', backend, 'save'), ['-t', 'nat'])).code === 0;
+  const [probe, v6] = await Promise.all([sys.run(tool('ipv4', backend, 'save'), ['-t', 'nat']), probeV6()]);
   if (probe.code !== 0)
     fail('noIptables', `iptables does not work here (${tool('ipv4', backend, 'save')}: ${firstLine(probe.stderr)})`);
-  const families: Family[] = ['ipv4'];
-  const v6 =
-    (await sys.readText('/proc/net/if_inet6')) !== null &&
-    (await which(sys, tool('ipv6', backend, 'restore'))) !== null;
-  if (v6 && (await sys.run(tool('ipv6', backend, 'save'), ['-t', 'nat'])).code === 0) families.push('ipv6');
-  return new Iptables(sys, backend, families);
+  return new Iptables(sys, backend, v6 ? ['ipv4', 'ipv6'] : ['ipv4']);
 }

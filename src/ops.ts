@@ -63,11 +63,6 @@ export function wantedSpec(st: AppState, family: Family): AppSpec {
   return { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st) };
 }
 
-/** Rules verdict for status: the worse of the tables, per table for the FIREWALL column. */
-export function rulesState(view: RulesView, spec: AppSpec, family: Family): AppCheck {
-  return checkApp(view, spec, family);
-}
-
 /** Makes one family say what the spec says, in one commit; returns what was missing (empty: nothing to do). */
 export async function applySpec(ipt: Iptables, family: Family, spec: AppSpec, view?: RulesView): Promise<string[]> {
   const v = view ?? (await ipt.save(family));
@@ -109,17 +104,17 @@ export async function openGuard(sys: Sys): Promise<NftGuard> {
   return new NftGuard(sys, await nftPaths.get(sys)!);
 }
 
-/**
- * Makes native nftables input chains that drop by default accept the app's redirected connections
- * (or forget them when `want` is null). Returns what it changed, for the repair event.
- */
 /** The app's nftables accept as its state wants it: present while a live instance may be redirected to. */
-function guardWanted(st: AppState, mode: 'auto' | 'present' | 'absent') {
+export function guardWanted(st: AppState, mode: 'auto' | 'present' | 'absent') {
   const fw = firewallOf(st);
   const live = mode === 'present' || (mode === 'auto' && st.instances.some((i) => i.state !== 'candidate'));
   return mode !== 'absent' && fw && live ? { listen: st.listen, fw } : null;
 }
 
+/**
+ * Makes native nftables input chains that drop by default accept the app's redirected connections
+ * (or forget them). Returns what it changed, for the repair event.
+ */
 export async function syncGuard(
   ctx: Ctx,
   st: AppState,
@@ -160,12 +155,18 @@ export async function settle(
   quiet = false,
 ): Promise<void> {
   const step: StepName = 'repair';
-  for (const f of ipt.families) {
-    const spec = wantedSpec(st, f);
-    const started = ctx.sys.now();
-    const missing = await applySpec(ipt, f, spec, views?.get(f));
+  // the families commit side by side, each atomic on its own; their events follow in order
+  const started = ctx.sys.now();
+  const done = await Promise.all(
+    ipt.families.map(async (f) => {
+      const spec = wantedSpec(st, f);
+      const missing = await applySpec(ipt, f, spec, views?.get(f));
+      if (missing.length && !quiet) views?.set(f, await ipt.save(f));
+      return { f, spec, missing, ms: ctx.sys.now() - started };
+    }),
+  );
+  for (const { f, spec, missing, ms } of done) {
     if (!missing.length || quiet) continue;
-    views?.set(f, await ipt.save(f));
     const active = st.instances.find((i) => i.state === 'active');
     ctx.emit({
       kind: 'step',
@@ -174,7 +175,7 @@ export async function settle(
       status: 'ok',
       port: spec.target ?? undefined,
       pid: active?.pid,
-      durationMs: ctx.sys.now() - started,
+      durationMs: ms,
       missing,
       detail:
         spec.target !== null
@@ -182,7 +183,7 @@ export async function settle(
           : `${f} rules pointed at no live instance; removed them`,
     });
   }
-  const started = ctx.sys.now();
+  const guardStarted = ctx.sys.now();
   const changed = await syncGuard(ctx, st);
   if (changed.length && !quiet) {
     ctx.emit({
@@ -190,7 +191,7 @@ export async function settle(
       step,
       app: st.app,
       status: 'ok',
-      durationMs: ctx.sys.now() - started,
+      durationMs: ctx.sys.now() - guardStarted,
       missing: changed,
       detail: changed.join('; '),
     });
@@ -211,7 +212,9 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   const app = st.app;
   const views = new Map<Family, RulesView>();
   const before = JSON.stringify(st);
-  for (const f of ipt.families) views.set(f, await ipt.save(f));
+  // one read per family, side by side (a deploy's own time is mostly waiting on these tools)
+  const saved = await Promise.all(ipt.families.map((f) => ipt.save(f)));
+  ipt.families.forEach((f, k) => views.set(f, saved[k]));
 
   for (const inst of st.instances) {
     if (inst.pid === null) {
