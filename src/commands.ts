@@ -334,7 +334,10 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
   // every read runs side by side: status is run by hand and in loops, and most of its time is waiting
   const [socks, usage, rules] = await Promise.all([
     tcpSockets(ctx.sys),
-    usageOf(pidusage, lives.flatMap((st) => st.instances.map((i) => i.pid!))),
+    usageOf(
+      pidusage,
+      lives.flatMap((st) => st.instances.map((i) => i.pid!)),
+    ),
     ruleChecks(ctx, lives, guardChains),
   ]);
   return states.map((st, k) => {
@@ -410,7 +413,11 @@ async function ruleChecks(
   const save = (ipt: Iptables, f: Family) => {
     const key = `${ipt.backend} ${f}`;
     // an IPv6 table that cannot be read (no ip6tables nat here) is not the app's
-    if (!saves.has(key)) saves.set(key, ipt.save(f).catch((err) => (f === 'ipv4' ? Promise.reject(err) : null)));
+    if (!saves.has(key))
+      saves.set(
+        key,
+        ipt.save(f).catch((err) => (f === 'ipv4' ? Promise.reject(err) : null)),
+      );
     return saves.get(key)!;
   };
   const worst = (vs: Verdict[]) => (vs.includes('missing') ? 'missing' : vs.includes('mismatch') ? 'mismatch' : 'ok');

@@ -555,10 +555,7 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
     state.listen = o.listen;
     state.backend = ipt.backend;
     // read after the repair, which may change the nftables accept
-    const [port, denyChains] = await Promise.all([
-      pickPort(o, ctx, state),
-      openGuard(ctx.sys).then((g) => g.chains()),
-    ]);
+    const [port, denyChains] = await Promise.all([pickPort(o, ctx, state), openGuard(ctx.sys).then((g) => g.chains())]);
     await warnFirewall(o, ctx, views, port, denyChains);
     return { ipt, lock, user, env, state, port, views, fresh: !existing, denyChains };
   } catch (err) {
