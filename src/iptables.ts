@@ -4,7 +4,7 @@
 //   nat    -A PREROUTING -m addrtype --dst-type LOCAL -j PORTFLIP     traffic from other hosts
 //          -A OUTPUT     -m addrtype --dst-type LOCAL -j PORTFLIP     clients on this host
 //          -A PORTFLIP -p tcp -m tcp --dport LISTEN -j PF-APP         one jump per app
-//          -A PF-APP -p tcp -j REDIRECT --to-ports PORT               the one rule a switch rewrites
+//          -A PF-APP -p tcp -j REDIRECT --to-ports PORT               the rule a switch replaces
 //   filter -A INPUT -j PORTFLIP                                       first in INPUT, so default-deny sees
 //          -A PORTFLIP -p tcp -j PF-APP                               nothing of ours
 //          -A PF-APP -p tcp -m conntrack --ctstate DNAT --ctorigdstport LISTEN --ctreplsrcport PORT -j ACCEPT
@@ -158,7 +158,8 @@ const asDelete = (rule: string) => rule.replace(/^-A /, '-D ');
 
 export interface AppRules {
   jumps: number[]; // listen ports that jump to the app chain
-  target: number | null; // the port the app chain redirects to
+  target: number | null; // the port the app chain redirects to: its first rule, which the kernel applies
+  shadowed: number; // rules below the first, never reached: left by a switch until the next commit tidies them
   hooked: boolean; // both hooks jump to the root chain
 }
 
@@ -167,10 +168,11 @@ export function appRules(view: RulesView, app: string): AppRules {
   const jumps = rulesIn(view.nat, ROOT_CHAIN)
     .filter((r) => r.endsWith(` -j ${chain}`))
     .map((r) => Number(/--dport (\d+)/.exec(r)?.[1] ?? NaN));
-  const redirects = rulesIn(view.nat, chain).map((r) => /--to-ports (\d+)/.exec(r)?.[1]);
-  const target = redirects.length === 1 && redirects[0] ? Number(redirects[0]) : null;
+  const rules = rulesIn(view.nat, chain);
+  const port = Number(/--to-ports (\d+)$/.exec(rules[0] ?? '')?.[1]);
+  const target = port && rules[0] === redirectRule(app, port) ? port : null;
   const hooked = NAT_HOOKS.every((h) => view.nat.rules.includes(hookRule(h)));
-  return { jumps, target, hooked };
+  return { jumps, target, shadowed: Math.max(0, rules.length - 1), hooked };
 }
 
 /** Rules outside portflip's own chains that jump to an app chain: they keep it from being deleted. */
@@ -184,6 +186,7 @@ export interface AppCheck {
   nat: Verdict;
   filter: Verdict;
   missing: string[]; // what differs, for people: "filter: PF-web rules (accept 8002)"
+  tidy: boolean; // the redirect is right, with shadowed rules below it to remove in the next commit
 }
 
 /** Do the live rules of one family say what the spec says? */
@@ -228,7 +231,7 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
       missing.push(`filter: ${chain} should accept ${spec.open.join(',') || 'nothing'}`);
     }
   }
-  return { nat, filter, missing };
+  return { nat, filter, missing, tidy: nat === 'ok' && spec.target !== null && live.shadowed > 0 };
 }
 
 /**
@@ -261,7 +264,14 @@ export function wouldDrop(t: TableView, port: number): boolean {
  */
 export function appText(view: RulesView, spec: AppSpec, family: Family): string | null {
   const check = checkApp(view, spec, family);
-  const nat = check.nat === 'ok' ? [] : spec.target === null ? natRemoval(view, spec.app) : natEnsure(view, spec);
+  const nat =
+    check.nat === 'ok'
+      ? check.tidy
+        ? natEnsure(view, spec)
+        : []
+      : spec.target === null
+        ? natRemoval(view, spec.app)
+        : (natSwitch(view, spec) ?? natEnsure(view, spec));
   const filter =
     check.filter === 'ok'
       ? []
@@ -274,6 +284,19 @@ export function appText(view: RulesView, spec: AppSpec, family: Family): string 
       ? [...section('nat', nat), ...section('filter', filter)]
       : [...section('filter', filter), ...section('nat', nat)];
   return parts.length ? [...parts, ''].join('\n') : null;
+}
+
+/**
+ * The switch proper, when only the target changes: the new redirect goes on top and the old one stays
+ * below it, unreached, until the next commit for the app tidies it. Adding is the whole commit: a
+ * commit that also deletes a rule waits for the kernel's RCU grace period when iptables closes its
+ * netlink socket (measured: 10-14 ms), after the rules are already live.
+ */
+function natSwitch(view: RulesView, spec: AppSpec): string[] | null {
+  const live = appRules(view, spec.app);
+  const onlyTarget = live.hooked && live.jumps.join() === String(spec.listen) && live.target !== null;
+  if (!onlyTarget || live.shadowed) return null;
+  return [`-I ${appChain(spec.app)} 1 -p tcp -j REDIRECT --to-ports ${spec.target}`];
 }
 
 function natEnsure(view: RulesView, spec: AppSpec): string[] {
