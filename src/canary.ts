@@ -349,19 +349,23 @@ export async function finishCanary(
   env: NodeJS.ProcessEnv,
   forMs: number,
   exited?: Promise<unknown>,
-): Promise<'promoted'> {
+): Promise<void> {
   const why = await watchCanary(ctx, cand, check, env, forMs, exited);
   const r: CanaryRun = { ctx, ipt, st, canary: cand, active: st.instances.find((i) => i.state === 'active')! };
   const io = { app: st.app, sys: ctx.sys, emit: ctx.emit };
-  if (why === null) {
-    await runSteps(PROMOTE, r, io).catch((err) => {
+  const run = (steps: Step<CanaryRun>[]) =>
+    runSteps(steps, r, io).catch((err) => {
       throw causeOf(err);
     });
-    return 'promoted';
+  if (why === null) return void (await run(PROMOTE));
+  if (
+    !(await isAlive(ctx.sys, r.active.pid, r.active.startTime)) &&
+    (await isAlive(ctx.sys, cand.pid, cand.startTime))
+  ) {
+    // going back to a dead instance would serve nothing: the canary, alive, is the better of the two
+    await run(PROMOTE);
+    throw new PortflipError('deployFailed', `${why}, but ${instanceLabel(r.active)} is gone: the canary was promoted`);
   }
-  // a dead canary has nothing to drain; reconcile would drop it, the abort does it in order
-  await runSteps(ABORT, r, io).catch((err) => {
-    throw causeOf(err);
-  });
+  await run(ABORT);
   throw new PortflipError('deployFailed', `${why}; aborted: every new connection goes to ${instanceLabel(r.active)}`);
 }

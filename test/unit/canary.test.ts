@@ -259,6 +259,23 @@ test('promote and abort --dry-run print the steps and the exact commit, and chan
   assert.equal(v1.signals.concat(v2.signals), []);
 });
 
+test('deploy --canary --dry-run lists the canary step instead of the switch, with the split it would commit', async () => {
+  const sys = new FakeSys();
+  await deploy(fakeDeploy(), fakeCtx(sys).ctx);
+  const [v1] = sys.apps();
+  const before = [...chain(sys)];
+  const { ctx, events } = fakeCtx(sys);
+  await deploy(fakeDeploy({ dryRun: true, canary: { percent: 25, by: 'conn', forMs: 60_000 } }), ctx);
+  const plan = events.find((e) => e.kind === 'plan') as Extract<Event, { kind: 'plan' }>;
+  const names = plan.steps.map((s) => s.step);
+  assert.ok(names.includes('canary') && names.includes('canary-for'), names.join(' '));
+  assert.not.ok(names.includes('switch') || names.includes('verify'), names.join(' '));
+  assert.match(plan.rules[0].text, /-m statistic --mode random --probability 0\.25000000000 -j REDIRECT --to-ports \d+\n/);
+  assert.match(plan.rules[0].text, new RegExp(`-A PF-web -p tcp -j REDIRECT --to-ports ${v1.port}\nCOMMIT`));
+  assert.equal(chain(sys), before);
+  assert.is(sys.apps().length, 1);
+});
+
 test('--canary-for promotes on its own after passing checks', async () => {
   const sys = new FakeSys();
   await deploy(fakeDeploy(), fakeCtx(sys).ctx);
