@@ -2,6 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import type { ChildProcess } from 'node:child_process';
 import { natRules, parseSave, type AppSpec, type Family } from '../../src/iptables.js';
 import { SERVER_ADDR, SERVER_ADDR6, fixture, freePorts, startLoad, waitFor, type Netns } from '../helpers/netns.js';
 import { inWorld, deployArgs, events, show, get, alive, type World } from './lib.js';
@@ -20,25 +21,24 @@ const status = async (w: World) => JSON.parse((await w.pf(['status', '--json']))
 
 test('iptables-save prints every split exactly as portflip writes it (1-99%, by conn and ip, both families)', async () => {
   await inWorld(async (w) => {
-    const lines: string[] = [];
-    for (const by of ['conn', 'ip'] as const)
-      for (let p = 1; p <= 99; p++) lines.push(`${by} ${p}`);
     const bad: string[] = [];
     for (const family of ['ipv4', 'ipv6'] as Family[]) {
       const tool = family === 'ipv4' ? 'iptables' : 'ip6tables';
-      for (const l of lines) {
-        const [by, p] = l.split(' ');
-        const spec: AppSpec = {
-          app: 'web', listen: 80, target: 20000, open: [], firewall: null,
-          canary: { port: 20001, percent: Number(p), by: by as 'conn' | 'ip', rnd: 0x9e3779b9 },
-        };
-        const text = ['*nat', ':PF-web - [0:0]', ...natRules(spec, family), 'COMMIT', ''].join('\n');
-        const r = await w.ns.exec(`${tool}-restore`, ['--noflush'], { input: text });
+      for (const by of ['conn', 'ip'] as const) {
+        // one app chain per share (PF-s1 ... PF-s99), all in one restore and one save
+        const specs: AppSpec[] = Array.from({ length: 99 }, (_, i) => ({
+          app: `s${i + 1}`, listen: 80, target: 20000, open: [], firewall: null,
+          canary: { port: 20001, percent: i + 1, by, rnd: 0x9e3779b9 },
+        }));
+        const text = ['*nat', ...specs.map((x) => `:PF-${x.app} - [0:0]`), ...specs.flatMap((x) => natRules(x, family)), 'COMMIT', ''];
+        const r = await w.ns.exec(`${tool}-restore`, ['--noflush'], { input: text.join('\n') });
         assert.is(r.code, 0, r.stderr);
         const live = parseSave((await w.ns.exec(`${tool}-save`, ['-t', 'nat'])).stdout);
-        const want = natRules(spec, family);
-        const got = live.nat.rules.filter((x) => x.startsWith('-A PF-web '));
-        if (got.join('\n') !== want.join('\n')) bad.push(`${family} ${l}: ${got.join(' | ')}`);
+        for (const x of specs) {
+          const got = live.nat.rules.filter((l) => l.startsWith(`-A PF-${x.app} `));
+          if (got.join('\n') !== natRules(x, family).join('\n')) bad.push(`${family} ${by} ${x.canary!.percent}: ${got.join(' | ')}`);
+        }
+        await w.ns.exec(`${tool}-restore`, [], { input: '*nat\nCOMMIT\n' }); // empty the table for the next round
       }
     }
     assert.equal(bad.slice(0, 3), [], `${bad.length} splits print otherwise`);
@@ -183,6 +183,66 @@ test('--canary-for promotes on its own after passing checks, and aborts on its o
       assert.is(await get(w.ns, `http://${SERVER_ADDR}:80/`, 'client'), 'v2');
       const st = await status(w);
       assert.equal([st.active.state, st.others.length, st.rules, st.canary], ['active', 0, 'ok', undefined]);
+    },
+    { peer: true },
+  );
+});
+
+/** Resolves with the first JSON event the process prints that matches. */
+function waitEvent(child: ChildProcess, match: (e: Record<string, any>) => boolean, timeoutMs = 20_000): Promise<Record<string, any>> {
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    const timer = setTimeout(() => reject(new Error(`no matching event in ${timeoutMs}ms: ${buf}`)), timeoutMs);
+    child.stdout!.on('data', (d) => {
+      buf += d;
+      for (const line of buf.split('\n').slice(0, -1)) {
+        const e = JSON.parse(line);
+        if (match(e)) {
+          clearTimeout(timer);
+          resolve(e);
+        }
+      }
+      buf = buf.slice(buf.lastIndexOf('\n') + 1);
+    });
+    child.once('exit', () => reject(new Error('portflip exited before the event')));
+  });
+}
+
+test('SIGKILL during a canary deploy and during promote: 0 failed under load, the next runs repair', async () => {
+  await inWorld(
+    async (w) => {
+      const ports = await freePorts(3);
+      const first = await w.pf(deployArgs(ports, ['--json'], ['--version', 'v1']));
+      const v1 = events(first.stdout).find((e) => e.step === 'start')!.pid as number;
+      const url = `http://${SERVER_ADDR}:80/`;
+      const loads = await Promise.all([
+        startLoad(w.ns, 'client', { url, mode: 'new', durationMs: 60_000 }),
+        startLoad(w.ns, 'client', { url, mode: 'keepalive', durationMs: 60_000 }),
+      ]);
+      const dep = w.pfSpawn(deployArgs(ports, ['--canary', '50%', '--canary-for', '60s', '--json'], ['--version', 'v2']));
+      const v2 = (await waitEvent(dep, (e) => e.step === 'canary' && e.status === 'ok')).pid as number;
+      dep.kill('SIGKILL');
+      const st = await status(w);
+      assert.equal([st.canary?.percent, st.rules], [50, 'ok'], JSON.stringify(st));
+      const rs = await w.pf(['restore']);
+      assert.is(rs.code, 0, show(rs));
+      assert.match(rs.stderr, /took over a stale lock/);
+      assert.match(await w.save(), /-m statistic --mode random --probability 0\.50000000000 -j REDIRECT/);
+
+      const pro = w.pfSpawn(['promote', 'web', '--json']);
+      await waitEvent(pro, (e) => e.step === 'promote' && e.status === 'ok');
+      pro.kill('SIGKILL');
+      const again = await w.pf(['abort', 'web']);
+      assert.is(again.code, 9, `the promote stands: ${show(again)}`);
+      const fin = await w.pf(['restore']); // a draining instance left by a killed run is finished by the next run
+      assert.is(fin.code, 0, show(fin));
+      await waitFor(() => !alive(v1), 15_000, 'the old instance to be drained and stopped');
+      const after = await status(w);
+      assert.equal([after.active.pid, after.others.length, after.canary, after.rules], [v2, 0, undefined, 'ok']);
+      await new Promise((res) => setTimeout(res, 500));
+      const [nr, kr] = await Promise.all(loads.map((l) => l.stop()));
+      assert.is(nr.failed + kr.failed, 0, JSON.stringify({ nr, kr }));
+      assert.equal((await count(w.ns, url, 50)).byFrom.any, { v2: 50 });
     },
     { peer: true },
   );
