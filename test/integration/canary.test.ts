@@ -248,7 +248,7 @@ test('SIGKILL during a canary deploy and during promote: 0 failed under load, th
   );
 });
 
-test('IPv6: the split works the same way over [fd31::1]; restore recreates it after a flush', async () => {
+test('IPv6: the split works the same way over [fd31::1], by connection and by client address; restore recreates it', async () => {
   await inWorld(
     async (w) => {
       const ports = await freePorts(3);
@@ -260,11 +260,26 @@ test('IPv6: the split works the same way over [fd31::1]; restore recreates it af
       const s = share(c.byFrom.any, 'v2');
       assert.ok(Math.abs(s - 50) <= 5, `IPv6 50%: measured ${s.toFixed(1)}%`);
       const before = await w.save();
-      assert.match(before, /ip6tables|statistic/);
+      assert.is(before.match(/-m statistic --mode random --probability 0\.50000000000 -j REDIRECT/g)?.length, 2, 'the split in both families');
       await w.sh('iptables -t nat -F PF-web; ip6tables -t nat -F PF-web');
       const rs = await w.pf(['restore']);
       assert.is(rs.code, 0, show(rs));
       assert.is(await w.save(), before, 'restore wrote the same split back, in both families');
+
+      // by client address over IPv6: 16 addresses on the client end, each on one side every time
+      assert.is((await w.pf(['abort', 'web'])).code, 0);
+      const addrs = Array.from({ length: 16 }, (_, i) => `fd31::${(0x100 + i).toString(16)}`);
+      const add = await w.ns.execClient('ip', ['-batch', '-'], { input: addrs.map((a) => `addr add ${a}/64 dev pf-c nodad`).join('\n') + '\n' });
+      assert.is(add.code, 0, add.stderr);
+      const ip = await w.pf(deployArgs(ports, ['--ipv6', 'on', '--canary', '50%', '--canary-by', 'ip'], ['--version', 'v3']));
+      assert.is(ip.code, 0, show(ip));
+      assert.match(await w.save(), /HMARK --hmark-src-prefix 128 /);
+      const c6 = await count(w.ns, `http://[${SERVER_ADDR6}]:80/`, 6, addrs);
+      assert.is(c6.failed, 0, JSON.stringify(c6));
+      const mixed = addrs.filter((a) => Object.keys(c6.byFrom[a] ?? {}).length !== 1);
+      assert.equal(mixed, [], `IPv6 addresses that saw both versions: ${JSON.stringify(c6.byFrom)}`);
+      const onCanary = addrs.filter((a) => c6.byFrom[a]?.v3).length;
+      assert.ok(onCanary >= 1 && onCanary <= 15, `${onCanary} of 16 IPv6 addresses on the canary`);
     },
     { peer: true },
   );

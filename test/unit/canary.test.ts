@@ -19,6 +19,7 @@ import {
   type AppSpec,
 } from '../../src/iptables.js';
 import { canMove, invariantProblem } from '../../src/lifecycle.js';
+import { Healer } from '../../src/ops.js';
 import { readState } from '../../src/state.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
@@ -325,6 +326,19 @@ test('restore recreates the split after a firewall reload flushed it', async () 
   const want = [...chain(sys)];
   sys.flushRules();
   await restore(fakeCtx(sys).ctx);
+  assert.equal(chain(sys), want);
+});
+
+test('the self-healer sees a lost or changed split and puts it back', async () => {
+  const { sys } = await withCanary(10, 'ip');
+  const want = [...chain(sys)];
+  const healer = new Healer(fakeCtx(sys).ctx);
+  assert.is(await healer.heal('web'), 'ok');
+  // someone rewrites the app chain to the active port only, as an old saved ruleset would
+  sys.iptables.ipv4.nat.get('PF-web')!.rules = [want.at(-1)!];
+  const st = (await readState(sys, FAKE_PATHS, 'web'))!;
+  assert.match((await healer.check(st)).join('; '), /nat: canary 10% by ip to \d+/);
+  assert.is(await healer.heal('web'), 'repaired');
   assert.equal(chain(sys), want);
 });
 
