@@ -316,6 +316,16 @@ export interface AppStatus {
   rules: Verdict | 'unknown'; // the nat redirect
   firewall: Verdict | 'off' | 'unknown'; // the filter chain and the nftables accept
   restarts: number; // crash restarts by `portflip run`
+  canary?: CanaryStatus;
+}
+
+/** A live canary: its share and each side's open connections (canary.ts). */
+export interface CanaryStatus {
+  port: number;
+  percent: number;
+  by: 'conn' | 'ip';
+  since: string;
+  connections: { canary: number; active: number };
 }
 
 export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
@@ -367,6 +377,7 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
       others: insts.filter((i) => i !== active),
       ...rules[k],
       restarts: st.restarts ?? 0,
+      ...canaryStatus(st, insts),
     };
   });
 }
@@ -438,14 +449,36 @@ async function ruleChecks(
   );
 }
 
+function canaryStatus(st: AppState, insts: InstanceStatus[]): { canary?: CanaryStatus } {
+  const canary = insts.find((i) => i.state === 'canary');
+  if (!canary || !st.canary) return {};
+  const active = insts.find((i) => i.state === 'active');
+  const { percent, by, since } = st.canary;
+  const connections = { canary: canary.connections, active: active?.connections ?? 0 };
+  return { canary: { port: canary.port, percent, by, since, connections } };
+}
+
 const paint = (on: boolean, code: number, s: string) => (on ? `\x1b[${code}m${s}\x1b[0m` : s);
-const STATE_COLOUR: Record<string, number> = { active: 32, kept: 36, draining: 33, candidate: 35, gone: 31 };
+const STATE_COLOUR: Record<string, number> = {
+  canary: 34,
+  active: 32,
+  kept: 36,
+  draining: 33,
+  candidate: 35,
+  gone: 31,
+};
 
 export type ConntrackFill = Awaited<ReturnType<typeof conntrackFill>>;
 
 /** The status table, then one line on the connection-tracking table when it is loaded. */
 export function formatStatus(apps: AppStatus[], colour = false, conntrack: ConntrackFill = null): string {
-  const table = formatApps(apps, colour);
+  const canaries = apps
+    .filter((a) => a.canary)
+    .map(({ app, canary: c }) => {
+      const share = `${c!.percent}% of ${c!.by === 'ip' ? 'client addresses' : 'new connections'}`;
+      return `${app}: canary on port ${c!.port} gets ${share} (${c!.connections.canary} open; ${c!.connections.active} on the active); portflip promote ${app} or portflip abort ${app}`;
+    });
+  const table = [formatApps(apps, colour), ...canaries].join('\n');
   if (!conntrack) return table;
   const warn = conntrack.percent >= CONNTRACK_WARN_PERCENT;
   const line = `conntrack: ${conntrack.count} of ${conntrack.max} entries (${conntrack.percent}%)${warn ? ` WARNING: ${conntrackWarning(conntrack)}` : ''}`;

@@ -18,6 +18,10 @@ export type StepName =
   | 'restore'
   | 'cleanup'
   | 'verify'
+  | 'canary'
+  | 'canary-for'
+  | 'promote'
+  | 'abort'
   | 'done'
   | HookName;
 

@@ -5,6 +5,8 @@
 //          -A OUTPUT     -m addrtype --dst-type LOCAL -j PORTFLIP     clients on this host
 //          -A PORTFLIP -p tcp -m tcp --dport LISTEN -j PF-APP         one jump per app
 //          -A PF-APP -p tcp -j REDIRECT --to-ports PORT               the rule a switch replaces
+//   canary: before it, in the same chain (canaryRules): a statistic rule (a share of new connections), or
+//          an HMARK of the source address then mark-range rules (--canary-by ip), each REDIRECTing to the canary
 //   filter -A INPUT -j PORTFLIP                                       first in INPUT, so default-deny sees
 //          -A PORTFLIP -p tcp -j PF-APP                               nothing of ours
 //          -A PF-APP -p tcp -m conntrack --ctstate DNAT --ctorigdstport LISTEN --ctreplsrcport PORT -j ACCEPT
@@ -58,6 +60,63 @@ export interface AppSpec {
   target: number | null; // the redirect's port; null: no redirect (no nat rules)
   open: number[]; // instance ports whose redirected connections the filter chain accepts; none: no filter rules
   firewall: FirewallSpec | null;
+  canary?: CanarySpec | null; // a share of new connections goes here instead of to target
+}
+
+/** A canary split: `percent` of new connections (by: conn) or of client addresses (by: ip) go to `port`. */
+export interface CanarySpec {
+  port: number;
+  percent: number; // whole percent, 1-99
+  by: 'conn' | 'ip';
+  rnd: number; // HMARK's hash seed (by: ip); kept for the canary's life so a client stays on its side
+}
+
+/**
+ * The probability as iptables-save prints it: the kernel keeps it as a 31-bit fraction
+ * (libxt_statistic: lround(p * 2^31)), printed with 11 decimals.
+ */
+export const probabilityText = (percent: number) => (Math.round((percent / 100) * 0x80000000) / 0x80000000).toFixed(11);
+
+/**
+ * [1, n] as value/mask blocks, the way a CIDR list covers an address range: `-m mark` matches value/mask
+ * only, and HMARK marks 1-100, so "mark <= n" becomes at most a dozen rules. Mark 0 (unmarked) never matches.
+ */
+export function markBlocks(n: number): string[] {
+  const out: string[] = [];
+  let lo = 1;
+  while (lo <= n) {
+    let size = 1;
+    while (lo % (size * 2) === 0 && lo + size * 2 - 1 <= n) size *= 2;
+    const mask = (0xffffffff ^ (size - 1)) >>> 0;
+    out.push(size === 1 ? `0x${lo.toString(16)}` : `0x${lo.toString(16)}/0x${mask.toString(16)}`);
+    lo += size;
+  }
+  return out;
+}
+
+/**
+ * The canary rules, before the app's REDIRECT, as iptables-save prints them. nat sees only the first
+ * packet of a connection, so each decides once per connection. by ip: HMARK hashes the source
+ * address alone (destination, ports and protocol masked out) into marks 1-100 (offset 1: mark 0 is
+ * also what an unmarked packet has); marks 1..percent go to the canary. The mark is set on that
+ * first packet only, in nat, so no later packet of the flow carries it.
+ */
+export function canaryRules(app: string, c: CanarySpec, family: Family): string[] {
+  const chain = appChain(app);
+  const to = `-j REDIRECT --to-ports ${c.port}`;
+  if (c.by === 'conn')
+    return [`-A ${chain} -p tcp -m statistic --mode random --probability ${probabilityText(c.percent)} ${to}`];
+  const hmark =
+    `-A ${chain} -p tcp -j HMARK --hmark-src-prefix ${family === 'ipv4' ? 32 : 128} --hmark-dst-prefix 0 ` +
+    `--hmark-sport-mask 0x0000 --hmark-dport-mask 0x0000 --hmark-proto-mask 0x00 ` +
+    `--hmark-rnd 0x${(c.rnd >>> 0).toString(16).padStart(8, '0')} --hmark-mod 100 --hmark-offset 1`;
+  return [hmark, ...markBlocks(c.percent).map((m) => `-A ${chain} -p tcp -m mark --mark ${m} ${to}`)];
+}
+
+/** Rule lines of the app's nat chain for one family: the canary split, if any, then the redirect. */
+export function natRules(spec: AppSpec, family: Family): string[] {
+  if (spec.target === null) return [];
+  return [...(spec.canary ? canaryRules(spec.app, spec.canary, family) : []), redirectRule(spec.app, spec.target)];
 }
 
 /** Rule lines (as iptables-save prints them) of the app's filter chain for one family. */
@@ -158,8 +217,9 @@ const asDelete = (rule: string) => rule.replace(/^-A /, '-D ');
 
 export interface AppRules {
   jumps: number[]; // listen ports that jump to the app chain
-  target: number | null; // the port the app chain redirects to: its first rule, which the kernel applies
-  shadowed: number; // rules below the first, never reached: left by a switch until the next commit tidies them
+  target: number | null; // where the rest goes: a first plain redirect, or the last one after a canary split
+  shadowed: number; // rules below a first plain redirect, never reached: a switch's, until the next commit tidies them
+  canary?: number; // the port a canary rule before the redirect sends a share to
   hooked: boolean; // both hooks jump to the root chain
 }
 
@@ -169,10 +229,19 @@ export function appRules(view: RulesView, app: string): AppRules {
     .filter((r) => r.endsWith(` -j ${chain}`))
     .map((r) => Number(/--dport (\d+)/.exec(r)?.[1] ?? NaN));
   const rules = rulesIn(view.nat, chain);
-  const port = Number(/--to-ports (\d+)$/.exec(rules[0] ?? '')?.[1]);
-  const target = port && rules[0] === redirectRule(app, port) ? port : null;
+  const plain = /^-A \S+ -p tcp -j REDIRECT --to-ports (\d+)$/;
   const hooked = NAT_HOOKS.every((h) => view.nat.rules.includes(hookRule(h)));
-  return { jumps, target, shadowed: Math.max(0, rules.length - 1), hooked };
+  // a plain redirect first takes every connection: anything below it is a switch's leftover
+  const first = plain.exec(rules[0] ?? '');
+  if (first) return { jumps, target: Number(first[1]), shadowed: rules.length - 1, hooked };
+  // a canary split: its rules, then the one unconditional redirect, last
+  const last = plain.exec(rules.at(-1) ?? '');
+  const target = last && rules.filter((r) => plain.test(r)).length === 1 ? Number(last[1]) : null;
+  const split = rules
+    .slice(0, -1)
+    .map((r) => /--to-ports (\d+)/.exec(r)?.[1])
+    .find(Boolean);
+  return { jumps, target, shadowed: 0, ...(target !== null && split ? { canary: Number(split) } : {}), hooked };
 }
 
 /** Rules outside portflip's own chains that jump to an app chain: they keep it from being deleted. */
@@ -203,11 +272,22 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
     if (!view.nat.chains.has(chain)) missing.push(`nat: chain ${chain}`);
     if (!live.jumps.length) missing.push(`nat: jump for port ${spec.listen}`);
     if (missing.length) nat = 'missing';
-    else if (live.target !== spec.target || live.jumps.join() !== String(spec.listen)) {
+    else if (
+      live.target !== spec.target ||
+      live.jumps.join() !== String(spec.listen) ||
+      // a split is exactly its rules; a plain redirect is right when it comes first (shadowed rules below it are tidied)
+      (spec.canary
+        ? rulesIn(view.nat, chain).join('\n') !== natRules(spec, family).join('\n')
+        : rulesIn(view.nat, chain)[0] !== redirectRule(spec.app, spec.target))
+    ) {
       nat = 'mismatch';
+      const c = spec.canary;
       if (live.target !== spec.target)
         missing.push(`nat: redirect to ${spec.target} (it is ${live.target ?? 'absent'})`);
-      else missing.push(`nat: public port ${spec.listen} (it is ${live.jumps.join(',')})`);
+      else if (live.jumps.join() !== String(spec.listen))
+        missing.push(`nat: public port ${spec.listen} (it is ${live.jumps.join(',')})`);
+      else if (c) missing.push(`nat: canary ${c.percent}% by ${c.by} to ${c.port}`);
+      else missing.push(`nat: ${chain} should only redirect to ${spec.target}`);
     }
   }
   let filter: Verdict = 'ok';
@@ -231,7 +311,7 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
       missing.push(`filter: ${chain} should accept ${spec.open.join(',') || 'nothing'}`);
     }
   }
-  return { nat, filter, missing, tidy: nat === 'ok' && spec.target !== null && live.shadowed > 0 };
+  return { nat, filter, missing, tidy: nat === 'ok' && spec.target !== null && !spec.canary && live.shadowed > 0 };
 }
 
 /**
@@ -267,11 +347,11 @@ export function appText(view: RulesView, spec: AppSpec, family: Family): string 
   const nat =
     check.nat === 'ok'
       ? check.tidy
-        ? natEnsure(view, spec)
+        ? natEnsure(view, spec, family)
         : []
       : spec.target === null
         ? natRemoval(view, spec.app)
-        : (natSwitch(view, spec) ?? natEnsure(view, spec));
+        : (natSwitch(view, spec) ?? natEnsure(view, spec, family));
   const filter =
     check.filter === 'ok'
       ? []
@@ -295,11 +375,11 @@ export function appText(view: RulesView, spec: AppSpec, family: Family): string 
 function natSwitch(view: RulesView, spec: AppSpec): string[] | null {
   const live = appRules(view, spec.app);
   const onlyTarget = live.hooked && live.jumps.join() === String(spec.listen) && live.target !== null;
-  if (!onlyTarget || live.shadowed) return null;
+  if (!onlyTarget || live.shadowed || live.canary !== undefined || spec.canary) return null;
   return [`-I ${appChain(spec.app)} 1 -p tcp -j REDIRECT --to-ports ${spec.target}`];
 }
 
-function natEnsure(view: RulesView, spec: AppSpec): string[] {
+function natEnsure(view: RulesView, spec: AppSpec, family: Family): string[] {
   const chain = appChain(spec.app);
   const lines: string[] = [];
   if (!view.nat.chains.has(ROOT_CHAIN)) lines.push(`:${ROOT_CHAIN} - [0:0]`);
@@ -308,7 +388,7 @@ function natEnsure(view: RulesView, spec: AppSpec): string[] {
   const want = jumpRule(spec.app, spec.listen);
   for (const r of rulesIn(view.nat, ROOT_CHAIN)) if (r.endsWith(` -j ${chain}`) && r !== want) lines.push(asDelete(r));
   if (!view.nat.rules.includes(want)) lines.push(want);
-  lines.push(redirectRule(spec.app, spec.target!));
+  lines.push(...natRules(spec, family));
   return lines;
 }
 

@@ -3,7 +3,7 @@
 import { fail, PortflipError } from './errors.js';
 import { invariantProblem, move } from './lifecycle.js';
 import type { Emit, StepName } from './events.js';
-import { killNow } from './instance.js';
+import { drainAndStop, killNow } from './instance.js';
 import {
   appChain,
   appRules,
@@ -60,7 +60,13 @@ export function wantedSpec(st: AppState, family: Family): AppSpec {
   const target = active && st.families.includes(family) ? active.port : null;
   // with no redirect in this family there is nothing redirected to accept
   const open = target === null ? [] : st.instances.filter((i) => i.state !== 'candidate').map((i) => i.port);
-  return { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st) };
+  const spec: AppSpec = { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st) };
+  // a live canary takes its share, in the families it listens on
+  const canary = st.instances.find((i) => i.state === 'canary');
+  const c = st.canary;
+  if (target !== null && canary && c?.families.includes(family))
+    spec.canary = { port: canary.port, percent: c.percent, by: c.by, rnd: c.rnd };
+  return spec;
 }
 
 /** Makes one family say what the spec says, in one commit; returns what was missing (empty: nothing to do). */
@@ -248,7 +254,10 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
     }
   }
   if (!active) active = alive.find((i) => i.state === 'active') ?? alive.find((i) => i.state === 'kept');
+  // a canary outlives the instance it was split with: it passed its check and takes all the traffic
+  if (!active) active = alive.find((i) => i.state === 'canary');
   if (active) move(active, 'active');
+  settleCanary(ctx, st);
 
   for (const orphan of alive.filter((i) => i.state === 'candidate')) {
     emit({
@@ -279,6 +288,32 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   await settle(ctx, ipt, st, views);
   if (JSON.stringify(st) !== before) await writeState(ctx.sys, ctx.paths, st);
   return views;
+}
+
+/**
+ * The canary split follows the canary instance: gone with it (it died, or became the active one), and a
+ * canary state without its split settings (a hand-edited file) drains rather than guess a share.
+ */
+function settleCanary(ctx: Ctx, st: AppState): void {
+  const canary = st.instances.find((i) => i.state === 'canary');
+  if (canary && !st.canary) {
+    ctx.emit({
+      kind: 'notice',
+      app: st.app,
+      message: `the canary on ${instanceLabel(canary)} has no split; draining it`,
+    });
+    move(canary, 'draining');
+  }
+  if (!st.instances.some((i) => i.state === 'canary')) delete st.canary;
+}
+
+/** Drains and stops one instance under the app's stop policy, keeping the state file true as it goes. */
+export async function retire(ctx: Ctx, st: AppState, inst: Instance): Promise<void> {
+  move(inst, 'draining');
+  await writeState(ctx.sys, ctx.paths, st);
+  await drainAndStop(ctx.sys, st.app, inst, st.stop, ctx.emit, () => writeState(ctx.sys, ctx.paths, st));
+  st.instances = st.instances.filter((i) => i !== inst);
+  await writeState(ctx.sys, ctx.paths, st);
 }
 
 /** A detached helper that retires kept instances when their time is up, after this CLI has returned. */

@@ -53,6 +53,16 @@ export interface AppState {
   updatedAt: string;
   restarts?: number; // times `portflip run` brought the app back after its active instance died
   firewall?: FirewallSettings; // absent in state files older than the filter chain: auto
+  canary?: CanarySettings; // the split while an instance is in the canary state (canary.ts)
+}
+
+/** How a live canary splits new connections; the canary instance is the one in the canary state. */
+export interface CanarySettings {
+  percent: number; // whole percent of new connections (by conn) or of client addresses (by ip)
+  by: 'conn' | 'ip';
+  rnd: number; // HMARK seed for by ip, kept for the canary's life so clients stay on their side
+  families: Family[]; // what the canary listens on: the split exists only there
+  since: string; // ISO wall clock, for people
 }
 
 export interface Paths {
