@@ -155,7 +155,9 @@ const STOP: Step<AppRun>[] = [
         r.ctx.emit({
           kind: 'notice',
           app: r.st.app,
-          message: `rules outside portflip still jump to ${appChain(r.st.app)} (${[...r.foreign].join('; ')}); its chain was emptied but left in place: delete those rules, then run portflip cleanup`,
+          message:
+            `rules outside portflip still jump to ${appChain(r.st.app)} (${[...r.foreign].join('; ')}); ` +
+            'its chain was emptied but left in place: delete those rules, then run portflip cleanup',
         });
       }
     },
@@ -264,7 +266,11 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
       app: '*',
       status: 'ok',
       durationMs: ctx.sys.now() - started,
-      detail: `removed every portflip chain and rule${stopInstances ? `; stopped ${stopped} instance(s)` : '; instances left running (restore brings the rules back)'}`,
+      detail:
+        'removed every portflip chain and rule' +
+        (stopInstances
+          ? `; stopped ${stopped} instance(s)`
+          : '; instances left running (restore brings the rules back)'),
     });
   } finally {
     for (const l of locks) await l.release();
