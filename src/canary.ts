@@ -297,7 +297,10 @@ async function dryRun(
   const rules = [];
   for (const f of families) {
     const view = await ipt?.save(f).catch(() => null);
-    rules.push({ family: f, text: appText(view ?? parseSave(''), wantedSpec(after, f), f) ?? '(nothing to change)\n' });
+    rules.push({
+      family: `${f} rules`,
+      text: appText(view ?? parseSave(''), wantedSpec(after, f), f) ?? '(nothing to change)\n',
+    });
   }
   ctx.emit({ kind: 'plan', app, steps: plan, rules });
 }

@@ -28,6 +28,7 @@ import {
   wouldDrop,
   type AppSpec,
   type Family,
+  type Table,
   type Iptables,
   type RulesView,
 } from './iptables.js';
@@ -695,10 +696,16 @@ function plan(r: DeployRun): void {
       },
       ...planSteps(DEPLOY, r),
     ],
-    rules: r.families.map((family) => ({
-      family: `${family}${note}`,
-      text: appText(pre.views.get(family) ?? parseSave(''), planSpec(r, family), family) ?? '(nothing to change)\n',
-    })),
+    rules: r.families.flatMap((family) => {
+      const view = pre.views.get(family) ?? parseSave('');
+      const text = (only?: Table) => appText(view, planSpec(r, family), family, only) ?? '(nothing to change)\n';
+      // as the runner commits them: the open step's filter, then the switch's nat; a canary split is one commit
+      if (o.firewall.mode === 'off' || o.canary) return [{ family: `${family} rules${note}`, text: text() }];
+      return [
+        { family: `${family} rules, open step${note}`, text: text('filter') },
+        { family: `${family} rules, switch step${note}`, text: text('nat') },
+      ];
+    }),
   });
 }
 

@@ -88,7 +88,7 @@ export function formatHuman(e: Event): string {
         `${e.app}: dry run, nothing is changed. The deploy would:`,
         ...e.steps.map((s, i) => `  ${i + 1}. ${pad(s.step, 10)} ${s.does}${s.undo ? `  (undo: ${s.undo})` : ''}`),
         ...e.rules.flatMap((r) => [
-          `  ${r.family} rules (iptables-restore --noflush):`,
+          `  ${r.family} (iptables-restore --noflush):`,
           ...r.text
             .trimEnd()
             .split('\n')

@@ -90,6 +90,8 @@ test('--dry-run prints the steps and exact rules and changes nothing', async () 
     assert.match(r.stderr, /-A PF-web -p tcp -j REDIRECT --to-ports 8001/);
     assert.match(r.stderr, /-A PORTFLIP -p tcp -m tcp --dport 80 -j PF-web/);
     assert.match(r.stderr, /ipv4 rules[^]*--ctreplsrcport 8001 -j ACCEPT[^]*ipv6 rules/, 'the filter accept, for both families');
+    // commit by commit, as the runner makes them: the open step's filter text, then the switch's nat text
+    assert.match(r.stderr, /ipv4 rules, open step[^]*\*filter[^]*ipv4 rules, switch step[^]*\*nat[^]*REDIRECT --to-ports 8001/);
     assert.is(await w.save(), before);
     assert.equal(JSON.parse((await w.pf(['status', '--json'])).stdout).apps, []);
   });
