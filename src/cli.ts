@@ -18,6 +18,7 @@ const lazy = {
   agent: () => import('./agent.js'),
   commands: () => import('./commands.js'),
   deploy: () => import('./deploy.js'),
+  hold: () => import('./hold.js'),
   ops: () => import('./ops.js'),
   supervisor: () => import('./supervisor.js'),
   systemd: () => import('./systemd.js'),
@@ -352,6 +353,28 @@ export async function main(argv: string[]): Promise<number> {
       (a) => run(async () => (await lazy.commands()).rollback(ctx, appName(a))),
     )
     .command(
+      'pause [app]',
+      'hold new connections to the public port until resume (open ones keep flowing)',
+      (y) =>
+        appArg(y)
+          .option('timeout', { type: 'string', default: '60s', describe: 'release on its own after this long' })
+          .option('queue-len', { type: 'number', describe: 'how many SYNs the queue keeps (default 8192)' })
+          .option('dry-run', { type: 'boolean', describe: 'print the steps, change nothing' }),
+      (a) =>
+        run(async () => {
+          const { pause, DEFAULT_QUEUE_LEN } = await lazy.hold();
+          const timeoutMs = parseDuration(String(a.timeout), '--timeout');
+          const queueLen = a.queueLen === undefined ? DEFAULT_QUEUE_LEN : Number(a.queueLen);
+          await pause(ctx, appName(a), { timeoutMs, queueLen, dryRun: !!a.dryRun });
+        }),
+    )
+    .command(
+      'resume [app]',
+      'let every held new connection in at once and stop holding',
+      (y) => appArg(y),
+      (a) => run(async () => (await lazy.hold()).resume(ctx, appName(a))),
+    )
+    .command(
       'stop [app]',
       "remove the app's rules and stop all its instances",
       (y) => appArg(y),
@@ -404,7 +427,7 @@ export async function main(argv: string[]): Promise<number> {
     )
     .demandCommand(
       1,
-      'name a command: deploy, status, logs, rollback, stop, restore, cleanup, init, run, reload, watch, systemd or agent',
+      'name a command: deploy, status, logs, rollback, pause, resume, stop, restore, cleanup, init, run, reload, watch, systemd or agent',
     )
     .strict()
     .help()

@@ -34,6 +34,7 @@ import {
   wantedSpec,
   type Ctx,
 } from './ops.js';
+import { formatHold, holdStatus, type HoldStatus } from './hold.js';
 import { isAlive, openConnections, tcpSockets, uptimeSeconds } from './proc.js';
 import {
   ensureDirs,
@@ -315,6 +316,7 @@ export interface AppStatus {
   rules: Verdict | 'unknown'; // the nat redirect
   firewall: Verdict | 'off' | 'unknown'; // the filter chain and the nftables accept
   restarts: number; // crash restarts by `portflip run`
+  hold: HoldStatus | null; // new connections held: paused, or an in-place deploy
 }
 
 export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
@@ -383,6 +385,7 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
       rules,
       firewall,
       restarts: st.restarts ?? 0,
+      hold: await holdStatus(ctx.sys, st),
     });
   }
   pidusage.clear();
@@ -396,7 +399,8 @@ export type ConntrackFill = Awaited<ReturnType<typeof conntrackFill>>;
 
 /** The status table, then one line on the connection-tracking table when it is loaded. */
 export function formatStatus(apps: AppStatus[], colour = false, conntrack: ConntrackFill = null): string {
-  const table = formatApps(apps, colour);
+  const holds = apps.filter((a) => a.hold).map((a) => formatHold(a.app, a.hold!));
+  const table = [formatApps(apps, colour), ...holds].join('\n');
   if (!conntrack) return table;
   const warn = conntrack.percent >= CONNTRACK_WARN_PERCENT;
   const line = `conntrack: ${conntrack.count} of ${conntrack.max} entries (${conntrack.percent}%)${warn ? ` WARNING: ${conntrackWarning(conntrack)}` : ''}`;

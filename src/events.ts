@@ -19,6 +19,9 @@ export type StepName =
   | 'cleanup'
   | 'verify'
   | 'done'
+  | 'hold'
+  | 'release'
+  | 'stop-old'
   | HookName;
 
 export type Event =

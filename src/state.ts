@@ -53,6 +53,18 @@ export interface AppState {
   updatedAt: string;
   restarts?: number; // times `portflip run` brought the app back after its active instance died
   firewall?: FirewallSettings; // absent in state files older than the filter chain: auto
+  hold?: HoldState; // new connections are held (pause, or an in-place deploy): hold.ts
+}
+
+/** A hold in force: the holder process that reads the queue, and why it holds. */
+export interface HoldState {
+  queue: number; // NFQUEUE number, derived from the app name (hold.ts queueFor)
+  pid: number;
+  startTime: string | null;
+  socket: string; // the holder's control socket
+  untilMs: number; // epoch ms: the holder releases on its own then
+  maxlen: number;
+  reason: 'pause' | 'deploy';
 }
 
 export interface Paths {

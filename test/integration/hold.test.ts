@@ -1,0 +1,145 @@
+// Holding new connections for real: pause/resume, in-place deploys, a dead holder, IPv6, under load
+// from a client that counts connect time (a held SYN shows as a slow connect, not as a failure).
+
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fixture, freePorts, waitFor, type Netns, type Where } from '../helpers/netns.js';
+import { inWorld, deployArgs, events, show, get, alive, type World } from './lib.js';
+
+interface HoldLoad {
+  total: number;
+  ok: number;
+  failed: number;
+  errors: Record<string, number>;
+  versions: string[];
+  slow: { start: number; end: number; ms: number; ok: boolean }[];
+  maxMs: number;
+}
+
+/** The hold client in a namespace; stop() ends it and returns its summary. */
+async function holdLoad(ns: Netns, where: Where, host: string, opts: { concurrency?: number; durationMs?: number } = {}) {
+  const args = [
+    fixture('hold-client.mjs'),
+    '--host', host,
+    '--port', '80',
+    '--concurrency', String(opts.concurrency ?? 4),
+    '--duration', String(opts.durationMs ?? 40_000),
+  ];
+  const child = where === 'client' ? ns.spawnClient(process.execPath, args) : ns.spawn(process.execPath, args);
+  let out = '';
+  let err = '';
+  child.stdout!.on('data', (d) => (out += d));
+  child.stderr!.on('data', (d) => (err += d));
+  child.stdin!.on('error', () => {});
+  const exited = new Promise<void>((res) => child.once('exit', () => res()));
+  await waitFor(() => err.includes('ready') || child.exitCode !== null, 10_000, 'the hold client running');
+  return {
+    async stop(): Promise<HoldLoad> {
+      child.stdin!.end('stop\n');
+      const t = setTimeout(() => child.kill('SIGKILL'), 30_000);
+      await exited;
+      clearTimeout(t);
+      return JSON.parse(out.trim().split('\n').pop()!);
+    },
+  };
+}
+
+const state = (w: World, app = 'web') => JSON.parse(readFileSync(join(w.dirs.stateDir, `${app}.json`), 'utf8'));
+const holderPid = (w: World): number | undefined => state(w).hold?.pid;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Requests that waited for a hold: those slower than `ms`, which must all end close together. */
+function heldSpread(res: HoldLoad, ms: number): { n: number; spread: number } {
+  const held = res.slow.filter((s) => s.ms >= ms);
+  if (!held.length) return { n: 0, spread: 0 };
+  const ends = held.map((s) => s.end);
+  return { n: held.length, spread: Math.max(...ends) - Math.min(...ends) };
+}
+
+test('pause holds new connections under load, resume lets them all in at once; 0 failed', async () => {
+  await inWorld(async (w) => {
+    const ports = await freePorts(2);
+    const first = await w.pf(deployArgs(ports, [], ['--version', 'v1']));
+    assert.is(first.code, 0, show(first));
+    const load = await holdLoad(w.ns, 'server', '127.0.0.1');
+    await sleep(500);
+    const p = await w.pf(['pause', 'web', '--timeout', '30s']);
+    assert.is(p.code, 0, show(p));
+    const saved = await w.save();
+    assert.match(saved, /-A PF-web -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3\d{4} --queue-bypass/);
+    await sleep(1500);
+    const s = await w.pf(['status', '--json']);
+    assert.is(s.code, 0, show(s));
+    const hold = JSON.parse(s.stdout).apps[0].hold;
+    assert.is(hold.reason, 'pause');
+    assert.ok(hold.alive, JSON.stringify(hold));
+    assert.ok(hold.waiting >= 1 && hold.waiting <= 64, `the 4 clients wait (with their SYN retransmits): ${hold.waiting}`);
+    const human = await w.pf(['status']);
+    assert.match(human.stderr + human.stdout, /web: paused, \d+ new connections? waiting/);
+    const holder = holderPid(w)!;
+    const r = await w.pf(['resume', 'web']);
+    assert.is(r.code, 0, show(r));
+    assert.match(r.stderr, /release.*\d+ connections? released/);
+    await waitFor(() => !alive(holder), 5000, 'the holder exits after resume');
+    assert.not.match(await w.save(), /NFQUEUE/);
+    assert.not.ok(state(w).hold);
+    await sleep(500);
+    const res = await load.stop();
+    assert.is(res.failed, 0, JSON.stringify(res));
+    const { n, spread } = heldSpread(res, 1000);
+    assert.ok(n >= 4, `every client waited for the pause: ${JSON.stringify(res.slow)}`);
+    assert.ok(spread < 400, `held requests answered together (spread ${spread} ms): ${JSON.stringify(res.slow)}`);
+    assert.ok(res.ok > n, 'requests flowed before and after the pause');
+  });
+});
+
+test('pause --timeout: the holder releases on its own, and the next command removes the rule', async () => {
+  await inWorld(async (w) => {
+    const ports = await freePorts(2);
+    assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v1']))).code, 0);
+    const p = await w.pf(['pause', 'web', '--timeout', '1500ms']);
+    assert.is(p.code, 0, show(p));
+    const t0 = Date.now();
+    const body = await get(w.ns, 'http://127.0.0.1:80/');
+    const waited = Date.now() - t0;
+    assert.is(body, 'v1');
+    assert.ok(waited >= 1000, `the request waited for the timeout (${waited} ms)`);
+    const again = await w.pf(['pause', 'web', '--timeout', '1s', '--dry-run']);
+    assert.is(again.code, 0, show(again));
+    await sleep(1000);
+    const st = await w.pf(['resume', 'web']);
+    assert.is(st.code, 0, show(st));
+    assert.match(st.stderr, /its time is up|not paused/);
+    assert.not.match(await w.save(), /NFQUEUE/);
+  });
+});
+
+test('a SIGKILLed holder black-holes nothing: SYNs pass (--queue-bypass), the next command removes the rule', async () => {
+  await inWorld(async (w) => {
+    const ports = await freePorts(2);
+    assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v1']))).code, 0);
+    const load = await holdLoad(w.ns, 'server', '127.0.0.1');
+    assert.is((await w.pf(['pause', 'web', '--timeout', '60s'])).code, 0);
+    const pid = holderPid(w)!;
+    await sleep(800);
+    process.kill(pid, 'SIGKILL');
+    await waitFor(() => !alive(pid), 5000, 'holder gone');
+    const t0 = Date.now();
+    assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
+    assert.ok(Date.now() - t0 < 900, 'no SYN retransmit wait once the holder is gone');
+    assert.match(await w.save(), /NFQUEUE/, 'the rule is still there until a command runs');
+    const s = await w.pf(['status', '--json']);
+    assert.not.ok(JSON.parse(s.stdout).apps[0].hold.alive);
+    const r = await w.pf(['resume', 'web']);
+    assert.is(r.code, 0, show(r));
+    assert.match(r.stderr, /holder \(pid \d+\) is gone/);
+    assert.not.match(await w.save(), /NFQUEUE/);
+    const res = await load.stop();
+    // requests held when the holder died wait for their SYN retransmit; none fails
+    assert.is(res.failed, 0, JSON.stringify(res));
+  });
+});
+
+test.run();
