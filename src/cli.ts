@@ -109,8 +109,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
       : String(a.ports)
           .split(',')
           .map((p) => port(p.trim(), '--ports'));
-  if (ports && ports.length < 2)
-    fail('usage', `--ports ${a.ports}: give two or more ports to alternate between, like 8001,8002`);
+  // one port is allowed: an in-place restart (README "Hold")
   return {
     app: String(a.app),
     listen: port(a.listen, '--listen'),

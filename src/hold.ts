@@ -118,7 +118,9 @@ export async function startHolder(
   const socket = join(ctx.paths.runDir, `${st.app}.hold.sock`);
   const log = join(ctx.paths.logDir, `${st.app}-holder.log`);
   const script = join(dirname(fileURLToPath(import.meta.url)), 'holder.js');
-  const child = await ctx.sys.spawn(process.execPath, [script, String(queue), String(maxlen), String(timeoutMs), socket], {
+  const owner = reason === 'deploy' ? String(ctx.sys.pid) : '0';
+  const args = [script, String(queue), String(maxlen), String(timeoutMs), socket, owner];
+  const child = await ctx.sys.spawn(process.execPath, args, {
     env: ctx.env,
     log,
   });

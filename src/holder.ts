@@ -1,10 +1,11 @@
 // The holder: a small detached process that keeps new-connection SYNs in an NFQUEUE until told to let them go.
 //
-// node holder.js QUEUE MAXLEN TIMEOUT_MS SOCKET
+// node holder.js QUEUE MAXLEN TIMEOUT_MS SOCKET [OWNER_PID]
 // It binds the queue, answers one-line commands on a unix socket (status, release, exit), and is
 // bounded in time: past TIMEOUT_MS it releases everything on its own, and it exits EXIT_GRACE_MS
 // later whatever happens. Once released it accepts every packet the moment it arrives, until it
-// exits; after that the rule's --queue-bypass lets SYNs pass with no reader at all.
+// exits; after that the rule's --queue-bypass lets SYNs pass with no reader at all. With OWNER_PID (the
+// deploy that holds), it also releases the moment that process is gone: a killed deploy holds no one.
 
 import { createServer } from 'node:net';
 import { readFileSync, unlinkSync } from 'node:fs';
@@ -26,6 +27,7 @@ export interface HolderStatus {
 async function main(argv: string[]): Promise<void> {
   const [queue, maxlen, timeoutMs] = argv.slice(0, 3).map(Number);
   const sockPath = argv[3];
+  const owner = Number(argv[4] ?? 0);
   const q = new NfQueue(queue);
   q.open(maxlen);
   const until = Date.now() + timeoutMs;
@@ -95,6 +97,17 @@ async function main(argv: string[]): Promise<void> {
   await new Promise<void>((res, rej) => server.listen(sockPath, res).once('error', rej));
   for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => finish(sig));
   setTimeout(() => release('timeout'), Math.max(0, until - Date.now())).unref();
+  if (owner > 0) {
+    const watch = setInterval(() => {
+      try {
+        process.kill(owner, 0);
+      } catch {
+        clearInterval(watch);
+        release(`its deploy, pid ${owner}, is gone`);
+      }
+    }, 200);
+    watch.unref();
+  }
   setTimeout(() => finish('time is up'), Math.max(0, until - Date.now()) + EXIT_GRACE_MS).unref();
   console.log(`${new Date().toISOString()} holding queue ${queue} (maxlen ${maxlen}) until ${new Date(until).toISOString()}`);
   for (;;) {

@@ -48,6 +48,18 @@ async function holdLoad(ns: Netns, where: Where, host: string, opts: { concurren
 
 const state = (w: World, app = 'web') => JSON.parse(readFileSync(join(w.dirs.stateDir, `${app}.json`), 'utf8'));
 const holderPid = (w: World): number | undefined => state(w).hold?.pid;
+/** portflip in the background: its exit and output once it ends. */
+function pfBackground(w: World, args: string[]) {
+  const child = w.pfSpawn(args);
+  let out = '';
+  child.stdout?.on('data', (d) => (out += d));
+  child.stderr?.on('data', (d) => (out += d));
+  const done = new Promise<{ code: number | null; stdout: string; stderr: string }>((res) =>
+    child.once('exit', (code) => res({ code, stdout: '', stderr: out })),
+  );
+  return { kill: (sig: NodeJS.Signals) => child.kill(sig), done };
+}
+
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Requests that waited for a hold: those slower than `ms`, which must all end close together. */
@@ -139,6 +151,111 @@ test('a SIGKILLed holder black-holes nothing: SYNs pass (--queue-bypass), the ne
     const res = await load.stop();
     // requests held when the holder died wait for their SYN retransmit; none fails
     assert.is(res.failed, 0, JSON.stringify(res));
+  });
+});
+
+
+const IN_PLACE_STEPS = ['preflight', 'hold', 'stop-old', 'start', 'ready', 'bind-check', 'open', 'switch', 'release', 'done'];
+
+for (const where of ['server', 'client'] as const) {
+  const path = where === 'server' ? 'loopback clients (OUTPUT)' : 'clients over veth (PREROUTING)';
+  test(`in-place deploy (one port) under load, 0 failed, held requests answered together: ${path}`, async () => {
+    await inWorld(async (w) => {
+      const [port] = await freePorts(1);
+      const host = where === 'server' ? '127.0.0.1' : w.ns.serverAddr!;
+      const first = await w.pf(deployArgs([port], [], ['--version', 'v1']));
+      assert.is(first.code, 0, show(first));
+      const load = await holdLoad(w.ns, where, host);
+      await sleep(500);
+      const r = await w.pf(deployArgs([port], ['--json'], ['--version', 'v2', '--start-delay', '1000']));
+      assert.is(r.code, 0, show(r));
+      const steps = events(r.stdout).filter((e) => e.kind === 'step');
+      assert.equal(steps.map((e) => e.step), IN_PLACE_STEPS);
+      assert.ok(steps.every((e) => e.step === 'preflight' || e.step === 'hold' || e.port === port), 'one port throughout');
+      await sleep(500);
+      const res = await load.stop();
+      assert.is(res.failed, 0, JSON.stringify(res));
+      assert.equal(res.versions, ['v1', 'v2']);
+      const { n, spread } = heldSpread(res, 900);
+      assert.ok(n >= 1, `some requests waited for the restart: ${JSON.stringify(res.slow)}`);
+      assert.ok(spread < 400, `held requests answered together (spread ${spread} ms): ${JSON.stringify(res.slow)}`);
+      assert.ok(res.maxMs < 6000, `no request waited for a late SYN retransmit: max ${res.maxMs} ms`);
+      assert.not.match(await w.save(), /NFQUEUE/);
+      const st = state(w);
+      assert.not.ok(st.hold);
+      assert.equal(st.instances.map((i: any) => [i.port, i.state]), [[port, 'active']]);
+    }, { peer: where === 'client' });
+  });
+}
+
+test('in-place deploy whose new version never gets ready: the previous command comes back, 0 failed, exit 1', async () => {
+  await inWorld(async (w) => {
+    const [port] = await freePorts(1);
+    assert.is((await w.pf(deployArgs([port], [], ['--version', 'v1']))).code, 0);
+    const oldPid = state(w).instances[0].pid;
+    const load = await holdLoad(w.ns, 'server', '127.0.0.1');
+    await sleep(300);
+    const r = await w.pf(deployArgs([port], ['--ready-timeout', '2s'], ['--version', 'v2', '--never-listen']));
+    assert.is(r.code, 1, show(r));
+    assert.match(r.stderr, /undo: previous command running again on port \d+/);
+    assert.match(r.stderr, /undo: held connections released/);
+    await sleep(500);
+    const res = await load.stop();
+    assert.is(res.failed, 0, JSON.stringify(res));
+    assert.equal(res.versions, ['v1']);
+    const st = state(w);
+    assert.not.ok(st.hold);
+    assert.is(st.instances.length, 1);
+    assert.is(st.instances[0].state, 'active');
+    assert.is(st.instances[0].port, port);
+    assert.is.not(st.instances[0].pid, oldPid, 'a fresh process of the previous command');
+    assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
+    assert.not.match(await w.save(), /NFQUEUE/);
+  });
+});
+
+test('in-place deploy over IPv6 from another namespace: 0 failed, the hold rule in ip6tables too', async () => {
+  await inWorld(async (w) => {
+    const [port] = await freePorts(1);
+    const first = await w.pf(deployArgs([port], ['--ipv6', 'on'], ['--version', 'v1']));
+    assert.is(first.code, 0, show(first));
+    const load = await holdLoad(w.ns, 'client', w.ns.serverAddr6!);
+    await sleep(300);
+    const dep = pfBackground(w, deployArgs([port], ['--ipv6', 'on'], ['--version', 'v2', '--start-delay', '1500']));
+    // the hold rule goes into both families, ip6tables too
+    const six = async () => (await w.ns.exec('ip6tables-save', ['-t', 'mangle'])).stdout;
+    await waitFor(async () => /-j NFQUEUE --queue-num 3\d{4} --queue-bypass/.test(await six()), 10_000, 'the IPv6 hold');
+    const done = await dep.done;
+    assert.is(done.code, 0, done.stderr);
+    await sleep(500);
+    const res = await load.stop();
+    assert.is(res.failed, 0, JSON.stringify(res));
+    assert.equal(res.versions, ['v1', 'v2']);
+    const { n, spread } = heldSpread(res, 1200);
+    assert.ok(n >= 1 && spread < 400, `held and answered together: ${JSON.stringify(res.slow)}`);
+  }, { peer: true });
+});
+
+test('portflip SIGKILLed mid-hold: the holder lets go at once, the next command removes the rule and deploys', async () => {
+  await inWorld(async (w) => {
+    const [port] = await freePorts(1);
+    assert.is((await w.pf(deployArgs([port], [], ['--version', 'v1']))).code, 0);
+    const dep = pfBackground(w, deployArgs([port], [], ['--version', 'v2', '--start-delay', '30000']));
+    await waitFor(() => state(w).instances.some((i: any) => i.state === 'candidate' && i.pid), 15_000, 'the candidate');
+    const holder = holderPid(w)!;
+    assert.ok(holder && alive(holder), 'a holder holds');
+    dep.kill('SIGKILL');
+    await dep.done.catch(() => {});
+    // the holder watches its deploy: it releases at once and exits later
+    const t0 = Date.now();
+    const answer = await get(w.ns, 'http://127.0.0.1:80/');
+    assert.ok(Date.now() - t0 < 3000, `not held until the holder's timeout (${Date.now() - t0} ms, got ${answer})`);
+    const r = await w.pf(deployArgs([port], [], ['--version', 'v3']));
+    assert.is(r.code, 0, show(r));
+    assert.match(r.stderr, /removing the in-place deploy hold/);
+    assert.not.match(await w.save(), /NFQUEUE/);
+    assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v3');
+    await waitFor(() => !alive(holder), 15_000, 'the old holder exits');
   });
 });
 
