@@ -63,7 +63,7 @@ import {
 } from './state.js';
 import { inspectPreload, placePreload, preloadEnv } from './preload.js';
 import { guardScript, type DenyChain } from './nftguard.js';
-import { inPlaceSteps } from './inplace.js';
+import { inPlacePreflight, inPlaceSteps } from './inplace.js';
 import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from './steps.js';
 import type { Sys } from './sys.js';
 
@@ -408,6 +408,8 @@ export type { DeployRun };
 export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   const { sys, emit, paths } = ctx;
   appChain(o.app); // refuses a bad name before anything else
+  if (o.ports?.length === 1 && (o.verifyMs || o.keepOldMs))
+    fail('usage', `--ports ${o.ports[0]} is an in-place restart (one instance port): --verify and --keep-old need two ports`);
   const t0 = sys.now();
   // preflight: every check, no side effect but the lock and repairs of earlier runs; bad input
   // fails here with one line and no event: nothing was started or changed
@@ -438,10 +440,9 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     inPlace: false,
   };
   r.inPlace = !!r.prev && o.ports?.length === 1 && o.ports[0] === r.prev.port;
-  if (o.ports?.length === 1 && (o.verifyMs || o.keepOldMs))
-    fail('usage', `--ports ${o.ports![0]} is an in-place restart (one instance port): --verify and --keep-old need two ports`);
   if (o.dryRun) return plan(r);
   try {
+    if (r.inPlace) await inPlacePreflight(r);
     await runSteps(DEPLOY, r, { app: o.app, sys, emit });
     if (o.keepOldMs && r.prev) {
       const pid = await spawnReaper(ctx, o.app);

@@ -9,8 +9,8 @@
 import { join } from 'node:path';
 import type { DeployRun } from './deploy.js';
 import { retire } from './deploy.js';
-import { PortflipError } from './errors.js';
-import { applyHold, DEFAULT_QUEUE_LEN, releaseHold, startHolder } from './hold.js';
+import { fail, PortflipError } from './errors.js';
+import { applyHold, DEFAULT_QUEUE_LEN, releaseHold, requireNfqueue, startHolder } from './hold.js';
 import { killNow, spawnInstance, waitReady } from './instance.js';
 import { move } from './lifecycle.js';
 import { instanceLabel } from './ops.js';
@@ -114,3 +114,10 @@ const after: Step<DeployRun>[] = [
 ];
 
 export const inPlaceSteps = { before, after };
+
+/** What must hold before an in-place deploy changes anything: the kernel can queue, and no pause runs. */
+export async function inPlacePreflight(r: DeployRun): Promise<void> {
+  if (r.st.hold?.reason === 'pause')
+    fail('nothingToDo', `"${r.o.app}" is paused; resume it first, or deploy with two --ports (the pause then stays)`);
+  await requireNfqueue(r.ctx.sys);
+}
