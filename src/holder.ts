@@ -43,11 +43,14 @@ async function main(argv: string[]): Promise<void> {
     if (maxId >= 0) q.acceptUpTo(maxId);
     released0 = held;
   };
-  const finish = (why: string) => {
+  const finish = async (why: string) => {
     if (exiting) return;
     exiting = true;
     release(why);
     server.close();
+    // what arrived since the last read is accepted too: unbinding would drop it (the client would retransmit)
+    for (const id of await q.read(0).catch(() => [])) if (id > maxId) maxId = id;
+    release(why);
     q.close();
     try {
       unlinkSync(sockPath);
@@ -84,7 +87,7 @@ async function main(argv: string[]): Promise<void> {
           release('asked');
           conn.write(JSON.stringify({ ...s, released: true }) + '\n');
         } else if (cmd === 'exit') {
-          conn.end(JSON.stringify(status()) + '\n', () => finish('asked'));
+          conn.end(JSON.stringify(status()) + '\n', () => void finish('asked'));
         } else conn.write(JSON.stringify({ error: `unknown command "${cmd}"` }) + '\n');
       }
     });
@@ -95,7 +98,7 @@ async function main(argv: string[]): Promise<void> {
     // no leftover
   }
   await new Promise<void>((res, rej) => server.listen(sockPath, res).once('error', rej));
-  for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => finish(sig));
+  for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => void finish(sig));
   setTimeout(() => release('timeout'), Math.max(0, until - Date.now())).unref();
   if (owner > 0) {
     const watch = setInterval(() => {
@@ -108,15 +111,15 @@ async function main(argv: string[]): Promise<void> {
     }, 200);
     watch.unref();
   }
-  setTimeout(() => finish('time is up'), Math.max(0, until - Date.now()) + EXIT_GRACE_MS).unref();
+  setTimeout(() => void finish('time is up'), Math.max(0, until - Date.now()) + EXIT_GRACE_MS).unref();
   console.log(`${new Date().toISOString()} holding queue ${queue} (maxlen ${maxlen}) until ${new Date(until).toISOString()}`);
   for (;;) {
-    const ids = await q.read(50);
     if (exiting) return;
-    if (!ids.length) continue;
+    const ids = await q.read(50);
     held += ids.length;
     for (const id of ids) if (id > maxId) maxId = id;
-    if (released) release('already released');
+    if (exiting) return;
+    if (ids.length && released) release('already released');
   }
 }
 
