@@ -6,7 +6,6 @@
 // (ops.ts reconcile). Fail-safe: the rule carries --queue-bypass, so when the holder is gone SYNs
 // pass as if there were no rule; the holder releases on its own when its time is up.
 
-import { createConnection } from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { fail, PortflipError } from './errors.js';
@@ -80,29 +79,18 @@ export interface HolderAnswer {
 }
 
 /** One command to the holder's control socket; null when it does not answer. */
-export function askHolder(socket: string, cmd: 'status' | 'release' | 'exit', timeoutMs = 2000) {
-  return new Promise<HolderAnswer | null>((resolve) => {
-    const c = createConnection(socket);
-    let buf = '';
-    const done = (v: HolderAnswer | null) => {
-      c.destroy();
-      resolve(v);
-    };
-    c.setTimeout(timeoutMs, () => done(null));
-    c.on('error', () => done(null));
-    c.on('connect', () => c.write(cmd + '\n'));
-    c.on('data', (d) => {
-      buf += d.toString();
-      const nl = buf.indexOf('\n');
-      if (nl >= 0) {
-        try {
-          done(JSON.parse(buf.slice(0, nl)));
-        } catch {
-          done(null);
-        }
-      }
-    });
-  });
+export async function askHolder(
+  sys: Sys,
+  socket: string,
+  cmd: 'status' | 'release' | 'exit',
+  timeoutMs = 2000,
+): Promise<HolderAnswer | null> {
+  const line = await sys.ask(socket, cmd, timeoutMs);
+  try {
+    return line ? (JSON.parse(line) as HolderAnswer) : null;
+  } catch {
+    return null;
+  }
 }
 
 /** Starts the holder and waits until it reads its queue; the state records it before any rule is added. */
@@ -136,7 +124,7 @@ export async function startHolder(
     reason,
   };
   const until = ctx.sys.now() + HOLDER_START_MS;
-  while (!(await askHolder(socket, 'status', 500))) {
+  while (!(await askHolder(ctx.sys, socket, 'status', 500))) {
     if (exited || ctx.sys.now() > until) {
       ctx.sys.kill(child.pid, 'SIGKILL');
       const tail = (await logTail(ctx.sys, log, 5)).join(' | ');
@@ -162,9 +150,9 @@ export async function applyHold(ctx: Ctx, ipt: Iptables, st: AppState, hold: Hol
 export async function releaseHold(ctx: Ctx, ipt: Iptables, st: AppState): Promise<number> {
   const h = st.hold;
   if (!h) return 0;
-  const answer = await askHolder(h.socket, 'release');
+  const answer = await askHolder(ctx.sys, h.socket, 'release');
   await applyHold(ctx, ipt, st, undefined);
-  await askHolder(h.socket, 'exit');
+  await askHolder(ctx.sys, h.socket, 'exit');
   // a holder that does not answer is told by signal (it releases on SIGTERM too)
   if (!answer && (await isAlive(ctx.sys, h.pid, h.startTime))) ctx.sys.kill(h.pid, 'SIGTERM');
   return answer?.waiting ?? 0;
@@ -185,7 +173,7 @@ export async function holdStatus(sys: Sys, st: AppState): Promise<HoldStatus | n
   const h = st.hold;
   if (!h) return null;
   const alive = await holdStands(sys, st, false);
-  const answer = alive ? await askHolder(h.socket, 'status', 1000) : null;
+  const answer = alive ? await askHolder(sys, h.socket, 'status', 1000) : null;
   return {
     reason: h.reason,
     queue: h.queue,
