@@ -5,7 +5,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fixture, freePorts, waitFor, type Netns, type Where } from '../helpers/netns.js';
+import { fixture, freePorts, startLoad, waitFor, type Netns, type Where } from '../helpers/netns.js';
 import { inWorld, deployArgs, events, show, get, alive, type World } from './lib.js';
 
 interface HoldLoad {
@@ -86,12 +86,14 @@ test('pause holds new connections under load, resume lets them all in at once; 0
     const first = await w.pf(deployArgs(ports, [], ['--version', 'v1']));
     assert.is(first.code, 0, show(first));
     const load = await holdLoad(w.ns, 'server', '127.0.0.1');
+    // open connections keep flowing during a pause: keep-alive requests on them are not held
+    const kept = await startLoad(w.ns, 'server', { url: 'http://127.0.0.1:80/', mode: 'keepalive', concurrency: 2, durationMs: 40_000 });
     await sleep(500);
     const p = await w.pf(['pause', 'web', '--timeout', '30s']);
     assert.is(p.code, 0, show(p));
     const saved = await w.save();
     assert.match(saved, /-A PF-web -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3\d{4} --queue-bypass/);
-    await sleep(1500);
+    await sleep(2500);
     const s = await w.pf(['status', '--json']);
     assert.is(s.code, 0, show(s));
     const hold = JSON.parse(s.stdout).apps[0].hold;
@@ -114,6 +116,9 @@ test('pause holds new connections under load, resume lets them all in at once; 0
     assert.ok(n >= 4, `every client waited for the pause: ${JSON.stringify(res.slow)}`);
     assert.ok(spread < 400, `held requests answered together (spread ${spread} ms): ${JSON.stringify(res.slow)}`);
     assert.ok(res.ok > n, 'requests flowed before and after the pause');
+    const ka = await kept.stop();
+    assert.is(ka.failed, 0, JSON.stringify(ka));
+    assert.ok(ka.max < 1500, `keep-alive requests were not held by a pause of over 2.5 s (max ${ka.max} ms)`);
   });
 });
 
@@ -177,6 +182,7 @@ for (const where of ['server', 'client'] as const) {
       const first = await w.pf(deployArgs([port], [], ['--version', 'v1']));
       assert.is(first.code, 0, show(first));
       const load = await holdLoad(w.ns, where, host);
+      const kept = await startLoad(w.ns, where, { url: `http://${host}:80/`, mode: 'keepalive', concurrency: 2, durationMs: 40_000 });
       await sleep(500);
       const r = await w.pf(deployArgs([port], ['--json'], ['--version', 'v2', '--start-delay', '1000']));
       assert.is(r.code, 0, show(r));
@@ -191,6 +197,9 @@ for (const where of ['server', 'client'] as const) {
       assert.ok(n >= 1, `some requests waited for the restart: ${JSON.stringify(res.slow)}`);
       assert.ok(spread < 400, `held requests answered together (spread ${spread} ms): ${JSON.stringify(res.slow)}`);
       assert.ok(res.maxMs < 6000, `no request waited for a late SYN retransmit: max ${res.maxMs} ms`);
+      const ka = await kept.stop();
+      assert.is(ka.failed, 0, `keep-alive: ${JSON.stringify(ka)}`);
+      assert.equal([...new Set(ka.versions)], ['v1', 'v2'], 'keep-alive clients moved to the new version');
       assert.not.match(await w.save(), /NFQUEUE/);
       const st = state(w);
       assert.not.ok(st.hold);
