@@ -16,6 +16,7 @@ import type { DrainMode } from './state.js';
 // Each command loads only the modules it uses: a status or a deploy should not pay for the others.
 const lazy = {
   agent: () => import('./agent.js'),
+  canary: () => import('./canary.js'),
   commands: () => import('./commands.js'),
   deploy: () => import('./deploy.js'),
   hold: () => import('./hold.js'),
@@ -189,6 +190,22 @@ const deployFlags = (y: Argv) =>
     })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 
+/** deploy only: a canary is one deploy's choice, so `portflip run` and config files do not take it (README). */
+const canaryFlags = (y: Argv) =>
+  y
+    .option('canary', {
+      type: 'string',
+      describe: 'send this share of new connections (e.g. 10%) to the new instance; then promote or abort',
+    })
+    .option('canary-by', {
+      type: 'string',
+      describe: 'conn (default): decide per new connection; ip: per client address (a hash, sticky)',
+    })
+    .option('canary-for', {
+      type: 'string',
+      describe: 'promote on its own after this long of passing checks; abort if it dies or fails two in a row',
+    });
+
 /** The app named on the command line, or the one a -c file stands for (web.toml -> web). */
 function appName(a: Record<string, unknown>): string {
   if (a.app) return String(a.app);
@@ -222,13 +239,15 @@ export async function main(argv: string[]): Promise<number> {
     .command(
       'deploy [app]',
       'start a new instance and flip the public port to it',
-      (y) => deployFlags(appArg(y)).usage('$0 deploy <app> --listen PORT [options] -- COMMAND [ARGS...]'),
+      (y) => canaryFlags(deployFlags(appArg(y))).usage('$0 deploy <app> --listen PORT [options] -- COMMAND [ARGS...]'),
       (a) =>
         run(async () => {
           const app = appName(a);
           const { path, config } = await readConfig(ctx.sys, app, a.config as string | undefined);
-          const { deploy } = await lazy.deploy();
-          await deploy(toDeployOptions({ ...a, app }, config, path), ctx);
+          const [{ deploy }, { canaryOptions }] = await Promise.all([lazy.deploy(), lazy.canary()]);
+          const o = toDeployOptions({ ...a, app }, config, path);
+          const canary = canaryOptions(a);
+          await deploy(canary ? { ...o, canary, keepOldMs: undefined, verifyMs: undefined } : o, ctx);
         }),
     )
     .command(
@@ -313,8 +332,10 @@ export async function main(argv: string[]): Promise<number> {
           const every = a.watch === undefined ? 0 : a.watch === '' ? 2000 : parseDuration(String(a.watch), '--watch');
           do {
             const [{ status, formatStatus }, { conntrackFill }] = await Promise.all([lazy.commands(), lazy.ops()]);
-            const apps = await status(ctx, a.app || a.config ? appName(a) : undefined);
-            const conntrack = await conntrackFill(ctx.sys);
+            const [apps, conntrack] = await Promise.all([
+              status(ctx, a.app || a.config ? appName(a) : undefined),
+              conntrackFill(ctx.sys),
+            ]);
             if (json) process.stdout.write(JSON.stringify({ apps, conntrack }) + '\n');
             else
               process.stdout.write(
@@ -374,6 +395,26 @@ export async function main(argv: string[]): Promise<number> {
       (a) => run(async () => (await lazy.hold()).resume(ctx, appName(a))),
     )
     .command(
+      'promote [app]',
+      'make the live canary the only instance (its old one drains); with --canary P%, only set its share',
+      (y) =>
+        appArg(y)
+          .option('canary', { type: 'string', describe: 'set the share to this (e.g. 50%) instead of promoting' })
+          .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' }),
+      (a) =>
+        run(async () => {
+          const { parseShare, promote } = await lazy.canary();
+          const percent = a.canary === undefined ? undefined : parseShare(a.canary, '--canary');
+          await promote(ctx, appName(a), { percent, dryRun: !!a.dryRun });
+        }),
+    )
+    .command(
+      'abort [app]',
+      'send every new connection back to the active instance; the canary drains and stops',
+      (y) => appArg(y).option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' }),
+      (a) => run(async () => (await lazy.canary()).abort(ctx, appName(a), { dryRun: !!a.dryRun })),
+    )
+    .command(
       'stop [app]',
       "remove the app's rules and stop all its instances",
       (y) => appArg(y),
@@ -426,7 +467,7 @@ export async function main(argv: string[]): Promise<number> {
     )
     .demandCommand(
       1,
-      'name a command: deploy, status, logs, rollback, pause, resume, stop, restore, cleanup, init, run, reload, watch, systemd or agent',
+      'name a command: deploy, promote, abort, status, logs, rollback, pause, resume, stop, restore, cleanup, init, run, reload, watch, systemd or agent',
     )
     .strict()
     .help()

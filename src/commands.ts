@@ -6,16 +6,18 @@ import { move } from './lifecycle.js';
 import { retire } from './deploy.js';
 import {
   appChain,
+  checkApp,
   cleanupText,
   detectBackend,
   recordedBackend,
   type Backend,
   type Family,
   type Iptables,
+  type RulesView,
   type Verdict,
 } from './iptables.js';
 import { causeOf, runSteps, type Step } from './steps.js';
-import { GUARD_PREFIX, guardScript } from './nftguard.js';
+import { GUARD_PREFIX, guardScript, type DenyChain } from './nftguard.js';
 import {
   applySpec,
   instanceLabel,
@@ -27,15 +29,14 @@ import {
   reconcile,
   removeApp,
   requireNetAdmin,
-  rulesState,
   settle,
   syncGuard,
-  syncGuardCheck,
+  guardWanted,
   wantedSpec,
   type Ctx,
 } from './ops.js';
 import { formatHold, holdStatus, type HoldStatus } from './hold.js';
-import { isAlive, openConnections, tcpSockets, uptimeSeconds } from './proc.js';
+import { isAlive, openConnections, tcpSockets } from './proc.js';
 import {
   ensureDirs,
   listApps,
@@ -317,90 +318,172 @@ export interface AppStatus {
   firewall: Verdict | 'off' | 'unknown'; // the filter chain and the nftables accept
   restarts: number; // crash restarts by `portflip run`
   hold: HoldStatus | null; // new connections held: paused, or an in-place deploy
+  canary?: CanaryStatus;
+}
+
+/** A live canary: its share and each side's open connections (canary.ts). */
+export interface CanaryStatus {
+  port: number;
+  percent: number;
+  by: 'conn' | 'ip';
+  since: string;
+  connections: { canary: number; active: number };
 }
 
 export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
-  const apps = only ? [only] : await listApps(ctx.sys, ctx.paths);
-  const socks = await tcpSockets(ctx.sys);
-  const { default: pidusage } = await import('pidusage'); // loaded only where it is used
-  const out: AppStatus[] = [];
-  for (const app of apps) {
-    const st = await readState(ctx.sys, ctx.paths, app);
-    if (!st) {
-      if (only) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir})`);
-      continue;
-    }
+  // the slowest reads (nftables, pidusage's first call) start before the state files are read
+  const guardChains = openGuard(ctx.sys).then((g) => g.chains());
+  guardChains.catch(() => {});
+  const pidusage = import('pidusage').then((m) => m.default);
+  const names = only ? [only] : await listApps(ctx.sys, ctx.paths);
+  const states = (await Promise.all(names.map((a) => readState(ctx.sys, ctx.paths, a)))).filter((s) => s !== null);
+  if (only && !states.length) fail('nothingToDo', `no app named "${only}" here (no state in ${ctx.paths.stateDir})`);
+  const alive = await Promise.all(
+    states.map((st) => Promise.all(st.instances.map((i) => isAlive(ctx.sys, i.pid, i.startTime)))),
+  );
+  // what the state file wants, counting only instances that are still alive
+  const lives = states.map((st, k) => ({ ...st, instances: st.instances.filter((_, j) => alive[k][j]) }));
+  // every read runs side by side: status is run by hand and in loops, and most of its time is waiting
+  const [socks, usage, rules, holds] = await Promise.all([
+    tcpSockets(ctx.sys),
+    usageOf(
+      pidusage,
+      lives.flatMap((st) => st.instances.map((i) => i.pid!)),
+    ),
+    ruleChecks(ctx, lives, guardChains),
+    Promise.all(states.map((st) => holdStatus(ctx.sys, st))),
+  ]);
+  return states.map((st, k) => {
     const insts: InstanceStatus[] = [];
-    for (const i of st.instances) {
-      const alive = await isAlive(ctx.sys, i.pid, i.startTime);
-      const usage = alive ? await pidusage(i.pid!).catch(() => null) : null;
+    for (const [j, i] of st.instances.entries()) {
+      const u = alive[k][j] ? usage.get(i.pid!) : undefined;
       insts.push({
         port: i.port,
         pid: i.pid,
-        state: alive ? i.state : 'gone',
-        alive,
-        uptimeSeconds: alive && i.startTime ? Math.round((await uptimeSeconds(ctx.sys, i.startTime)) ?? 0) : null,
-        cpu: usage ? Math.round(usage.cpu * 10) / 10 : null,
-        memory: usage?.memory ?? null,
+        state: alive[k][j] ? i.state : 'gone',
+        alive: alive[k][j],
+        uptimeSeconds: u ? Math.round(u.elapsed / 1000) : null,
+        cpu: u ? Math.round(u.cpu * 10) / 10 : null,
+        memory: u?.memory ?? null,
         connections: openConnections(socks, i.port),
         keepUntil: i.keepUntil ? new Date(i.keepUntil).toISOString() : undefined,
         log: i.log,
       });
     }
     const active = insts.find((i) => i.state === 'active') ?? null;
-    let rules: AppStatus['rules'] = 'unknown';
-    let firewall: AppStatus['firewall'] = st.firewall?.mode === 'off' ? 'off' : 'unknown';
-    try {
-      await requireNetAdmin(ctx.sys);
-      const ipt = await recordedBackend(ctx.sys, (ctx.env.PORTFLIP_IPTABLES as Backend) || st.backend);
-      // what the state file wants, counting only instances that are still alive
-      const live = { ...st, instances: st.instances.filter((i) => insts.find((s) => s.port === i.port)?.alive) };
-      const worst = (vs: Verdict[]) =>
-        vs.includes('missing') ? 'missing' : vs.includes('mismatch') ? 'mismatch' : 'ok';
-      // the reads run side by side; an IPv6 table that cannot be read (no ip6tables nat here) is not the app's
-      const [views, guard] = await Promise.all([
-        Promise.all(
-          ipt.families.map((f) =>
-            ipt.save(f).then(
-              (v) => [f, v] as const,
-              (err) => (f === 'ipv4' ? Promise.reject(err) : null),
-            ),
-          ),
-        ),
-        firewall === 'off' ? null : syncGuardCheck(ctx, live),
-      ]);
-      const checks = views.filter((v) => v !== null).map(([f, v]) => rulesState(v, wantedSpec(live, f), f));
-      rules = worst(checks.map((c) => c.nat));
-      if (firewall !== 'off') firewall = worst([...checks.map((c) => c.filter), guard ? 'missing' : 'ok']);
-    } catch {
-      rules = 'unknown'; // not root: the state is still worth showing
-    }
-    out.push({
-      app,
+    return {
+      app: st.app,
       listen: st.listen,
       backend: st.backend,
       families: st.families,
       active,
       others: insts.filter((i) => i !== active),
-      rules,
-      firewall,
+      ...rules[k],
       restarts: st.restarts ?? 0,
-      hold: await holdStatus(ctx.sys, st),
+      hold: holds[k],
+      ...canaryStatus(st, insts),
+    };
+  });
+}
+
+/** CPU, memory and age per pid, in one pidusage call. */
+async function usageOf(
+  load: Promise<typeof import('pidusage')>,
+  pids: number[],
+): Promise<Map<number, { cpu: number; memory: number; elapsed: number }>> {
+  if (!pids.length) return new Map();
+  const pidusage = await load;
+  try {
+    const all = await pidusage(pids).catch(async () => {
+      // one process gone between the liveness check and now fails the batch: ask one by one
+      const each = await Promise.all(pids.map((p) => pidusage(p).catch(() => null)));
+      return Object.fromEntries(pids.flatMap((p, i) => (each[i] ? [[p, each[i]]] : [])));
     });
+    return new Map(Object.entries(all).map(([pid, u]) => [Number(pid), u]));
+  } finally {
+    pidusage.clear();
   }
-  pidusage.clear();
-  return out;
+}
+
+/**
+ * Whether the live rules agree with each state, for the RULES and FIREWALL columns: one iptables-save
+ * per backend and family and one nftables read, whatever the number of apps.
+ */
+async function ruleChecks(
+  ctx: Ctx,
+  lives: AppState[],
+  guardChains: Promise<DenyChain[]>,
+): Promise<Pick<AppStatus, 'rules' | 'firewall'>[]> {
+  const unknown = lives.map((st) => ({
+    rules: 'unknown' as const,
+    firewall: st.firewall?.mode === 'off' ? ('off' as const) : ('unknown' as const),
+  }));
+  if (!lives.length) return unknown;
+  try {
+    await requireNetAdmin(ctx.sys);
+  } catch {
+    return unknown; // not root: the state is still worth showing
+  }
+  const saves = new Map<string, Promise<RulesView | null>>();
+  const save = (ipt: Iptables, f: Family) => {
+    const key = `${ipt.backend} ${f}`;
+    // an IPv6 table that cannot be read (no ip6tables nat here) is not the app's
+    if (!saves.has(key))
+      saves.set(
+        key,
+        ipt.save(f).catch((err) => (f === 'ipv4' ? Promise.reject(err) : null)),
+      );
+    return saves.get(key)!;
+  };
+  const worst = (vs: Verdict[]) => (vs.includes('missing') ? 'missing' : vs.includes('mismatch') ? 'mismatch' : 'ok');
+  return Promise.all(
+    lives.map(async (st, k) => {
+      try {
+        const ipt = await recordedBackend(ctx.sys, (ctx.env.PORTFLIP_IPTABLES as Backend) || st.backend);
+        const views = await Promise.all(ipt.families.map(async (f) => [f, await save(ipt, f)] as const));
+        const checks = views.flatMap(([f, v]) => (v ? [checkApp(v, wantedSpec(st, f), f)] : []));
+        const rules = worst(checks.map((c) => c.nat));
+        if (unknown[k].firewall === 'off') return { rules, firewall: 'off' as const };
+        const guardMissing = guardScript(await guardChains.catch(() => []), st.app, guardWanted(st, 'auto')) !== null;
+        return { rules, firewall: worst([...checks.map((c) => c.filter), guardMissing ? 'missing' : 'ok']) };
+      } catch {
+        return unknown[k];
+      }
+    }),
+  );
+}
+
+function canaryStatus(st: AppState, insts: InstanceStatus[]): { canary?: CanaryStatus } {
+  const canary = insts.find((i) => i.state === 'canary');
+  if (!canary || !st.canary) return {};
+  const active = insts.find((i) => i.state === 'active');
+  const { percent, by, since } = st.canary;
+  const connections = { canary: canary.connections, active: active?.connections ?? 0 };
+  return { canary: { port: canary.port, percent, by, since, connections } };
 }
 
 const paint = (on: boolean, code: number, s: string) => (on ? `\x1b[${code}m${s}\x1b[0m` : s);
-const STATE_COLOUR: Record<string, number> = { active: 32, kept: 36, draining: 33, candidate: 35, gone: 31 };
+const STATE_COLOUR: Record<string, number> = {
+  canary: 34,
+  active: 32,
+  kept: 36,
+  draining: 33,
+  candidate: 35,
+  gone: 31,
+};
 
 export type ConntrackFill = Awaited<ReturnType<typeof conntrackFill>>;
 
 /** The status table, then one line on the connection-tracking table when it is loaded. */
 export function formatStatus(apps: AppStatus[], colour = false, conntrack: ConntrackFill = null): string {
+  const canaries = apps
+    .filter((a) => a.canary)
+    .map(({ app, canary: c }) => {
+      const share = `${c!.percent}% of ${c!.by === 'ip' ? 'client addresses' : 'new connections'}`;
+      return `${app}: canary on port ${c!.port} gets ${share} (${c!.connections.canary} open; ${c!.connections.active} on the active); portflip promote ${app} or portflip abort ${app}`;
+    });
   const holds = apps.filter((a) => a.hold).map((a) => formatHold(a.app, a.hold!));
-  const table = [formatApps(apps, colour), ...holds].join('\n');
+  const table = [formatApps(apps, colour), ...canaries, ...holds].join('\n');
   if (!conntrack) return table;
   const warn = conntrack.percent >= CONNTRACK_WARN_PERCENT;
   const line = `conntrack: ${conntrack.count} of ${conntrack.max} entries (${conntrack.percent}%)${warn ? ` WARNING: ${conntrackWarning(conntrack)}` : ''}`;

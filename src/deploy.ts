@@ -10,7 +10,6 @@ import { move } from './lifecycle.js';
 import { fail, PortflipError } from './errors.js';
 import {
   checkOnce,
-  drainAndStop,
   killNow,
   logTail,
   resolveCommand,
@@ -42,6 +41,7 @@ import {
   openGuard,
   openIptables,
   reconcile,
+  retire,
   settle,
   spawnReaper,
   syncGuard,
@@ -64,6 +64,7 @@ import {
 import { inspectPreload, placePreload, preloadEnv } from './preload.js';
 import { guardScript, type DenyChain } from './nftguard.js';
 import { inPlacePreflight, inPlaceSteps } from './inplace.js';
+import { finishCanary, refuseDeploy, splitTo, type CanaryOptions } from './canary.js';
 import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from './steps.js';
 import type { Sys } from './sys.js';
 
@@ -85,6 +86,7 @@ export interface DeployOptions {
   verifyMs?: number;
   firewall: FirewallSettings;
   nodeDrain: boolean; // load the Node drain preload (node-drain.cjs) through NODE_OPTIONS
+  canary?: CanaryOptions; // --canary: a share of new connections instead of the switch (canary.ts)
 }
 
 /** Watches the new instance for --verify: alive, and its readiness check passing, the whole time. */
@@ -282,6 +284,7 @@ const DEPLOY: Step<DeployRun>[] = [
   },
   {
     name: 'switch',
+    skip: (r) => !!r.o.canary,
     does: (r) =>
       `${r.o.firewall.mode === 'off' ? '' : `accept connections redirected to ${r.cand.port} (filter), then `}` +
       `redirect port ${r.o.listen} to ${r.cand.port} (nat): one iptables-restore --noflush commit per family${r.prev ? ` (from ${r.prev.port})` : ''}`,
@@ -292,15 +295,41 @@ const DEPLOY: Step<DeployRun>[] = [
   },
   ...inPlaceSteps.after,
   {
+    name: 'canary',
+    skip: (r) => !r.o.canary,
+    does: (r) =>
+      `send ${r.o.canary!.percent}% of ${r.o.canary!.by === 'ip' ? 'client addresses' : 'new connections'} on port ` +
+      `${r.o.listen} to ${r.cand.port}, the rest to ${r.prev?.port}: one iptables-restore --noflush commit per family`,
+    undo: 'the same commit without the split; the state as it was',
+    run: (r, run) =>
+      splitTo(r.ctx, r.pre.ipt, r.st, r.cand, { ...r.o, canary: r.o.canary!, families: r.families }, run, r.pre.views),
+    where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
+    detail: (r) => `${r.o.canary!.percent}% by ${r.o.canary!.by}; the rest to port ${r.prev?.port}`,
+  },
+  {
     name: 'verify',
     does: (r) => `watch port ${r.cand.port} for ${r.o.verifyMs}ms: alive, and its check passing`,
     undo: "switch's undo, then start's",
-    skip: (r) => !r.o.verifyMs,
+    skip: (r) => !r.o.verifyMs || !!r.o.canary,
     run: (r) => verify(r.ctx, r.o, r.check, r.cand, r.spawned!.exited, r.pre.env),
     where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
   },
   // past the switch (and --verify) the new instance serves: nothing before this point is undone
   { ...hookStep('after_switch', 'after'), settles: true },
+  {
+    name: 'canary-for',
+    does: (r) =>
+      `watch the canary on port ${r.cand.port} for ${r.o.canary?.forMs}ms (alive, its check once a second); ` +
+      'then promote it, or abort if it dies or fails two checks in a row',
+    undo: '',
+    skip: (r) => !r.o.canary?.forMs,
+    run: async (r) => {
+      const env = { ...r.pre.env };
+      await finishCanary(r.ctx, r.pre.ipt, r.st, r.cand, r.check, env, r.o.canary!.forMs!, r.spawned?.exited);
+    },
+    where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
+    detail: () => 'promoted',
+  },
   {
     name: 'drain',
     does: (r) =>
@@ -408,8 +437,11 @@ export type { DeployRun };
 export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   const { sys, emit, paths } = ctx;
   appChain(o.app); // refuses a bad name before anything else
-  if (o.ports?.length === 1 && (o.verifyMs || o.keepOldMs))
-    fail('usage', `--ports ${o.ports[0]} is an in-place restart (one instance port): --verify and --keep-old need two ports`);
+  if (o.ports?.length === 1 && (o.verifyMs || o.keepOldMs || o.canary))
+    fail(
+      'usage',
+      `--ports ${o.ports[0]} is an in-place restart (one instance port): --verify, --keep-old and --canary need two ports`,
+    );
   const t0 = sys.now();
   // preflight: every check, no side effect but the lock and repairs of earlier runs; bad input
   // fails here with one line and no event: nothing was started or changed
@@ -460,7 +492,10 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       port: r.cand.port,
       pid: r.cand.pid,
       durationMs: sys.now() - t0,
-      detail: `port ${o.listen} -> ${r.cand.port}`,
+      detail:
+        r.cand.state === 'canary'
+          ? `port ${o.listen}: ${o.canary!.percent}% -> ${r.cand.port}, the rest -> ${r.prev?.port}; portflip promote ${o.app} or portflip abort ${o.app}`
+          : `port ${o.listen} -> ${r.cand.port}`,
     });
   } catch (failed) {
     const err = causeOf(failed);
@@ -483,14 +518,8 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   }
 }
 
-/** Drains and stops one instance under the app's stop policy, keeping the state file true as it goes. */
-export async function retire(ctx: Ctx, st: AppState, inst: Instance): Promise<void> {
-  move(inst, 'draining');
-  await writeState(ctx.sys, ctx.paths, st);
-  await drainAndStop(ctx.sys, st.app, inst, st.stop, ctx.emit, () => writeState(ctx.sys, ctx.paths, st));
-  st.instances = st.instances.filter((i) => i !== inst);
-  await writeState(ctx.sys, ctx.paths, st);
-}
+// retire lives in ops.ts (canary.ts drains too); re-exported for the modules that import it from here
+export { retire };
 
 interface Preflight {
   denyChains: DenyChain[]; // native nftables input chains that drop by default (nftguard.ts)
@@ -537,6 +566,7 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
     const views = new Map<Family, RulesView>();
     for (const f of ipt?.families ?? []) views.set(f, await ipt!.save(f));
     Object.assign(state, { listen: o.listen });
+    refuseDeploy(state, o.canary, true);
     const denyChains = ipt ? await (await openGuard(ctx.sys)).chains() : [];
     return {
       ipt: ipt as Iptables,
@@ -566,10 +596,11 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
       ctx.emit({ kind: 'notice', app: o.app, message: `public port changes from ${state.listen} to ${o.listen}` });
     }
     const views = await reconcile(ctx, ipt, state);
+    refuseDeploy(state, o.canary);
     state.listen = o.listen;
     state.backend = ipt.backend;
-    const port = await pickPort(o, ctx, state);
-    const denyChains = await (await openGuard(ctx.sys)).chains();
+    // read after the repair, which may change the nftables accept
+    const [port, denyChains] = await Promise.all([pickPort(o, ctx, state), openGuard(ctx.sys).then((g) => g.chains())]);
     await warnFirewall(o, ctx, views, port, denyChains);
     return { ipt, lock, user, env, state, port, views, fresh: !existing, denyChains };
   } catch (err) {
@@ -677,11 +708,17 @@ function plan(r: DeployRun): void {
     ],
     rules: r.families.map((family) => ({
       family: `${family}${note}`,
-      text:
-        appText(pre.views.get(family) ?? parseSave(''), switchSpec(r, family, r.cand.port, o.firewall), family) ??
-        '(nothing to change)\n',
+      text: appText(pre.views.get(family) ?? parseSave(''), planSpec(r, family), family) ?? '(nothing to change)\n',
     })),
   });
+}
+
+/** The rules --dry-run shows: the switch's, or with --canary the split's (its hash seed is drawn at the split). */
+function planSpec(r: DeployRun, family: Family): AppSpec {
+  const c = r.o.canary;
+  if (!c || !r.prev) return switchSpec(r, family, r.cand.port, r.o.firewall);
+  const spec = switchSpec(r, family, r.prev.port, r.o.firewall);
+  return { ...spec, canary: { port: r.cand.port, percent: c.percent, by: c.by, rnd: 0 } };
 }
 
 /** Runs one lifecycle hook; its output goes to portflip's stderr so --json stdout stays clean. */

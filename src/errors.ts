@@ -13,6 +13,7 @@ export const ExitCode = {
   nothingToDo: 9, // rollback with no kept instance, unknown app
   rules: 10, // iptables refused portflip's rules (a foreign rule in the way, a kernel without a match)
   system: 11, // the OS refused a file or process operation (permissions, a read-only or full disk)
+  canaryLive: 12, // a canary is live: promote or abort it before the next deploy
   internal: 70,
 } as const;
 

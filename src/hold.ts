@@ -128,7 +128,10 @@ export async function startHolder(
     if (exited || ctx.sys.now() > until) {
       ctx.sys.kill(child.pid, 'SIGKILL');
       const tail = (await logTail(ctx.sys, log, 5)).join(' | ');
-      throw new PortflipError('rules', `the holder for queue ${queue} did not start (${tail || 'no output'}); see ${log}`);
+      throw new PortflipError(
+        'rules',
+        `the holder for queue ${queue} did not start (${tail || 'no output'}); see ${log}`,
+      );
     }
     await ctx.sys.sleep(20);
   }
@@ -275,7 +278,10 @@ export async function pause(ctx: Ctx, app: string, o: PauseOptions): Promise<voi
   }
   await withHold(ctx, app, 'pause', async (r) => {
     if (r.st.hold?.reason === 'pause')
-      fail('nothingToDo', `"${app}" is already paused (until ${new Date(r.st.hold.untilMs).toISOString()}); resume it first`);
+      fail(
+        'nothingToDo',
+        `"${app}" is already paused (until ${new Date(r.st.hold.untilMs).toISOString()}); resume it first`,
+      );
     if (!r.st.instances.some((i) => i.state === 'active'))
       fail('nothingToDo', `"${app}" has no active instance: there is nothing to pause`);
     await run(PAUSE, { ...r, timeoutMs: o.timeoutMs, maxlen: o.queueLen });
@@ -283,7 +289,8 @@ export async function pause(ctx: Ctx, app: string, o: PauseOptions): Promise<voi
     ctx.emit({
       kind: 'notice',
       app,
-      message: `new connections to port ${r.st.listen} wait (open ones to ${instanceLabel(active)} keep flowing); ` +
+      message:
+        `new connections to port ${r.st.listen} wait (open ones to ${instanceLabel(active)} keep flowing); ` +
         `"portflip resume ${app}" lets them in`,
     });
   });

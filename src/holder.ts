@@ -112,7 +112,9 @@ async function main(argv: string[]): Promise<void> {
     watch.unref();
   }
   setTimeout(() => void finish('time is up'), Math.max(0, until - Date.now()) + EXIT_GRACE_MS).unref();
-  console.log(`${new Date().toISOString()} holding queue ${queue} (maxlen ${maxlen}) until ${new Date(until).toISOString()}`);
+  console.log(
+    `${new Date().toISOString()} holding queue ${queue} (maxlen ${maxlen}) until ${new Date(until).toISOString()}`,
+  );
   for (;;) {
     if (exiting) return;
     const ids = await q.read(50);

@@ -8,19 +8,17 @@
 
 import { join } from 'node:path';
 import type { DeployRun } from './deploy.js';
-import { retire } from './deploy.js';
 import { fail, PortflipError } from './errors.js';
 import { applyHold, DEFAULT_QUEUE_LEN, releaseHold, requireNfqueue, startHolder } from './hold.js';
 import { killNow, spawnInstance, waitReady } from './instance.js';
 import { move } from './lifecycle.js';
-import { instanceLabel } from './ops.js';
+import { instanceLabel, retire } from './ops.js';
 import { readStat } from './proc.js';
 import { writeState, type Instance } from './state.js';
 import type { Step } from './steps.js';
 
 /** How long a deploy's holder may hold at most: the drain, the kill, a start, and a restart of the previous. */
-const holdBound = (r: DeployRun) =>
-  r.o.stop.drainTimeoutMs + r.o.stop.killAfterMs + 2 * r.o.readyTimeoutMs + 30_000;
+const holdBound = (r: DeployRun) => r.o.stop.drainTimeoutMs + r.o.stop.killAfterMs + 2 * r.o.readyTimeoutMs + 30_000;
 
 /** Starts the previous instance's command again on its port, waits until it is ready, and makes it active. */
 async function restartPrevious(r: DeployRun, prev: Instance): Promise<void> {
@@ -89,7 +87,8 @@ const before: Step<DeployRun>[] = [
   },
   {
     name: 'stop-old',
-    does: (r) => `drain and stop the active instance on ${instanceLabel(r.prev!)}, which holds the port the new one needs`,
+    does: (r) =>
+      `drain and stop the active instance on ${instanceLabel(r.prev!)}, which holds the port the new one needs`,
     undo: 'start the previous command again on its port and wait until it is ready',
     skip: (r) => !r.inPlace,
     run: async (r, run) => {

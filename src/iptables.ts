@@ -4,7 +4,9 @@
 //   nat    -A PREROUTING -m addrtype --dst-type LOCAL -j PORTFLIP     traffic from other hosts
 //          -A OUTPUT     -m addrtype --dst-type LOCAL -j PORTFLIP     clients on this host
 //          -A PORTFLIP -p tcp -m tcp --dport LISTEN -j PF-APP         one jump per app
-//          -A PF-APP -p tcp -j REDIRECT --to-ports PORT               the one rule a switch rewrites
+//          -A PF-APP -p tcp -j REDIRECT --to-ports PORT               the rule a switch replaces
+//   canary: before it, in the same chain (canaryRules): a statistic rule (a share of new connections), or
+//          an HMARK of the source address then mark-range rules (--canary-by ip), each REDIRECTing to the canary
 //   filter -A INPUT -j PORTFLIP                                       first in INPUT, so default-deny sees
 //          -A PORTFLIP -p tcp -j PF-APP                               nothing of ours
 //          -A PF-APP -p tcp -m conntrack --ctstate DNAT --ctorigdstport LISTEN --ctreplsrcport PORT -j ACCEPT
@@ -71,6 +73,63 @@ export interface AppSpec {
   open: number[]; // instance ports whose redirected connections the filter chain accepts; none: no filter rules
   firewall: FirewallSpec | null;
   hold?: number | null; // NFQUEUE number holding new connections; absent or null: no mangle rules
+  canary?: CanarySpec | null; // a share of new connections goes here instead of to target
+}
+
+/** A canary split: `percent` of new connections (by: conn) or of client addresses (by: ip) go to `port`. */
+export interface CanarySpec {
+  port: number;
+  percent: number; // whole percent, 1-99
+  by: 'conn' | 'ip';
+  rnd: number; // HMARK's hash seed (by: ip); kept for the canary's life so a client stays on its side
+}
+
+/**
+ * The probability as iptables-save prints it: the kernel keeps it as a 31-bit fraction
+ * (libxt_statistic: lround(p * 2^31)), printed with 11 decimals.
+ */
+export const probabilityText = (percent: number) => (Math.round((percent / 100) * 0x80000000) / 0x80000000).toFixed(11);
+
+/**
+ * [1, n] as value/mask blocks, the way a CIDR list covers an address range: `-m mark` matches value/mask
+ * only, and HMARK marks 1-100, so "mark <= n" becomes at most a dozen rules. Mark 0 (unmarked) never matches.
+ */
+export function markBlocks(n: number): string[] {
+  const out: string[] = [];
+  let lo = 1;
+  while (lo <= n) {
+    let size = 1;
+    while (lo % (size * 2) === 0 && lo + size * 2 - 1 <= n) size *= 2;
+    const mask = (0xffffffff ^ (size - 1)) >>> 0;
+    out.push(size === 1 ? `0x${lo.toString(16)}` : `0x${lo.toString(16)}/0x${mask.toString(16)}`);
+    lo += size;
+  }
+  return out;
+}
+
+/**
+ * The canary rules, before the app's REDIRECT, as iptables-save prints them. nat sees only the first
+ * packet of a connection, so each decides once per connection. by ip: HMARK hashes the source
+ * address alone (destination, ports and protocol masked out) into marks 1-100 (offset 1: mark 0 is
+ * also what an unmarked packet has); marks 1..percent go to the canary. The mark is set on that
+ * first packet only, in nat, so no later packet of the flow carries it.
+ */
+export function canaryRules(app: string, c: CanarySpec, family: Family): string[] {
+  const chain = appChain(app);
+  const to = `-j REDIRECT --to-ports ${c.port}`;
+  if (c.by === 'conn')
+    return [`-A ${chain} -p tcp -m statistic --mode random --probability ${probabilityText(c.percent)} ${to}`];
+  const hmark =
+    `-A ${chain} -p tcp -j HMARK --hmark-src-prefix ${family === 'ipv4' ? 32 : 128} --hmark-dst-prefix 0 ` +
+    `--hmark-sport-mask 0x0000 --hmark-dport-mask 0x0000 --hmark-proto-mask 0x00 ` +
+    `--hmark-rnd 0x${(c.rnd >>> 0).toString(16).padStart(8, '0')} --hmark-mod 100 --hmark-offset 1`;
+  return [hmark, ...markBlocks(c.percent).map((m) => `-A ${chain} -p tcp -m mark --mark ${m} ${to}`)];
+}
+
+/** Rule lines of the app's nat chain for one family: the canary split, if any, then the redirect. */
+export function natRules(spec: AppSpec, family: Family): string[] {
+  if (spec.target === null) return [];
+  return [...(spec.canary ? canaryRules(spec.app, spec.canary, family) : []), redirectRule(spec.app, spec.target)];
 }
 
 /** Rule lines (as iptables-save prints them) of the app's filter chain for one family. */
@@ -173,7 +232,9 @@ const asDelete = (rule: string) => rule.replace(/^-A /, '-D ');
 
 export interface AppRules {
   jumps: number[]; // listen ports that jump to the app chain
-  target: number | null; // the port the app chain redirects to
+  target: number | null; // where the rest goes: a first plain redirect, or the last one after a canary split
+  shadowed: number; // rules below a first plain redirect, never reached: a switch's, until the next commit tidies them
+  canary?: number; // the port a canary rule before the redirect sends a share to
   hooked: boolean; // both hooks jump to the root chain
 }
 
@@ -182,10 +243,20 @@ export function appRules(view: RulesView, app: string): AppRules {
   const jumps = rulesIn(view.nat, ROOT_CHAIN)
     .filter((r) => r.endsWith(` -j ${chain}`))
     .map((r) => Number(/--dport (\d+)/.exec(r)?.[1] ?? NaN));
-  const redirects = rulesIn(view.nat, chain).map((r) => /--to-ports (\d+)/.exec(r)?.[1]);
-  const target = redirects.length === 1 && redirects[0] ? Number(redirects[0]) : null;
+  const rules = rulesIn(view.nat, chain);
+  const plain = /^-A \S+ -p tcp -j REDIRECT --to-ports (\d+)$/;
   const hooked = NAT_HOOKS.every((h) => view.nat.rules.includes(hookRule(h)));
-  return { jumps, target, hooked };
+  // a plain redirect first takes every connection: anything below it is a switch's leftover
+  const first = plain.exec(rules[0] ?? '');
+  if (first) return { jumps, target: Number(first[1]), shadowed: rules.length - 1, hooked };
+  // a canary split: its rules, then the one unconditional redirect, last
+  const last = plain.exec(rules.at(-1) ?? '');
+  const target = last && rules.filter((r) => plain.test(r)).length === 1 ? Number(last[1]) : null;
+  const split = rules
+    .slice(0, -1)
+    .map((r) => /--to-ports (\d+)/.exec(r)?.[1])
+    .find(Boolean);
+  return { jumps, target, shadowed: 0, ...(target !== null && split ? { canary: Number(split) } : {}), hooked };
 }
 
 /** Rules outside portflip's own chains that jump to an app chain: they keep it from being deleted. */
@@ -200,6 +271,7 @@ export interface AppCheck {
   filter: Verdict;
   mangle: Verdict;
   missing: string[]; // what differs, for people: "filter: PF-web rules (accept 8002)"
+  tidy: boolean; // the redirect is right, with shadowed rules below it to remove in the next commit
 }
 
 /** Do the live rules of one family say what the spec says? */
@@ -216,11 +288,22 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
     if (!view.nat.chains.has(chain)) missing.push(`nat: chain ${chain}`);
     if (!live.jumps.length) missing.push(`nat: jump for port ${spec.listen}`);
     if (missing.length) nat = 'missing';
-    else if (live.target !== spec.target || live.jumps.join() !== String(spec.listen)) {
+    else if (
+      live.target !== spec.target ||
+      live.jumps.join() !== String(spec.listen) ||
+      // a split is exactly its rules; a plain redirect is right when it comes first (shadowed rules below it are tidied)
+      (spec.canary
+        ? rulesIn(view.nat, chain).join('\n') !== natRules(spec, family).join('\n')
+        : rulesIn(view.nat, chain)[0] !== redirectRule(spec.app, spec.target))
+    ) {
       nat = 'mismatch';
+      const c = spec.canary;
       if (live.target !== spec.target)
         missing.push(`nat: redirect to ${spec.target} (it is ${live.target ?? 'absent'})`);
-      else missing.push(`nat: public port ${spec.listen} (it is ${live.jumps.join(',')})`);
+      else if (live.jumps.join() !== String(spec.listen))
+        missing.push(`nat: public port ${spec.listen} (it is ${live.jumps.join(',')})`);
+      else if (c) missing.push(`nat: canary ${c.percent}% by ${c.by} to ${c.port}`);
+      else missing.push(`nat: ${chain} should only redirect to ${spec.target}`);
     }
   }
   let filter: Verdict = 'ok';
@@ -245,7 +328,13 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
     }
   }
   const mangle = checkHold(view.mangle, spec, missing);
-  return { nat, filter, mangle, missing };
+  return {
+    nat,
+    filter,
+    mangle,
+    missing,
+    tidy: nat === 'ok' && spec.target !== null && !spec.canary && live.shadowed > 0,
+  };
 }
 
 /** The mangle chain: the hold rule while new connections are held, nothing otherwise. */
@@ -299,7 +388,14 @@ export function wouldDrop(t: TableView, port: number): boolean {
  */
 export function appText(view: RulesView, spec: AppSpec, family: Family): string | null {
   const check = checkApp(view, spec, family);
-  const nat = check.nat === 'ok' ? [] : spec.target === null ? natRemoval(view, spec.app) : natEnsure(view, spec);
+  const nat =
+    check.nat === 'ok'
+      ? check.tidy
+        ? natEnsure(view, spec, family)
+        : []
+      : spec.target === null
+        ? natRemoval(view, spec.app)
+        : (natSwitch(view, spec) ?? natEnsure(view, spec, family));
   const filter =
     check.filter === 'ok'
       ? []
@@ -319,7 +415,20 @@ export function appText(view: RulesView, spec: AppSpec, family: Family): string 
   return parts.length ? [...parts, ''].join('\n') : null;
 }
 
-function natEnsure(view: RulesView, spec: AppSpec): string[] {
+/**
+ * The switch proper, when only the target changes: the new redirect goes on top and the old one stays
+ * below it, unreached, until the next commit for the app tidies it. Adding is the whole commit: a
+ * commit that also deletes a rule waits for the kernel's RCU grace period when iptables closes its
+ * netlink socket (measured: 10-14 ms), after the rules are already live.
+ */
+function natSwitch(view: RulesView, spec: AppSpec): string[] | null {
+  const live = appRules(view, spec.app);
+  const onlyTarget = live.hooked && live.jumps.join() === String(spec.listen) && live.target !== null;
+  if (!onlyTarget || live.shadowed || live.canary !== undefined || spec.canary) return null;
+  return [`-I ${appChain(spec.app)} 1 -p tcp -j REDIRECT --to-ports ${spec.target}`];
+}
+
+function natEnsure(view: RulesView, spec: AppSpec, family: Family): string[] {
   const chain = appChain(spec.app);
   const lines: string[] = [];
   if (!view.nat.chains.has(ROOT_CHAIN)) lines.push(`:${ROOT_CHAIN} - [0:0]`);
@@ -328,7 +437,7 @@ function natEnsure(view: RulesView, spec: AppSpec): string[] {
   const want = jumpRule(spec.app, spec.listen);
   for (const r of rulesIn(view.nat, ROOT_CHAIN)) if (r.endsWith(` -j ${chain}`) && r !== want) lines.push(asDelete(r));
   if (!view.nat.rules.includes(want)) lines.push(want);
-  lines.push(redirectRule(spec.app, spec.target!));
+  lines.push(...natRules(spec, family));
   return lines;
 }
 
@@ -468,8 +577,10 @@ export async function recordedBackend(sys: Sys, backend: Backend): Promise<Iptab
  * chain, else the one with rules in it, else nft. PORTFLIP_IPTABLES=nft|legacy forces it.
  */
 export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables> {
-  const hasNft = await which(sys, 'iptables-nft-restore');
-  const hasLegacy = await which(sys, 'iptables-legacy-restore');
+  const [hasNft, hasLegacy] = await Promise.all([
+    which(sys, 'iptables-nft-restore'),
+    which(sys, 'iptables-legacy-restore'),
+  ]);
   let backend: Backend;
   if (forced === 'default') forced = undefined; // recorded for a host with one plain iptables
   if (forced) {
@@ -490,13 +601,13 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
   } else {
     return fail('noIptables', 'iptables is not installed; install it (apt-get install -y iptables) and run again');
   }
-  const probe = await sys.run(tool('ipv4', backend, 'save'), ['-t', 'nat']);
+  // both families are probed side by side: each probe is a process start
+  const probeV6 = async () =>
+    (await sys.readText('/proc/net/if_inet6')) !== null &&
+    (await which(sys, tool('ipv6', backend, 'restore'))) !== null &&
+    (await sys.run(tool('ipv6', backend, 'save'), ['-t', 'nat'])).code === 0;
+  const [probe, v6] = await Promise.all([sys.run(tool('ipv4', backend, 'save'), ['-t', 'nat']), probeV6()]);
   if (probe.code !== 0)
     fail('noIptables', `iptables does not work here (${tool('ipv4', backend, 'save')}: ${firstLine(probe.stderr)})`);
-  const families: Family[] = ['ipv4'];
-  const v6 =
-    (await sys.readText('/proc/net/if_inet6')) !== null &&
-    (await which(sys, tool('ipv6', backend, 'restore'))) !== null;
-  if (v6 && (await sys.run(tool('ipv6', backend, 'save'), ['-t', 'nat'])).code === 0) families.push('ipv6');
-  return new Iptables(sys, backend, families);
+  return new Iptables(sys, backend, v6 ? ['ipv4', 'ipv6'] : ['ipv4']);
 }

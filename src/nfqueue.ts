@@ -198,7 +198,8 @@ export class NfQueue {
   private request(msg: Buffer, what: string): void {
     const c = loadLibc();
     const seq = msg.readUInt32LE(8);
-    if (c.send(this.fd, msg, msg.length, 0) < 0) throw new Error(`queue ${this.queue} ${what}: send errno ${c.errno()}`);
+    if (c.send(this.fd, msg, msg.length, 0) < 0)
+      throw new Error(`queue ${this.queue} ${what}: send errno ${c.errno()}`);
     for (let i = 0; i < 100; i++) {
       const n = c.recv(this.fd, this.buf, this.buf.length, 0);
       if (n < 0) throw new Error(`queue ${this.queue} ${what}: recv errno ${c.errno()}`);

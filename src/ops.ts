@@ -3,7 +3,7 @@
 import { fail, PortflipError } from './errors.js';
 import { invariantProblem, move } from './lifecycle.js';
 import type { Emit, StepName } from './events.js';
-import { killNow } from './instance.js';
+import { drainAndStop, killNow } from './instance.js';
 import {
   appChain,
   appRules,
@@ -62,7 +62,13 @@ export function wantedSpec(st: AppState, family: Family): AppSpec {
   const open = target === null ? [] : st.instances.filter((i) => i.state !== 'candidate').map((i) => i.port);
   // a hold covers the families the app's redirect is in (hold.ts)
   const hold = st.hold && st.families.includes(family) ? st.hold.queue : null;
-  return { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st), hold };
+  const spec: AppSpec = { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st), hold };
+  // a live canary takes its share, in the families it listens on
+  const canary = st.instances.find((i) => i.state === 'canary');
+  const c = st.canary;
+  if (target !== null && canary && c?.families.includes(family))
+    spec.canary = { port: canary.port, percent: c.percent, by: c.by, rnd: c.rnd };
+  return spec;
 }
 
 /**
@@ -86,15 +92,14 @@ async function dropStaleHold(ctx: Ctx, st: AppState): Promise<void> {
     kind: 'notice',
     app: st.app,
     message: `removing the ${h.reason === 'pause' ? 'pause' : 'in-place deploy'} hold on port ${st.listen}: ${
-      !alive ? `its holder (pid ${h.pid}) is gone` : h.untilMs <= ctx.sys.wallNow() ? 'its time is up' : 'its deploy is gone'
+      !alive
+        ? `its holder (pid ${h.pid}) is gone`
+        : h.untilMs <= ctx.sys.wallNow()
+          ? 'its time is up'
+          : 'its deploy is gone'
     }`,
   });
   delete st.hold;
-}
-
-/** Rules verdict for status: the worse of the tables, per table for the FIREWALL column. */
-export function rulesState(view: RulesView, spec: AppSpec, family: Family): AppCheck {
-  return checkApp(view, spec, family);
 }
 
 /** Makes one family say what the spec says, in one commit; returns what was missing (empty: nothing to do). */
@@ -138,17 +143,17 @@ export async function openGuard(sys: Sys): Promise<NftGuard> {
   return new NftGuard(sys, await nftPaths.get(sys)!);
 }
 
-/**
- * Makes native nftables input chains that drop by default accept the app's redirected connections
- * (or forget them when `want` is null). Returns what it changed, for the repair event.
- */
 /** The app's nftables accept as its state wants it: present while a live instance may be redirected to. */
-function guardWanted(st: AppState, mode: 'auto' | 'present' | 'absent') {
+export function guardWanted(st: AppState, mode: 'auto' | 'present' | 'absent') {
   const fw = firewallOf(st);
   const live = mode === 'present' || (mode === 'auto' && st.instances.some((i) => i.state !== 'candidate'));
   return mode !== 'absent' && fw && live ? { listen: st.listen, fw } : null;
 }
 
+/**
+ * Makes native nftables input chains that drop by default accept the app's redirected connections
+ * (or forget them). Returns what it changed, for the repair event.
+ */
 export async function syncGuard(
   ctx: Ctx,
   st: AppState,
@@ -189,12 +194,18 @@ export async function settle(
   quiet = false,
 ): Promise<void> {
   const step: StepName = 'repair';
-  for (const f of ipt.families) {
-    const spec = wantedSpec(st, f);
-    const started = ctx.sys.now();
-    const missing = await applySpec(ipt, f, spec, views?.get(f));
+  // the families commit side by side, each atomic on its own; their events follow in order
+  const started = ctx.sys.now();
+  const done = await Promise.all(
+    ipt.families.map(async (f) => {
+      const spec = wantedSpec(st, f);
+      const missing = await applySpec(ipt, f, spec, views?.get(f));
+      if (missing.length && !quiet) views?.set(f, await ipt.save(f));
+      return { f, spec, missing, ms: ctx.sys.now() - started };
+    }),
+  );
+  for (const { f, spec, missing, ms } of done) {
     if (!missing.length || quiet) continue;
-    views?.set(f, await ipt.save(f));
     const active = st.instances.find((i) => i.state === 'active');
     ctx.emit({
       kind: 'step',
@@ -203,7 +214,7 @@ export async function settle(
       status: 'ok',
       port: spec.target ?? undefined,
       pid: active?.pid,
-      durationMs: ctx.sys.now() - started,
+      durationMs: ms,
       missing,
       detail:
         spec.target !== null
@@ -211,7 +222,7 @@ export async function settle(
           : `${f} rules pointed at no live instance; removed them`,
     });
   }
-  const started = ctx.sys.now();
+  const guardStarted = ctx.sys.now();
   const changed = await syncGuard(ctx, st);
   if (changed.length && !quiet) {
     ctx.emit({
@@ -219,7 +230,7 @@ export async function settle(
       step,
       app: st.app,
       status: 'ok',
-      durationMs: ctx.sys.now() - started,
+      durationMs: ctx.sys.now() - guardStarted,
       missing: changed,
       detail: changed.join('; '),
     });
@@ -240,7 +251,9 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   const app = st.app;
   const views = new Map<Family, RulesView>();
   const before = JSON.stringify(st);
-  for (const f of ipt.families) views.set(f, await ipt.save(f));
+  // one read per family, side by side (a deploy's own time is mostly waiting on these tools)
+  const saved = await Promise.all(ipt.families.map((f) => ipt.save(f)));
+  ipt.families.forEach((f, k) => views.set(f, saved[k]));
 
   for (const inst of st.instances) {
     if (inst.pid === null) {
@@ -274,7 +287,10 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
     }
   }
   if (!active) active = alive.find((i) => i.state === 'active') ?? alive.find((i) => i.state === 'kept');
+  // a canary outlives the instance it was split with: it passed its check and takes all the traffic
+  if (!active) active = alive.find((i) => i.state === 'canary');
   if (active) move(active, 'active');
+  settleCanary(ctx, st);
 
   for (const orphan of alive.filter((i) => i.state === 'candidate')) {
     emit({
@@ -306,6 +322,32 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   await settle(ctx, ipt, st, views);
   if (JSON.stringify(st) !== before) await writeState(ctx.sys, ctx.paths, st);
   return views;
+}
+
+/**
+ * The canary split follows the canary instance: gone with it (it died, or became the active one), and a
+ * canary state without its split settings (a hand-edited file) drains rather than guess a share.
+ */
+function settleCanary(ctx: Ctx, st: AppState): void {
+  const canary = st.instances.find((i) => i.state === 'canary');
+  if (canary && !st.canary) {
+    ctx.emit({
+      kind: 'notice',
+      app: st.app,
+      message: `the canary on ${instanceLabel(canary)} has no split; draining it`,
+    });
+    move(canary, 'draining');
+  }
+  if (!st.instances.some((i) => i.state === 'canary')) delete st.canary;
+}
+
+/** Drains and stops one instance under the app's stop policy, keeping the state file true as it goes. */
+export async function retire(ctx: Ctx, st: AppState, inst: Instance): Promise<void> {
+  move(inst, 'draining');
+  await writeState(ctx.sys, ctx.paths, st);
+  await drainAndStop(ctx.sys, st.app, inst, st.stop, ctx.emit, () => writeState(ctx.sys, ctx.paths, st));
+  st.instances = st.instances.filter((i) => i !== inst);
+  await writeState(ctx.sys, ctx.paths, st);
 }
 
 /** A detached helper that retires kept instances when their time is up, after this CLI has returned. */

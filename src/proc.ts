@@ -56,13 +56,6 @@ export async function groupMembers(sys: Sys, pgid: number): Promise<number[]> {
   return out;
 }
 
-export async function uptimeSeconds(sys: Sys, startTime: string): Promise<number | null> {
-  const up = await sys.readText('/proc/uptime');
-  if (!up) return null;
-  const ticks = 100; // USER_HZ is 100 on every Linux architecture we run on
-  return Math.max(0, Number(up.split(' ')[0]) - Number(startTime) / ticks);
-}
-
 export const TcpState = { ESTABLISHED: '01', SYN_RECV: '03', CLOSE_WAIT: '08', LISTEN: '0A' } as const;
 
 export interface TcpSocket {

@@ -54,6 +54,16 @@ export interface AppState {
   restarts?: number; // times `portflip run` brought the app back after its active instance died
   firewall?: FirewallSettings; // absent in state files older than the filter chain: auto
   hold?: HoldState; // new connections are held (pause, or an in-place deploy): hold.ts
+  canary?: CanarySettings; // the split while an instance is in the canary state (canary.ts)
+}
+
+/** How a live canary splits new connections; the canary instance is the one in the canary state. */
+export interface CanarySettings {
+  percent: number; // whole percent of new connections (by conn) or of client addresses (by ip)
+  by: 'conn' | 'ip';
+  rnd: number; // HMARK seed for by ip, kept for the canary's life so clients stay on their side
+  families: Family[]; // what the canary listens on: the split exists only there
+  since: string; // ISO wall clock, for people
 }
 
 /** A hold in force: the holder process that reads the queue, and why it holds. */

@@ -57,7 +57,7 @@ const BUILTIN: Record<'nat' | 'filter', string[]> = {
   nat: ['PREROUTING', 'INPUT', 'OUTPUT', 'POSTROUTING'],
   filter: ['INPUT', 'FORWARD', 'OUTPUT'],
 };
-const TARGETS = new Set(['ACCEPT', 'DROP', 'REJECT', 'REDIRECT', 'RETURN', 'DNAT', 'SNAT', 'MASQUERADE', 'LOG']);
+const TARGETS = new Set(['ACCEPT', 'DROP', 'REJECT', 'REDIRECT', 'RETURN', 'DNAT', 'SNAT', 'MASQUERADE', 'LOG', 'HMARK']);
 const TOOLS = ['iptables-nft-save', 'iptables-nft-restore', 'ip6tables-nft-save', 'ip6tables-nft-restore', 'nft', 'sh'];
 const SYSTEM_PATH = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin'];
 const exe = (): Node => ({ kind: 'file', data: '', mode: 0o755, uid: 0, gid: 0 });

@@ -32,9 +32,22 @@ test('app names map onto chain names or are refused', () => {
   }
 });
 
-test('the switch redeclares only the app chain and adds one rule', () => {
-  assert.is(ensureText(wired, 'web', 80, 8002), '*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports 8002\nCOMMIT\n');
+test('the switch only adds: the new redirect goes on top, and the next commit tidies the old one away', () => {
+  assert.is(ensureText(wired, 'web', 80, 8002), '*nat\n-I PF-web 1 -p tcp -j REDIRECT --to-ports 8002\nCOMMIT\n');
   assert.is(appText(wired, spec('web', 80, 8001), 'ipv4'), null, 'nothing to do when the rules already say it');
+  const switched = live([...wired.nat.rules.filter((r) => !r.startsWith('-A PF-web ')),
+    '-A PF-web -p tcp -j REDIRECT --to-ports 8002', '-A PF-web -p tcp -j REDIRECT --to-ports 8001'], [...wired.nat.chains]);
+  assert.is(appRules(switched, 'web').target, 8002, 'the first rule is the one the kernel applies');
+  const check = checkApp(switched, spec('web', 80, 8002), 'ipv4');
+  assert.is(check.nat, 'ok');
+  assert.ok(check.tidy);
+  assert.equal(check.missing, [], 'a shadowed rule is nothing for the healer to repair');
+  assert.is(ensureText(switched, 'web', 80, 8002), '*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports 8002\nCOMMIT\n');
+  assert.is(ensureText(switched, 'web', 80, 8001), '*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports 8001\nCOMMIT\n',
+    'a second switch before the tidy rewrites the chain: it never grows past two rules');
+  const foreignTop = live([...wired.nat.rules.filter((r) => !r.startsWith('-A PF-web ')), '-A PF-web -j ACCEPT',
+    '-A PF-web -p tcp -j REDIRECT --to-ports 8001'], [...wired.nat.chains]);
+  assert.is(checkApp(foreignTop, spec('web', 80, 8001), 'ipv4').nat, 'mismatch', 'a plain redirect must come first');
 });
 
 test('parseSave keeps nat and filter apart', () => {
@@ -42,8 +55,8 @@ test('parseSave keeps nat and filter apart', () => {
   assert.not.ok(wired.nat.rules.some((r) => r.includes('INPUT')));
   assert.ok(wired.filter.rules.includes('-A INPUT -p tcp --dport 22 -j ACCEPT'));
   assert.is(wired.filter.policies.get('INPUT'), 'ACCEPT');
-  assert.equal(appRules(wired, 'web'), { jumps: [80], target: 8001, hooked: true });
-  assert.equal(appRules(wired, 'nope'), { jumps: [], target: null, hooked: true });
+  assert.equal(appRules(wired, 'web'), { jumps: [80], target: 8001, shadowed: 0, hooked: true });
+  assert.equal(appRules(wired, 'nope'), { jumps: [], target: null, shadowed: 0, hooked: true });
 });
 
 test('ensure on an empty table creates the whole layout', () => {
@@ -159,7 +172,7 @@ test('a switch with the firewall opens the new port in filter before nat points 
     '*filter', ':PF-web - [0:0]',
     '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8001 -j ACCEPT',
     '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8002 -j ACCEPT', 'COMMIT',
-    '*nat', ':PF-web - [0:0]', '-A PF-web -p tcp -j REDIRECT --to-ports 8002', 'COMMIT', '',
+    '*nat', '-I PF-web 1 -p tcp -j REDIRECT --to-ports 8002', 'COMMIT', '',
   ].join('\n'));
   const first = appText(live([]), spec('web', 80, 8002, { firewall: fw }), 'ipv4')!;
   assert.ok(first.indexOf('*filter') < first.indexOf('*nat'));
