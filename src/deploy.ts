@@ -142,6 +142,7 @@ interface DeployRun {
   retiring: Instance[]; // what drain stops, set by the switch
   released?: number; // in place: how many held connections the release let in
   inPlace: boolean; // one instance port, the active instance on it: hold, stop, start on the same port (hold.ts)
+  opened: Set<Family>; // families whose filter the open step committed: the switch then commits nat alone
 }
 
 const hookStep = (name: HookName, when: 'before' | 'after', soft = false): Step<DeployRun> => ({
@@ -272,11 +273,13 @@ const DEPLOY: Step<DeployRun>[] = [
         const before = { ...was, open: was.target === null ? [] : was.open.filter((p) => p !== r.cand.port) };
         run.undo(`${f}: port ${r.cand.port} closed again`, async () => void (await applySpec(pre.ipt, f, before)));
       }
-      // side by side, each family one commit; the switch then reads these views
+      // side by side, each family one commit. Their nat tables are as read, so the switch commits nat
+      // from these views without reading again; the canary step commits both tables, from a new read.
       await Promise.all(
         r.families.map(async (f) => {
           await applySpec(pre.ipt, f, switchSpec(r, f, target(f), r.o.firewall), pre.views.get(f));
-          pre.views.set(f, await pre.ipt.save(f));
+          if (r.o.canary) pre.views.set(f, await pre.ipt.save(f));
+          else r.opened.add(f);
         }),
       );
     },
@@ -381,6 +384,7 @@ async function switchTo(r: DeployRun, run: StepRun): Promise<void> {
           f,
           switchSpec(r, f, r.families.includes(f) ? cand.port : null, o.firewall),
           pre.views.get(f),
+          r.opened.has(f) ? 'nat' : undefined,
         );
       } catch (err) {
         throw new PortflipError('deployFailed', `the ${f} switch failed: ${(err as Error).message.split('\n')[0]}`);
@@ -470,6 +474,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     families: [],
     retiring: [],
     inPlace: false,
+    opened: new Set(),
   };
   r.inPlace = !!r.prev && o.ports?.length === 1 && o.ports[0] === r.prev.port;
   if (o.dryRun) return plan(r);

@@ -81,6 +81,8 @@ const before: Step<DeployRun>[] = [
         await releaseHold(r.ctx, r.pre.ipt, r.st);
       });
       await applyHold(r.ctx, r.pre.ipt, r.st, hold);
+      // the later steps commit from these views: they must see the mangle chain the hold just added
+      await Promise.all(r.pre.ipt.families.map(async (f) => r.pre.views.set(f, await r.pre.ipt.save(f))));
     },
     where: (r) => ({ port: r.o.listen, pid: r.st.hold?.pid }),
     detail: (r) => `queue ${r.st.hold?.queue}`,

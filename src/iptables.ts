@@ -384,20 +384,21 @@ export function wouldDrop(t: TableView, port: number): boolean {
  * One iptables-restore --noflush text that makes one family say what the spec says, touching only
  * what differs. Declaring an existing chain in --noflush mode empties it, so the shared root chains
  * are declared only when missing. The filter table comes first when the app gains a port (the way
- * is open before the redirect points at it) and last when the app goes. Null: nothing to do.
+ * is open before the redirect points at it) and last when the app goes. `only`: one table, the other
+ * left as it is. Null: nothing to do.
  */
-export function appText(view: RulesView, spec: AppSpec, family: Family): string | null {
+export function appText(view: RulesView, spec: AppSpec, family: Family, only?: Table): string | null {
   const check = checkApp(view, spec, family);
   const nat =
-    check.nat === 'ok'
-      ? check.tidy
+    check.nat === 'ok' || only === 'filter'
+      ? check.tidy && only !== 'filter'
         ? natEnsure(view, spec, family)
         : []
       : spec.target === null
         ? natRemoval(view, spec.app)
         : (natSwitch(view, spec) ?? natEnsure(view, spec, family));
   const filter =
-    check.filter === 'ok'
+    check.filter === 'ok' || only === 'nat'
       ? []
       : spec.firewall && spec.open.length
         ? filterEnsure(view, spec, family)

@@ -18,6 +18,7 @@ import {
   type FirewallSpec,
   type Iptables,
   type RulesView,
+  type Table,
 } from './iptables.js';
 import { guardScript, NftGuard } from './nftguard.js';
 import { hasNetAdmin, isAlive, pidsListeningOn, readStat } from './proc.js';
@@ -103,9 +104,15 @@ async function dropStaleHold(ctx: Ctx, st: AppState): Promise<void> {
 }
 
 /** Makes one family say what the spec says, in one commit; returns what was missing (empty: nothing to do). */
-export async function applySpec(ipt: Iptables, family: Family, spec: AppSpec, view?: RulesView): Promise<string[]> {
+export async function applySpec(
+  ipt: Iptables,
+  family: Family,
+  spec: AppSpec,
+  view?: RulesView,
+  only?: Table,
+): Promise<string[]> {
   const v = view ?? (await ipt.save(family));
-  const text = appText(v, spec, family);
+  const text = appText(v, spec, family, only);
   if (text) await ipt.restore(family, text);
   return text ? checkApp(v, spec, family).missing : [];
 }

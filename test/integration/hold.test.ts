@@ -307,4 +307,24 @@ ${out}`);
   });
 });
 
+test("an in-place deploy leaves another app's pause alone, and the mangle hooks single", async () => {
+  await inWorld(async (w) => {
+    const [port, a1, a2] = await freePorts(3);
+    assert.is((await w.pf(deployArgs([port], [], ['--version', 'v1']))).code, 0);
+    assert.is((await w.pf(deployArgs([a1, a2], [], ['--version', 'a1'], 'api', 81))).code, 0);
+    assert.is((await w.pf(['pause', 'api', '--timeout', '60s'])).code, 0);
+    const r = await w.pf(deployArgs([port], [], ['--version', 'v2']));
+    assert.is(r.code, 0, show(r));
+    const mangle = (await w.ns.exec('iptables-save', ['-t', 'mangle'])).stdout;
+    assert.match(mangle, /-A PF-api .* -j NFQUEUE --queue-num 3\d{4} --queue-bypass/, mangle);
+    assert.match(mangle, /-A PORTFLIP -p tcp -m tcp --dport 81 -j PF-api/, mangle);
+    assert.not.match(mangle, /PF-web/, mangle);
+    for (const hook of ['PREROUTING', 'OUTPUT'])
+      assert.is(mangle.split('\n').filter((l) => l === `-A ${hook} -m addrtype --dst-type LOCAL -j PORTFLIP`).length, 1, mangle);
+    assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v2');
+    assert.is((await w.pf(['resume', 'api'])).code, 0);
+    assert.not.match((await w.ns.exec('iptables-save', ['-t', 'mangle'])).stdout, /PORTFLIP/);
+  });
+});
+
 test.run();
