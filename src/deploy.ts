@@ -600,12 +600,15 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
     if (state.listen !== o.listen && state.instances.length) {
       ctx.emit({ kind: 'notice', app: o.app, message: `public port changes from ${state.listen} to ${o.listen}` });
     }
-    const views = await reconcile(ctx, ipt, state);
+    const { views, chains } = await reconcile(ctx, ipt, state);
     refuseDeploy(state, o.canary);
     state.listen = o.listen;
     state.backend = ipt.backend;
-    // read after the repair, which may change the nftables accept
-    const [port, denyChains] = await Promise.all([pickPort(o, ctx, state), openGuard(ctx.sys).then((g) => g.chains())]);
+    // read again only when the repair changed the nftables accept
+    const [port, denyChains] = await Promise.all([
+      pickPort(o, ctx, state),
+      chains ?? openGuard(ctx.sys).then((g) => g.chains()),
+    ]);
     await warnFirewall(o, ctx, views, port, denyChains);
     return { ipt, lock, user, env, state, port, views, fresh: !existing, denyChains };
   } catch (err) {

@@ -602,13 +602,17 @@ export async function detectBackend(sys: Sys, forced?: string): Promise<Iptables
   } else {
     return fail('noIptables', 'iptables is not installed; install it (apt-get install -y iptables) and run again');
   }
-  // both families are probed side by side: each probe is a process start
+  // Legacy iptables loads a table's module when it is named, so saving "-t nat" proves nat works for
+  // that family. The nft backend has nothing to load: the probe would only show that the tool starts,
+  // which the first real read shows too (a failure there is the same exit code), one process fewer.
+  const probe = (f: Family) =>
+    backend === 'nft' ? Promise.resolve({ code: 0, stderr: '' }) : sys.run(tool(f, backend, 'save'), ['-t', 'nat']);
   const probeV6 = async () =>
     (await sys.readText('/proc/net/if_inet6')) !== null &&
     (await which(sys, tool('ipv6', backend, 'restore'))) !== null &&
-    (await sys.run(tool('ipv6', backend, 'save'), ['-t', 'nat'])).code === 0;
-  const [probe, v6] = await Promise.all([sys.run(tool('ipv4', backend, 'save'), ['-t', 'nat']), probeV6()]);
-  if (probe.code !== 0)
-    fail('noIptables', `iptables does not work here (${tool('ipv4', backend, 'save')}: ${firstLine(probe.stderr)})`);
+    (await probe('ipv6')).code === 0;
+  const [v4, v6] = await Promise.all([probe('ipv4'), probeV6()]);
+  if (v4.code !== 0)
+    fail('noIptables', `iptables does not work here (${tool('ipv4', backend, 'save')}: ${firstLine(v4.stderr)})`);
   return new Iptables(sys, backend, v6 ? ['ipv4', 'ipv6'] : ['ipv4']);
 }

@@ -20,7 +20,7 @@ import {
   type RulesView,
   type Table,
 } from './iptables.js';
-import { guardScript, NftGuard } from './nftguard.js';
+import { guardScript, NftGuard, type DenyChain } from './nftguard.js';
 import { hasNetAdmin, isAlive, pidsListeningOn, readStat } from './proc.js';
 import { listApps, readState, takeLock, writeState, type AppState, type Instance, type Paths } from './state.js';
 import { which, type Sys } from './sys.js';
@@ -166,11 +166,20 @@ export async function syncGuard(
   st: AppState,
   mode: 'auto' | 'present' | 'absent' = 'auto',
 ): Promise<string[]> {
+  return (await guardSync(ctx, st, mode)).changed;
+}
+
+/** syncGuard, also returning the chains it read when it left them as they were (null when it changed them). */
+async function guardSync(
+  ctx: Ctx,
+  st: AppState,
+  mode: 'auto' | 'present' | 'absent',
+): Promise<{ changed: string[]; chains: DenyChain[] | null }> {
   const guard = await openGuard(ctx.sys);
   const want = guardWanted(st, mode);
   const chains = await guard.chains();
   const script = guardScript(chains, st.app, want);
-  if (!script) return [];
+  if (!script) return { changed: [], chains };
   const err = await guard.apply(script);
   if (err) {
     ctx.emit({
@@ -178,9 +187,10 @@ export async function syncGuard(
       app: st.app,
       message: `could not update portflip's accept rule in nftables (${err}); redirected traffic may be dropped there`,
     });
-    return [];
+    return { changed: [], chains: null };
   }
-  return chains.map((c) => `nft: ${want ? 'accept in' : 'remove from'} ${c.family} ${c.table} ${c.chain}`);
+  const changed = chains.map((c) => `nft: ${want ? 'accept in' : 'remove from'} ${c.family} ${c.table} ${c.chain}`);
+  return { changed, chains: null };
 }
 
 /** What syncGuard would change, without changing it: null when nothing. */
@@ -199,7 +209,7 @@ export async function settle(
   st: AppState,
   views?: Map<Family, RulesView>,
   quiet = false,
-): Promise<void> {
+): Promise<DenyChain[] | null> {
   const step: StepName = 'repair';
   // the families commit side by side, each atomic on its own; their events follow in order
   const started = ctx.sys.now();
@@ -230,7 +240,7 @@ export async function settle(
     });
   }
   const guardStarted = ctx.sys.now();
-  const changed = await syncGuard(ctx, st);
+  const { changed, chains } = await guardSync(ctx, st, 'auto');
   if (changed.length && !quiet) {
     ctx.emit({
       kind: 'step',
@@ -242,6 +252,7 @@ export async function settle(
       detail: changed.join('; '),
     });
   }
+  return chains;
 }
 
 /** How people read an instance in messages: "port 8002 (pid 9203)". */
@@ -251,9 +262,14 @@ export const instanceLabel = (i: Instance) => `port ${i.port}${i.pid ? ` (pid ${
  * Finds out what is real after any earlier run, killed or not, and repairs it: the live redirect
  * decides which instance is active; dead instances are dropped; a candidate nobody switched to is
  * an orphan of an interrupted deploy and is stopped; rules that point nowhere live are fixed or
- * removed. Returns the views it read so callers can switch without reading again.
+ * removed. Returns the views it read so callers can switch without reading again, and the nftables
+ * chains when it left them as read (null when it changed them).
  */
-export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<Map<Family, RulesView>> {
+export async function reconcile(
+  ctx: Ctx,
+  ipt: Iptables,
+  st: AppState,
+): Promise<{ views: Map<Family, RulesView>; chains: DenyChain[] | null }> {
   const { sys, emit } = ctx;
   const app = st.app;
   const views = new Map<Family, RulesView>();
@@ -326,9 +342,9 @@ export async function reconcile(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   }
 
   if (st.hold && !(await holdStands(sys, st, true))) await dropStaleHold(ctx, st);
-  await settle(ctx, ipt, st, views);
+  const chains = await settle(ctx, ipt, st, views);
   if (JSON.stringify(st) !== before) await writeState(ctx.sys, ctx.paths, st);
-  return views;
+  return { views, chains };
 }
 
 /**

@@ -80,7 +80,7 @@ export function ownCostMarkdown(r) {
     row('`node -e 0`', r.node, ''),
     row('`portflip status` (one app)', r.status, `node + ${BUDGETS.statusOverNodeMs}: ${ok(r.pass.status)} (+${f(r.statusOverNode)})`),
     row('deploy overhead (wall - ready - drain)', r.deployOverhead, `${BUDGETS.deployOverheadMs}: ${ok(r.pass.deploy)}`),
-    row('switch step (one nat commit per family, side by side)', r.switch, `${BUDGETS.switchMs}: ${ok(r.pass.switch)}`),
+    row('switch step (one nat commit per family, side by side; it only adds)', r.switch, `${BUDGETS.switchMs}: ${ok(r.pass.switch)}`),
     '',
   ].join('\n');
 }

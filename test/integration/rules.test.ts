@@ -76,20 +76,22 @@ test('the switch is one iptables-restore --noflush commit of its own chain, with
       const r = await w.pf(deployArgs(ports, [], ['--version', 'v2']), env);
       assert.is(r.code, 0, show(r));
       const calls = readFileSync(log, 'utf8').split('=== ').filter(Boolean);
-      // open (the filter accepts the new port), the switch (the redirect alone, both families side by side), and
-      // after the drain the filter alone closes the old port: two commits each, one per family
+      // open (the filter accepts the new port), the switch (the new redirect added on top, both families side by
+      // side), and after the drain one commit closes the old port and tidies the old redirect away: two each
       const tools = calls.map((c) => c.split('\n')[0]);
       assert.equal(tools.filter((t) => t.startsWith('iptables-nft-restore')).length, 3, tools.join('; '));
       assert.equal(tools.filter((t) => t.startsWith('ip6tables-nft-restore')).length, 3, tools.join('; '));
       assert.ok(tools.every((t) => t.endsWith('--noflush -w 5')));
       const body = (c: string) => c.split('\n').slice(1).filter(Boolean);
       for (const c of calls) {
-        for (const l of body(c)) assert.ok(['*filter', '*nat', 'COMMIT', ':PF-web - [0:0]'].includes(l) || l.startsWith('-A PF-web '), `only the app's own chains: ${l}`);
+        for (const l of body(c)) assert.ok(['*filter', '*nat', 'COMMIT', ':PF-web - [0:0]'].includes(l) || /^-[AI] PF-web /.test(l), `only the app's own chains: ${l}`);
       }
       const tables = calls.map((c) => body(c).filter((l) => l.startsWith('*')).join(''));
-      assert.equal(tables, ['*filter', '*filter', '*nat', '*nat', '*filter', '*filter'], 'open, switch, close');
+      assert.equal(tables, ['*filter', '*filter', '*nat', '*nat', '*filter*nat', '*filter*nat'], 'open, switch, close');
       const target = /--to-ports (\d+)/.exec(calls[2])![1];
-      for (const c of calls.slice(2, 4)) assert.is(body(c).join('\n'), `*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports ${target}\nCOMMIT`);
+      // the switch only adds: nothing in it waits for the kernel to free a deleted rule
+      for (const c of calls.slice(2, 4)) assert.is(body(c).join('\n'), `*nat\n-I PF-web 1 -p tcp -j REDIRECT --to-ports ${target}\nCOMMIT`);
+      for (const c of calls.slice(4)) assert.ok(body(c).join('\n').endsWith(`*nat\n:PF-web - [0:0]\n-A PF-web -p tcp -j REDIRECT --to-ports ${target}\nCOMMIT`), 'tidied');
       assert.ok(calls[0].includes(`--ctreplsrcport ${target} -j ACCEPT`), 'the way is open before the switch');
       const after = (await w.save()).split('\n');
       const changed = after.filter((l) => !before.includes(l));
