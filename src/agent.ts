@@ -1,6 +1,7 @@
 // `portflip agent`: answers HAProxy's agent-check for one app from portflip's state, read-only (no lock, no rules).
 //
-// HAProxy connects to the agent port (a node:net server, like the supervisor's control socket; files go through Sys) every agent-inter, reads one line and closes. The line carries up to
+// HAProxy connects to the agent port (a node:net server, like the supervisor's control socket; files go
+// through Sys) every agent-inter, reads one line and closes. The line carries up to
 // three things, each optional: an administrative word (ready, drain, maint), an operational word (up, down)
 // and a weight ("100%"). The agent only speaks about the administrative state when the operator set a mode
 // on this host (`portflip agent APP --set MODE`, a flag file next to the state file), so a drain or maint

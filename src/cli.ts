@@ -157,7 +157,8 @@ const deployFlags = (y: Argv) =>
     .option('drain', {
       type: 'string',
       describe:
-        'auto (default): signal for Node.js instances with the drain module, idle for others; signal: stop signal right after the switch; idle: wait for no open connections first',
+        'auto (default): signal for Node.js instances with the drain module, idle for others; ' +
+        'signal: stop signal right after the switch; idle: wait for no open connections first',
     })
     .option('drain-timeout', { type: 'string', describe: 'default 30s' })
     .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
@@ -262,7 +263,8 @@ export async function main(argv: string[]): Promise<number> {
     )
     .command(
       'run [app]',
-      'deploy the app and keep it up in the foreground (for systemd): restart it when it crashes, deploy again on SIGHUP or `portflip reload`',
+      'deploy the app and keep it up in the foreground (for systemd): restart it when it crashes, ' +
+        'deploy again on SIGHUP or `portflip reload`',
       (y) => deployFlags(appArg(y)).usage('$0 run <app> [-c FILE] [deploy options] [-- COMMAND [ARGS...]]'),
       (a) =>
         run(async () => {
@@ -287,7 +289,8 @@ export async function main(argv: string[]): Promise<number> {
     )
     .command(
       'systemd [app]',
-      'print a systemd unit for `portflip run APP`; with --restore, a unit that restores the rules at boot; with --watch, one that heals them',
+      'print a systemd unit for `portflip run APP`; with --restore, a unit that restores the rules at boot; ' +
+        'with --watch, one that heals them',
       (y) =>
         appArg(y)
           .option('restore', { type: 'boolean', describe: 'print the boot-time `portflip restore` unit instead' })

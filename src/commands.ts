@@ -156,7 +156,9 @@ const STOP: Step<AppRun>[] = [
         r.ctx.emit({
           kind: 'notice',
           app: r.st.app,
-          message: `rules outside portflip still jump to ${appChain(r.st.app)} (${[...r.foreign].join('; ')}); its chain was emptied but left in place: delete those rules, then run portflip cleanup`,
+          message:
+            `rules outside portflip still jump to ${appChain(r.st.app)} (${[...r.foreign].join('; ')}); ` +
+            'its chain was emptied but left in place: delete those rules, then run portflip cleanup',
         });
       }
     },
@@ -265,7 +267,11 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
       app: '*',
       status: 'ok',
       durationMs: ctx.sys.now() - started,
-      detail: `removed every portflip chain and rule${stopInstances ? `; stopped ${stopped} instance(s)` : '; instances left running (restore brings the rules back)'}`,
+      detail:
+        'removed every portflip chain and rule' +
+        (stopInstances
+          ? `; stopped ${stopped} instance(s)`
+          : '; instances left running (restore brings the rules back)'),
     });
   } finally {
     for (const l of locks) await l.release();
@@ -331,10 +337,9 @@ export interface CanaryStatus {
 }
 
 export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
-  // the slowest reads (nftables, pidusage's first call) start before the state files are read
+  // the slowest read (nftables) starts before the state files are read
   const guardChains = openGuard(ctx.sys).then((g) => g.chains());
   guardChains.catch(() => {});
-  const pidusage = import('pidusage').then((m) => m.default);
   const names = only ? [only] : await listApps(ctx.sys, ctx.paths);
   const states = (await Promise.all(names.map((a) => readState(ctx.sys, ctx.paths, a)))).filter((s) => s !== null);
   if (only && !states.length) fail('nothingToDo', `no app named "${only}" here (no state in ${ctx.paths.stateDir})`);
@@ -346,10 +351,7 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
   // every read runs side by side: status is run by hand and in loops, and most of its time is waiting
   const [socks, usage, rules, holds] = await Promise.all([
     tcpSockets(ctx.sys),
-    usageOf(
-      pidusage,
-      lives.flatMap((st) => st.instances.map((i) => i.pid!)),
-    ),
+    ctx.sys.usage(lives.flatMap((st) => st.instances.map((i) => i.pid!))),
     ruleChecks(ctx, lives, guardChains),
     Promise.all(states.map((st) => holdStatus(ctx.sys, st))),
   ]);
@@ -384,25 +386,6 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
       ...canaryStatus(st, insts),
     };
   });
-}
-
-/** CPU, memory and age per pid, in one pidusage call. */
-async function usageOf(
-  load: Promise<typeof import('pidusage')>,
-  pids: number[],
-): Promise<Map<number, { cpu: number; memory: number; elapsed: number }>> {
-  if (!pids.length) return new Map();
-  const pidusage = await load;
-  try {
-    const all = await pidusage(pids).catch(async () => {
-      // one process gone between the liveness check and now fails the batch: ask one by one
-      const each = await Promise.all(pids.map((p) => pidusage(p).catch(() => null)));
-      return Object.fromEntries(pids.flatMap((p, i) => (each[i] ? [[p, each[i]]] : [])));
-    });
-    return new Map(Object.entries(all).map(([pid, u]) => [Number(pid), u]));
-  } finally {
-    pidusage.clear();
-  }
 }
 
 /**

@@ -78,6 +78,12 @@ export interface SysFs {
   canExec(path: string): Promise<boolean>; // access(X_OK)
 }
 
+export interface ProcessUsage {
+  cpu: number;
+  memory: number;
+  elapsed: number;
+}
+
 export interface Sys {
   /** portflip's own pid (the lock names it). */
   readonly pid: number;
@@ -95,6 +101,8 @@ export interface Sys {
   /** One line to a unix socket (a holder's control socket), the first line back; null when none comes. */
   ask(socket: string, line: string, timeoutMs: number): Promise<string | null>;
   kill(pid: number, signal: NodeJS.Signals | 0): boolean;
+  /** CPU (percent of one core since start), resident memory (bytes) and age (ms) of live processes. */
+  usage(pids: number[]): Promise<Map<number, ProcessUsage>>;
   /** The priority portflip started with, before main.ts lowered its own (yieldCpu). */
   readonly startPriority: number;
   getPriority(): number;
@@ -291,6 +299,20 @@ export const realSys: Sys = {
       return true;
     } catch {
       return false;
+    }
+  },
+  async usage(pids) {
+    if (!pids.length) return new Map();
+    const { default: pidusage } = await import('pidusage'); // loaded only where it is used (status)
+    try {
+      const all = await pidusage(pids).catch(async () => {
+        // one process gone since the caller looked fails the batch: ask one by one
+        const each = await Promise.all(pids.map((p) => pidusage(p).catch(() => null)));
+        return Object.fromEntries(pids.flatMap((p, i) => (each[i] ? [[p, each[i]]] : [])));
+      });
+      return new Map(Object.entries(all).map(([pid, u]) => [Number(pid), u]));
+    } finally {
+      pidusage.clear();
     }
   },
   startPriority,

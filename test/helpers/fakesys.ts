@@ -228,6 +228,12 @@ export class FakeSys implements Sys {
     return out;
   }
 
+  async usage(pids: number[]): Promise<Map<number, { cpu: number; memory: number; elapsed: number }>> {
+    await this.yieldNow();
+    const live = pids.filter((pid) => this.procs.has(pid));
+    return new Map(live.map((pid) => [pid, { cpu: 0, memory: 10 << 20, elapsed: 1000 }]));
+  }
+
   async connect(host: string, port: number): Promise<boolean> {
     this.alive(`connect ${host}:${port}`);
     await this.yieldNow();

@@ -153,3 +153,24 @@ test('stop with a foreign rule jumping to the app chain empties the chain, says 
 });
 
 test.run();
+
+test('status reads every app through the Sys seam: instances, their usage, and whether the rules agree', async () => {
+  const { status } = await import('../../src/commands.js');
+  const sys = new FakeSys();
+  await deploy(fakeDeploy(), fakeCtx(sys).ctx);
+  await deploy(fakeDeploy({ app: 'api', listen: 81 }), fakeCtx(sys).ctx);
+  const pidOf = async (app: string) => (await readState(sys, FAKE_PATHS, app))!.instances[0].pid!;
+  const [apiPid, webPid] = [await pidOf('api'), await pidOf('web')];
+  let apps = await status(fakeCtx(sys).ctx);
+  assert.equal(
+    apps.map((a) => [a.app, a.active?.pid, a.active?.memory, a.rules]),
+    [['api', apiPid, 10 << 20, 'ok'], ['web', webPid, 10 << 20, 'ok']],
+  );
+  sys.flushRules();
+  apps = await status(fakeCtx(sys).ctx, 'web');
+  assert.is(apps[0].rules, 'missing', 'a flushed table is seen');
+  sys.kill(webPid, 'SIGKILL');
+  apps = await status(fakeCtx(sys).ctx, 'web');
+  assert.is(apps[0].active, null);
+  assert.equal(apps[0].others.map((i) => [i.state, i.cpu]), [['gone', null]], 'a dead instance has no usage');
+});
