@@ -325,7 +325,7 @@ function markdown(results) {
   md.push('');
   md.push(`**Restart window**: from the moment a restart starts until ${WINDOW_AFTER_MS / 1000} s after it has finished. This contains the issue's "2 s after each restart starts" and also covers what happens later in a slow restart (portflip's switch and drain come after its 1 s start-up; pm2's reload takes as long).`);
   md.push('');
-  md.push('Contenders: **portflip** deploys through an iptables REDIRECT from port 80 (`--ready` HTTP, default `--drain auto`, which is `signal` for the fixture: a Node app with the drain module); **plain restart** sends SIGTERM, waits for the exit, starts the new instance on the same port; **SYN-drop restart** does the same between `iptables -I INPUT -p tcp --dport 8080 --syn -j DROP` and its deletion; **pm2 reload** runs the app in cluster mode (1 instance, `listen_timeout` and `kill_timeout` 10 s, `PM2_KILL_SIGNAL=SIGTERM` so the app drains); the **baseline** never restarts. All but portflip are reached on the instance port directly.');
+  md.push('Contenders: **portflip** deploys through an iptables REDIRECT from port 80 (`--ready` HTTP, default `--drain auto`, which is `signal` for the fixture: a Node app with the drain module); **plain restart** sends SIGTERM, waits for the exit, starts the new instance on the same port; **SYN-drop restart** does the same between `iptables -I INPUT -p tcp --dport 8080 --syn -j DROP` and its deletion; **pm2 reload** runs the app in cluster mode (1 instance, `listen_timeout` and `kill_timeout` 10 s, `PM2_KILL_SIGNAL=SIGTERM` so the app drains); the **baseline** never restarts; **portflip in place (hold)** deploys with one instance port (`--ports 20001`): it holds new SYNs in an NFQUEUE, stops the old instance, starts the new one on the same port and releases the held SYNs once it is ready (README "Hold"). All but the two portflip rows are reached on the instance port directly.');
   md.push('');
   md.push('## Verdict for portflip');
   md.push('');
@@ -340,6 +340,11 @@ function markdown(results) {
     md.push('');
     md.push(modeTable(run));
     md.push('');
+    const gaps = (run.contenders.inplace?.restarts ?? []).map((r) => r.steps?.holdGapMs).filter((g) => g !== undefined);
+    if (gaps.length) {
+      md.push(`portflip in place: measured restart gaps (hold to release, the most a held client waits): ${gaps.map(fmtMs).join(', ')} ms.`);
+      md.push('');
+    }
     md.push(`![${MODES[mode]}](${run.svg})`);
     const errs = Object.values(run.contenders).filter((c) => c.firstErrors?.length);
     if (errs.length) {

@@ -19,6 +19,7 @@ const lazy = {
   canary: () => import('./canary.js'),
   commands: () => import('./commands.js'),
   deploy: () => import('./deploy.js'),
+  hold: () => import('./hold.js'),
   ops: () => import('./ops.js'),
   supervisor: () => import('./supervisor.js'),
   systemd: () => import('./systemd.js'),
@@ -109,8 +110,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
       : String(a.ports)
           .split(',')
           .map((p) => port(p.trim(), '--ports'));
-  if (ports && ports.length < 2)
-    fail('usage', `--ports ${a.ports}: give two or more ports to alternate between, like 8001,8002`);
+  // one port is allowed: an in-place restart (README "Hold")
   return {
     app: String(a.app),
     listen: port(a.listen, '--listen'),
@@ -376,6 +376,28 @@ export async function main(argv: string[]): Promise<number> {
       (a) => run(async () => (await lazy.commands()).rollback(ctx, appName(a))),
     )
     .command(
+      'pause [app]',
+      'hold new connections to the public port until resume (open ones keep flowing)',
+      (y) =>
+        appArg(y)
+          .option('timeout', { type: 'string', default: '60s', describe: 'release on its own after this long' })
+          .option('queue-len', { type: 'number', describe: 'how many SYNs the queue keeps (default 8192)' })
+          .option('dry-run', { type: 'boolean', describe: 'print the steps, change nothing' }),
+      (a) =>
+        run(async () => {
+          const { pause, DEFAULT_QUEUE_LEN } = await lazy.hold();
+          const timeoutMs = parseDuration(String(a.timeout), '--timeout');
+          const queueLen = a.queueLen === undefined ? DEFAULT_QUEUE_LEN : Number(a.queueLen);
+          await pause(ctx, appName(a), { timeoutMs, queueLen, dryRun: !!a.dryRun });
+        }),
+    )
+    .command(
+      'resume [app]',
+      'let every held new connection in at once and stop holding',
+      (y) => appArg(y),
+      (a) => run(async () => (await lazy.hold()).resume(ctx, appName(a))),
+    )
+    .command(
       'promote [app]',
       'make the live canary the only instance (its old one drains); with --canary P%, only set its share',
       (y) =>
@@ -448,7 +470,7 @@ export async function main(argv: string[]): Promise<number> {
     )
     .demandCommand(
       1,
-      'name a command: deploy, promote, abort, status, logs, rollback, stop, restore, cleanup, init, run, reload, watch, systemd or agent',
+      'name a command: deploy, promote, abort, status, logs, rollback, pause, resume, stop, restore, cleanup, init, run, reload, watch, systemd or agent',
     )
     .strict()
     .help()

@@ -35,6 +35,7 @@ import {
   wantedSpec,
   type Ctx,
 } from './ops.js';
+import { formatHold, holdStatus, type HoldStatus } from './hold.js';
 import { isAlive, openConnections, tcpSockets } from './proc.js';
 import {
   ensureDirs,
@@ -322,6 +323,7 @@ export interface AppStatus {
   rules: Verdict | 'unknown'; // the nat redirect
   firewall: Verdict | 'off' | 'unknown'; // the filter chain and the nftables accept
   restarts: number; // crash restarts by `portflip run`
+  hold: HoldStatus | null; // new connections held: paused, or an in-place deploy
   canary?: CanaryStatus;
 }
 
@@ -347,10 +349,11 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
   // what the state file wants, counting only instances that are still alive
   const lives = states.map((st, k) => ({ ...st, instances: st.instances.filter((_, j) => alive[k][j]) }));
   // every read runs side by side: status is run by hand and in loops, and most of its time is waiting
-  const [socks, usage, rules] = await Promise.all([
+  const [socks, usage, rules, holds] = await Promise.all([
     tcpSockets(ctx.sys),
     ctx.sys.usage(lives.flatMap((st) => st.instances.map((i) => i.pid!))),
     ruleChecks(ctx, lives, guardChains),
+    Promise.all(states.map((st) => holdStatus(ctx.sys, st))),
   ]);
   return states.map((st, k) => {
     const insts: InstanceStatus[] = [];
@@ -379,6 +382,7 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
       others: insts.filter((i) => i !== active),
       ...rules[k],
       restarts: st.restarts ?? 0,
+      hold: holds[k],
       ...canaryStatus(st, insts),
     };
   });
@@ -461,7 +465,8 @@ export function formatStatus(apps: AppStatus[], colour = false, conntrack: Connt
       const share = `${c!.percent}% of ${c!.by === 'ip' ? 'client addresses' : 'new connections'}`;
       return `${app}: canary on port ${c!.port} gets ${share} (${c!.connections.canary} open; ${c!.connections.active} on the active); portflip promote ${app} or portflip abort ${app}`;
     });
-  const table = [formatApps(apps, colour), ...canaries].join('\n');
+  const holds = apps.filter((a) => a.hold).map((a) => formatHold(a.app, a.hold!));
+  const table = [formatApps(apps, colour), ...canaries, ...holds].join('\n');
   if (!conntrack) return table;
   const warn = conntrack.percent >= CONNTRACK_WARN_PERCENT;
   const line = `conntrack: ${conntrack.count} of ${conntrack.max} entries (${conntrack.percent}%)${warn ? ` WARNING: ${conntrackWarning(conntrack)}` : ''}`;

@@ -64,6 +64,7 @@ import {
 } from './state.js';
 import { inspectPreload, placePreload, preloadEnv } from './preload.js';
 import { guardScript, type DenyChain } from './nftguard.js';
+import { inPlacePreflight, inPlaceSteps } from './inplace.js';
 import { finishCanary, refuseDeploy, splitTo, type CanaryOptions } from './canary.js';
 import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from './steps.js';
 import type { Sys } from './sys.js';
@@ -140,6 +141,8 @@ interface DeployRun {
   loadedIn: string[];
   families: Family[]; // what the candidate listens on, from bind-check
   retiring: Instance[]; // what drain stops, set by the switch
+  released?: number; // in place: how many held connections the release let in
+  inPlace: boolean; // one instance port, the active instance on it: hold, stop, start on the same port (hold.ts)
   opened: Set<Family>; // families whose filter the open step committed: the switch then commits nat alone
 }
 
@@ -168,6 +171,7 @@ const DEPLOY: Step<DeployRun>[] = [
     where: (r) => ({ port: r.stale[0].port, pid: r.stale[0].pid }),
     detail: (r) => `${r.stale.length} earlier instance${r.stale.length > 1 ? 's' : ''} stopped`,
   },
+  ...inPlaceSteps.before,
   hookStep('before_start', 'before'),
   {
     name: 'start',
@@ -291,8 +295,9 @@ const DEPLOY: Step<DeployRun>[] = [
     undo: 'the same commit pointing back at the previous instance (or removing the rules on a first deploy); the state as it was',
     run: (r, run) => switchTo(r, run),
     where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
-    detail: (r) => (r.prev ? `from port ${r.prev.port}` : 'first instance'),
+    detail: (r) => (r.inPlace ? 'in place' : r.prev ? `from port ${r.prev.port}` : 'first instance'),
   },
+  ...inPlaceSteps.after,
   {
     name: 'canary',
     skip: (r) => !r.o.canary,
@@ -415,7 +420,9 @@ function switchSpec(
     ...r.st.instances.filter((i) => i.state !== 'candidate' && i !== r.cand).map((i) => i.port),
     r.cand.port,
   ];
-  return { app: r.o.app, listen: r.o.listen, target, open, firewall: firewallOf({ firewall }) };
+  // a hold in force stays until the release step
+  const hold = r.st.hold && target !== null ? r.st.hold.queue : null;
+  return { app: r.o.app, listen: r.o.listen, target, open, firewall: firewallOf({ firewall }), hold };
 }
 
 /** Hooks run as the app's user, in its directory, told which step they stand in. */
@@ -430,9 +437,16 @@ function hookContext(r: DeployRun, name: HookName, failedStep?: string) {
   return { cwd: r.o.cwd, env, user: r.pre.user };
 }
 
+export type { DeployRun };
+
 export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   const { sys, emit, paths } = ctx;
   appChain(o.app); // refuses a bad name before anything else
+  if (o.ports?.length === 1 && (o.verifyMs || o.keepOldMs || o.canary))
+    fail(
+      'usage',
+      `--ports ${o.ports[0]} is an in-place restart (one instance port): --verify, --keep-old and --canary need two ports`,
+    );
   const t0 = sys.now();
   // preflight: every check, no side effect but the lock and repairs of earlier runs; bad input
   // fails here with one line and no event: nothing was started or changed
@@ -460,10 +474,13 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     loadedIn: [],
     families: [],
     retiring: [],
+    inPlace: false,
     opened: new Set(),
   };
+  r.inPlace = !!r.prev && o.ports?.length === 1 && o.ports[0] === r.prev.port;
   if (o.dryRun) return plan(r);
   try {
+    if (r.inPlace) await inPlacePreflight(r);
     await runSteps(DEPLOY, r, { app: o.app, sys, emit });
     if (o.keepOldMs && r.prev) {
       const pid = await spawnReaper(ctx, o.app);
@@ -647,6 +664,8 @@ async function pickPort(o: DeployOptions, ctx: Ctx, st: AppState): Promise<numbe
   }
   const ours = (p: number) => st.instances.find((i) => i.port === p);
   const free = (p: number) => !taken.has(p) && p !== o.listen && !listenersOn(socks, p).length;
+  // one instance port and the active instance on it: an in-place restart (hold.ts)
+  if (o.ports?.length === 1 && ours(o.ports[0])?.state === 'active') return o.ports[0];
   if (o.ports) {
     const usable = o.ports.filter((p) => ours(p)?.state !== 'active');
     const pick = usable.find((p) => !ours(p) && free(p)) ?? usable.find((p) => ours(p)); // our kept one is retired first

@@ -23,6 +23,9 @@ export type StepName =
   | 'promote'
   | 'abort'
   | 'done'
+  | 'hold'
+  | 'release'
+  | 'stop-old'
   | HookName;
 
 export type Event =

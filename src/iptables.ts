@@ -12,8 +12,16 @@
 //          -A PF-APP -p tcp -m conntrack --ctstate DNAT --ctorigdstport LISTEN --ctreplsrcport PORT -j ACCEPT
 //          -A PF-APP ! -i lo -p tcp -m tcp --dport PORT -j REJECT --reject-with tcp-reset   (private ports)
 //
+//   mangle (only while new connections are held: pause, or an in-place deploy)
+//          -A PREROUTING/OUTPUT -m addrtype --dst-type LOCAL -j PORTFLIP  as in nat
+//          -A PORTFLIP -p tcp -m tcp --dport LISTEN -j PF-APP
+//          -A PF-APP -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW
+//             -j NFQUEUE --queue-num Q --queue-bypass
+//
 // The filter chain exists because INPUT sees a redirected packet with the instance port, not the public
-// one: a firewall that opens only the public port would drop every redirected connection.
+// one: a firewall that opens only the public port would drop every redirected connection. The mangle
+// chain runs before nat PREROUTING/OUTPUT, so a SYN released after a switch follows the new redirect;
+// --queue-bypass lets SYNs pass when no holder reads the queue (it died), so nothing is black-holed.
 
 import { fail, PortflipError } from './errors.js';
 import { compressV6 } from './proc.js';
@@ -21,7 +29,7 @@ import { which, type Sys } from './sys.js';
 
 export type Family = 'ipv4' | 'ipv6';
 export type Backend = 'nft' | 'legacy' | 'default';
-export type Table = 'nat' | 'filter';
+export type Table = 'nat' | 'filter' | 'mangle';
 
 export const ROOT_CHAIN = 'PORTFLIP';
 export const APP_PREFIX = 'PF-';
@@ -46,6 +54,10 @@ export const jumpRule = (app: string, listen: number) =>
 export const redirectRule = (app: string, port: number) => `-A ${appChain(app)} -p tcp -j REDIRECT --to-ports ${port}`;
 export const FILTER_HOOK = `-A INPUT -j ${ROOT_CHAIN}`;
 export const filterJumpRule = (app: string) => `-A ${ROOT_CHAIN} -p tcp -j ${appChain(app)}`;
+/** New connections only (a SYN conntrack has not seen): open connections keep flowing during a hold. */
+export const holdRule = (app: string, queue: number) =>
+  `-A ${appChain(app)} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW ` +
+  `-j NFQUEUE --queue-num ${queue} --queue-bypass`;
 
 /** What portflip's filter chain for an app should say; null means portflip keeps out of the filter table. */
 export interface FirewallSpec {
@@ -60,6 +72,7 @@ export interface AppSpec {
   target: number | null; // the redirect's port; null: no redirect (no nat rules)
   open: number[]; // instance ports whose redirected connections the filter chain accepts; none: no filter rules
   firewall: FirewallSpec | null;
+  hold?: number | null; // NFQUEUE number holding new connections; absent or null: no mangle rules
   canary?: CanarySpec | null; // a share of new connections goes here instead of to target
 }
 
@@ -192,16 +205,18 @@ export interface TableView {
 export interface RulesView {
   nat: TableView;
   filter: TableView;
+  mangle: TableView;
 }
 
 const emptyTable = (): TableView => ({ chains: new Set(), policies: new Map(), rules: [] });
 
 export function parseSave(text: string): RulesView {
-  const view: RulesView = { nat: emptyTable(), filter: emptyTable() };
+  const view: RulesView = { nat: emptyTable(), filter: emptyTable(), mangle: emptyTable() };
+  const tables: Record<string, TableView> = { '*nat': view.nat, '*filter': view.filter, '*mangle': view.mangle };
   let table: TableView | null = null;
   for (const raw of text.split('\n')) {
     const line = raw.trim();
-    if (line.startsWith('*')) table = line === '*nat' ? view.nat : line === '*filter' ? view.filter : null;
+    if (line.startsWith('*')) table = tables[line] ?? null;
     else if (!table) continue;
     else if (line.startsWith(':')) {
       const [name, policy] = line.slice(1).split(/\s+/);
@@ -254,6 +269,7 @@ export type Verdict = 'ok' | 'missing' | 'mismatch';
 export interface AppCheck {
   nat: Verdict;
   filter: Verdict;
+  mangle: Verdict;
   missing: string[]; // what differs, for people: "filter: PF-web rules (accept 8002)"
   tidy: boolean; // the redirect is right, with shadowed rules below it to remove in the next commit
 }
@@ -311,7 +327,35 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
       missing.push(`filter: ${chain} should accept ${spec.open.join(',') || 'nothing'}`);
     }
   }
-  return { nat, filter, missing, tidy: nat === 'ok' && spec.target !== null && !spec.canary && live.shadowed > 0 };
+  const mangle = checkHold(view.mangle, spec, missing);
+  return {
+    nat,
+    filter,
+    mangle,
+    missing,
+    tidy: nat === 'ok' && spec.target !== null && !spec.canary && live.shadowed > 0,
+  };
+}
+
+/** The mangle chain: the hold rule while new connections are held, nothing otherwise. */
+function checkHold(t: TableView, spec: AppSpec, missing: string[]): Verdict {
+  const chain = appChain(spec.app);
+  const jumps = rulesIn(t, ROOT_CHAIN).filter((r) => r.endsWith(` -j ${chain}`));
+  if (spec.hold === undefined || spec.hold === null) {
+    if (!t.chains.has(chain) && !jumps.length) return 'ok';
+    missing.push(`mangle: hold in ${chain} should be gone`);
+    return 'mismatch';
+  }
+  const lacks = [
+    ...(NAT_HOOKS.every((h) => t.rules.includes(hookRule(h))) ? [] : ['mangle: PREROUTING/OUTPUT hooks']),
+    ...(t.chains.has(chain) ? [] : [`mangle: chain ${chain}`]),
+    ...(jumps.join('\n') === jumpRule(spec.app, spec.listen) ? [] : [`mangle: jump for port ${spec.listen}`]),
+  ];
+  missing.push(...lacks);
+  if (lacks.length) return 'missing';
+  if (rulesIn(t, chain).join('\n') === holdRule(spec.app, spec.hold)) return 'ok';
+  missing.push(`mangle: hold new connections in queue ${spec.hold}`);
+  return 'mismatch';
 }
 
 /**
@@ -359,11 +403,16 @@ export function appText(view: RulesView, spec: AppSpec, family: Family, only?: T
       : spec.firewall && spec.open.length
         ? filterEnsure(view, spec, family)
         : filterRemoval(view, spec.app);
+  const held = spec.hold !== undefined && spec.hold !== null;
+  const mangle = check.mangle === 'ok' ? [] : held ? holdEnsure(view.mangle, spec) : removal(view.mangle, spec.app);
   const section = (table: Table, lines: string[]) => (lines.length ? [`*${table}`, ...lines, 'COMMIT'] : []);
+  // a hold starts before anything else changes and ends after it (releasing is the holder's, not ours)
   const parts =
     spec.target === null
       ? [...section('nat', nat), ...section('filter', filter)]
       : [...section('filter', filter), ...section('nat', nat)];
+  if (held) parts.unshift(...section('mangle', mangle));
+  else parts.push(...section('mangle', mangle));
   return parts.length ? [...parts, ''].join('\n') : null;
 }
 
@@ -390,6 +439,19 @@ function natEnsure(view: RulesView, spec: AppSpec, family: Family): string[] {
   for (const r of rulesIn(view.nat, ROOT_CHAIN)) if (r.endsWith(` -j ${chain}`) && r !== want) lines.push(asDelete(r));
   if (!view.nat.rules.includes(want)) lines.push(want);
   lines.push(...natRules(spec, family));
+  return lines;
+}
+
+function holdEnsure(t: TableView, spec: AppSpec): string[] {
+  const chain = appChain(spec.app);
+  const lines: string[] = [];
+  if (!t.chains.has(ROOT_CHAIN)) lines.push(`:${ROOT_CHAIN} - [0:0]`);
+  lines.push(`:${chain} - [0:0]`);
+  for (const h of NAT_HOOKS) if (!t.rules.includes(hookRule(h))) lines.push(hookRule(h));
+  const want = jumpRule(spec.app, spec.listen);
+  for (const r of rulesIn(t, ROOT_CHAIN)) if (r.endsWith(` -j ${chain}`) && r !== want) lines.push(asDelete(r));
+  if (!t.rules.includes(want)) lines.push(want);
+  lines.push(holdRule(spec.app, spec.hold!));
   return lines;
 }
 
@@ -437,7 +499,7 @@ function rootRemoval(t: TableView): string[] {
 /** Every chain and rule portflip owns, gone, nat first; other rules stay as they are. */
 export function cleanupText(view: RulesView): string | null {
   const sections: string[] = [];
-  for (const table of ['nat', 'filter'] as const) {
+  for (const table of ['nat', 'filter', 'mangle'] as const) {
     const t = view[table];
     const ours = [...t.chains].filter((c) => c.startsWith(APP_PREFIX));
     if (!ours.length && !t.chains.has(ROOT_CHAIN) && !t.rules.some((r) => r.endsWith(' -j PORTFLIP'))) continue;

@@ -61,13 +61,46 @@ export function wantedSpec(st: AppState, family: Family): AppSpec {
   const target = active && st.families.includes(family) ? active.port : null;
   // with no redirect in this family there is nothing redirected to accept
   const open = target === null ? [] : st.instances.filter((i) => i.state !== 'candidate').map((i) => i.port);
-  const spec: AppSpec = { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st) };
+  // a hold covers the families the app's redirect is in (hold.ts)
+  const hold = st.hold && st.families.includes(family) ? st.hold.queue : null;
+  const spec: AppSpec = { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st), hold };
   // a live canary takes its share, in the families it listens on
   const canary = st.instances.find((i) => i.state === 'canary');
   const c = st.canary;
   if (target !== null && canary && c?.families.includes(family))
     spec.canary = { port: canary.port, percent: c.percent, by: c.by, rnd: c.rnd };
   return spec;
+}
+
+/**
+ * A hold stands while its holder lives, its time is not up, and (for a deploy's hold) the deploy that
+ * made it still runs: a command that took the lock knows that deploy is gone.
+ */
+export async function holdStands(sys: Sys, st: AppState, underLock: boolean): Promise<boolean> {
+  const h = st.hold;
+  if (!h) return true;
+  if (h.untilMs <= sys.wallNow() || (underLock && h.reason === 'deploy')) return false;
+  return isAlive(sys, h.pid, h.startTime);
+}
+
+/** Ends a hold that no longer stands: the holder (if alive) releases and exits; the rule goes with settle. */
+async function dropStaleHold(ctx: Ctx, st: AppState): Promise<void> {
+  const h = st.hold!;
+  const alive = await isAlive(ctx.sys, h.pid, h.startTime);
+  // SIGTERM makes the holder accept everything it holds before it exits
+  if (alive) ctx.sys.kill(h.pid, 'SIGTERM');
+  ctx.emit({
+    kind: 'notice',
+    app: st.app,
+    message: `removing the ${h.reason === 'pause' ? 'pause' : 'in-place deploy'} hold on port ${st.listen}: ${
+      !alive
+        ? `its holder (pid ${h.pid}) is gone`
+        : h.untilMs <= ctx.sys.wallNow()
+          ? 'its time is up'
+          : 'its deploy is gone'
+    }`,
+  });
+  delete st.hold;
 }
 
 /** Makes one family say what the spec says, in one commit; returns what was missing (empty: nothing to do). */
@@ -89,7 +122,7 @@ export async function removeApp(ipt: Iptables, family: Family, app: string): Pro
   const view = await ipt.save(family);
   const text = removeAppText(view, app);
   if (text) await ipt.restore(family, text);
-  return [...foreignJumps(view.nat, appChain(app)), ...foreignJumps(view.filter, appChain(app))];
+  return (['nat', 'filter', 'mangle'] as const).flatMap((t) => foreignJumps(view[t], appChain(app)));
 }
 
 /** How full the connection-tracking table is; null where conntrack is not loaded (no rule needs it yet). */
@@ -308,6 +341,7 @@ export async function reconcile(
     st.instances = st.instances.filter((i) => i !== extra);
   }
 
+  if (st.hold && !(await holdStands(sys, st, true))) await dropStaleHold(ctx, st);
   const chains = await settle(ctx, ipt, st, views);
   if (JSON.stringify(st) !== before) await writeState(ctx.sys, ctx.paths, st);
   return { views, chains };
@@ -365,6 +399,7 @@ export class Healer {
     const missing: string[] = [];
     for (const f of ipt.families) missing.push(...checkApp(await ipt.save(f), wantedSpec(st, f), f).missing);
     if (await syncGuardCheck(this.ctx, st)) missing.push('nft: portflip accept in a default-deny input chain');
+    if (!(await holdStands(this.ctx.sys, st, false))) missing.push('mangle: a hold whose holder is gone or timed out');
     return missing;
   }
 

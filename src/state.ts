@@ -53,6 +53,7 @@ export interface AppState {
   updatedAt: string;
   restarts?: number; // times `portflip run` brought the app back after its active instance died
   firewall?: FirewallSettings; // absent in state files older than the filter chain: auto
+  hold?: HoldState; // new connections are held (pause, or an in-place deploy): hold.ts
   canary?: CanarySettings; // the split while an instance is in the canary state (canary.ts)
 }
 
@@ -63,6 +64,17 @@ export interface CanarySettings {
   rnd: number; // HMARK seed for by ip, kept for the canary's life so clients stay on their side
   families: Family[]; // what the canary listens on: the split exists only there
   since: string; // ISO wall clock, for people
+}
+
+/** A hold in force: the holder process that reads the queue, and why it holds. */
+export interface HoldState {
+  queue: number; // NFQUEUE number, derived from the app name (hold.ts queueFor)
+  pid: number;
+  startTime: string | null;
+  socket: string; // the holder's control socket
+  untilMs: number; // epoch ms: the holder releases on its own then
+  maxlen: number;
+  reason: 'pause' | 'deploy';
 }
 
 export interface Paths {

@@ -98,6 +98,8 @@ export interface Sys {
   /** Readiness probes: a TCP connect, and an HTTP(S) GET answering 2xx/3xx. */
   connect(host: string, port: number, timeoutMs: number): Promise<boolean>;
   httpOk(url: string, timeoutMs: number): Promise<boolean>;
+  /** One line to a unix socket (a holder's control socket), the first line back; null when none comes. */
+  ask(socket: string, line: string, timeoutMs: number): Promise<string | null>;
   kill(pid: number, signal: NodeJS.Signals | 0): boolean;
   /** CPU (percent of one core since start), resident memory (bytes) and age (ms) of live processes. */
   usage(pids: number[]): Promise<Map<number, ProcessUsage>>;
@@ -257,6 +259,24 @@ export const realSys: Sys = {
       s.setTimeout(timeoutMs, () => done(false));
       s.once('connect', () => done(true));
       s.once('error', () => done(false));
+    });
+  },
+  ask(socket, line, timeoutMs) {
+    return new Promise((res) => {
+      const s = netConnect(socket);
+      let buf = '';
+      const done = (v: string | null) => {
+        s.destroy();
+        res(v);
+      };
+      s.setTimeout(timeoutMs, () => done(null));
+      s.once('error', () => done(null));
+      s.once('connect', () => s.write(line + '\n'));
+      s.on('data', (d) => {
+        buf += d.toString();
+        if (buf.includes('\n')) done(buf.slice(0, buf.indexOf('\n')));
+      });
+      s.once('end', () => done(null));
     });
   },
   async httpOk(url, timeoutMs) {

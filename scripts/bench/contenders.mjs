@@ -118,14 +118,15 @@ function parseEvents(stdout) {
   });
 }
 
-export function portflipDeployArgs(version, startDelayMs = START_DELAY_MS, app = APPS.fixture) {
-  return ['deploy', 'web', '--listen', String(PUBLIC_PORT), '--ports', '20001,20002', ...app.portflipFlags, '--json',
+export function portflipDeployArgs(version, startDelayMs = START_DELAY_MS, app = APPS.fixture, ports = '20001,20002') {
+  return ['deploy', 'web', '--listen', String(PUBLIC_PORT), '--ports', ports, ...app.portflipFlags, '--json',
     '--', ...app.command('{port}', version, startDelayMs)];
 }
 
-export async function portflipDeploy(ns, dirs, version, startDelayMs = START_DELAY_MS, app = APPS.fixture) {
+export async function portflipDeploy(ns, dirs, version, startDelayMs = START_DELAY_MS, app = APPS.fixture, ports = undefined) {
   mkdirSync(NGINX_BASE, { recursive: true });
-  const r = await h.portflip(ns, portflipDeployArgs(version, startDelayMs, app), dirs, { timeoutMs: 90_000, env: CLEAN_ENV });
+  const args = portflipDeployArgs(version, startDelayMs, app, ports);
+  const r = await h.portflip(ns, args, dirs, { timeoutMs: 90_000, env: CLEAN_ENV });
   const events = parseEvents(r.stdout);
   if (r.code !== 0) throw new Error(`portflip deploy exited ${r.code}: ${r.stderr.trim().slice(-800)} ${r.stdout.trim().slice(-800)}`);
   const step = (name) => events.find((e) => e.kind === 'step' && e.step === name);
@@ -167,6 +168,29 @@ export const contenders = {
     async restart(ctx, i) {
       const d = await portflipDeploy(ctx.ns, ctx.dirs, `v${i}`, START_DELAY_MS, ctx.app);
       return { steps: d.steps };
+    },
+    async teardown(ctx) {
+      if (!ctx.dirs) return;
+      await h.portflip(ctx.ns, ['stop', 'web', '--json'], ctx.dirs, { timeoutMs: 20_000, env: CLEAN_ENV }).catch(() => {});
+      ctx.dirs.cleanup();
+    },
+  },
+
+  // one instance port: hold new SYNs in an NFQUEUE, stop the old, start the new on the same port, release
+  inplace: {
+    title: 'portflip in place (hold)',
+    restarts: true,
+    async setup(ctx) {
+      ctx.dirs = h.tmpDirs();
+      await portflipDeploy(ctx.ns, ctx.dirs, 'v0', START_DELAY_MS, ctx.app, '20001');
+      return `http://${h.SERVER_ADDR}:${PUBLIC_PORT}/`;
+    },
+    async restart(ctx, i) {
+      const d = await portflipDeploy(ctx.ns, ctx.dirs, `v${i}`, START_DELAY_MS, ctx.app, '20001');
+      const step = (name) => d.events.find((e) => e.kind === 'step' && e.step === name)?.durationMs ?? 0;
+      // the restart gap: from the hold to the release, what a held client waits at most
+      const gapMs = ['stop-old', 'start', 'ready', 'bind-check', 'open', 'switch', 'release'].reduce((a, s) => a + step(s), 0);
+      return { steps: { ...d.steps, holdGapMs: gapMs } };
     },
     async teardown(ctx) {
       if (!ctx.dirs) return;

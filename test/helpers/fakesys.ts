@@ -240,6 +240,12 @@ export class FakeSys implements Sys {
     return host !== '::1' && !!this.listener(port);
   }
 
+  async ask(socket: string, line: string): Promise<string | null> {
+    this.alive(`ask ${socket}: ${line}`);
+    await this.yieldNow();
+    return null; // no holder runs under the fake
+  }
+
   async httpOk(url: string): Promise<boolean> {
     this.alive(`GET ${url}`);
     await this.yieldNow();

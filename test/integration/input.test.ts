@@ -35,7 +35,7 @@ test('bad input: each error has its own exit code and message, and changes nothi
     const deploy = (extra: string[], cmd = app('--version', 'v1')) => ['deploy', 'web', '--listen', '80', '--ports', `${a},${b}`, ...extra, ...cmd];
     await refused(w, ['deploy', 'web', '--listen', '70000', ...app()], 2, /--listen 70000: a port is a whole number from 1 to 65535/);
     await refused(w, ['deploy', 'web', '--listen', '80', '--ports', `80,${b}`, ...app()], 2, /instance ports must differ from --listen/);
-    await refused(w, ['deploy', 'web', '--listen', '80', '--ports', `${a}`, ...app()], 2, /give two or more ports/);
+    await refused(w, ['deploy', 'web', '--listen', '80', '--ports', `${a}`, '--keep-old', '5s', ...app()], 2, /is an in-place restart/);
     await refused(w, deploy(['--ready-timeout', '5x']), 2, /--ready-timeout: "5x" is not a duration/);
     await refused(w, deploy(['--kill-after', 'soon']), 2, /--kill-after: "soon" is not a duration/);
     await refused(w, deploy(['--drain', 'later']), 2, /--drain later: use auto, signal or idle/);
