@@ -35,7 +35,7 @@ import {
   wantedSpec,
   type Ctx,
 } from './ops.js';
-import { formatHold, holdStatus, type HoldStatus } from './hold.js';
+import { endHolder, formatHold, holdStatus, type HoldStatus } from './hold.js';
 import { isAlive, openConnections, tcpSockets } from './proc.js';
 import {
   ensureDirs,
@@ -167,13 +167,16 @@ const STOP: Step<AppRun>[] = [
   {
     name: 'drain',
     does: () =>
-      'send the stop signal to every instance at once (no idle wait: the port already refuses); SIGKILL after --kill-after',
+      'send the stop signal to every instance at once (no idle wait: the port already refuses); SIGKILL after ' +
+      '--kill-after; a pause holder lets go and exits',
     undo: '',
     run: async (r) => {
       const policy = { ...r.st.stop, drain: 'signal' as const };
-      await Promise.all(
-        r.st.instances.map((i) => drainAndStop(r.ctx.sys, r.st.app, i, policy, r.ctx.emit, async () => {})),
-      );
+      await Promise.all([
+        ...r.st.instances.map((i) => drainAndStop(r.ctx.sys, r.st.app, i, policy, r.ctx.emit, async () => {})),
+        ...(r.st.hold ? [endHolder(r.ctx.sys, r.st.hold)] : []),
+      ]);
+      delete r.st.hold; // or the closing settle would put the hold rule back for a stopped app
       r.stopped = r.st.instances.length;
       r.st.instances = [];
       await removeState(r.ctx.sys, r.ctx.paths, r.st.app);
@@ -252,11 +255,12 @@ export async function cleanup(ctx: Ctx, stopInstances: boolean): Promise<void> {
       for (const app of apps) {
         const st = await readState(ctx.sys, ctx.paths, app).catch(() => null);
         if (!st) continue;
-        await Promise.all(
-          st.instances.map((i) =>
+        await Promise.all([
+          ...st.instances.map((i) =>
             drainAndStop(ctx.sys, app, i, { ...st.stop, drain: 'signal' }, ctx.emit, async () => {}),
           ),
-        );
+          ...(st.hold ? [endHolder(ctx.sys, st.hold)] : []),
+        ]);
         stopped += st.instances.length;
         await removeState(ctx.sys, ctx.paths, app);
       }

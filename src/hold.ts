@@ -161,6 +161,16 @@ export async function releaseHold(ctx: Ctx, ipt: Iptables, st: AppState): Promis
   return answer?.waiting ?? 0;
 }
 
+/**
+ * Ends a hold's holder once its rule is gone (stop, cleanup --stop-instances): what it held is let go
+ * to a port that now refuses, and it exits rather than wait for its own timeout.
+ */
+export async function endHolder(sys: Sys, h: HoldState): Promise<void> {
+  const answer = await askHolder(sys, h.socket, 'release');
+  await askHolder(sys, h.socket, 'exit');
+  if (!answer && (await isAlive(sys, h.pid, h.startTime))) sys.kill(h.pid, 'SIGTERM');
+}
+
 /** What status shows of a hold: why, how many wait, whether the queue overflowed. */
 export interface HoldStatus {
   reason: HoldState['reason'];

@@ -140,6 +140,14 @@ test('pause --timeout: the holder releases on its own, and the next command remo
     assert.is(st.code, 0, show(st));
     assert.match(st.stderr, /its time is up|not paused/);
     assert.not.match(await w.save(), /NFQUEUE/);
+    // stop during a pause ends the holder too, rather than leaving it to its own timeout
+    assert.is((await w.pf(['pause', 'web', '--timeout', '10m'])).code, 0);
+    const holder = holderPid(w)!;
+    assert.ok(holder && alive(holder), 'a holder holds');
+    const s = await w.pf(['stop', 'web']);
+    assert.is(s.code, 0, show(s));
+    await waitFor(() => !alive(holder), 5000, 'the holder exits with stop');
+    assert.not.match(await w.save(), /NFQUEUE/);
   });
 });
 
