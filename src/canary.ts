@@ -15,9 +15,18 @@ import { fail, PortflipError } from './errors.js';
 import { checkOnce, type ReadyCheck } from './instance.js';
 import { appText, parseSave, type Family, type Iptables, type RulesView } from './iptables.js';
 import { move } from './lifecycle.js';
-import { applySpec, instanceLabel, openIptables, reconcile, retire, settle, wantedSpec, type Ctx } from './ops.js';
+import {
+  applySpec,
+  finishLeftovers,
+  instanceLabel,
+  openIptables,
+  retire,
+  underLock,
+  wantedSpec,
+  type Ctx,
+} from './ops.js';
 import { isAlive } from './proc.js';
-import { ensureDirs, readState, takeLock, writeState, type AppState, type Instance } from './state.js';
+import { readState, writeState, type AppState, type Instance } from './state.js';
 import { causeOf, planSteps, runSteps, type Step, type StepRun } from './steps.js';
 
 export interface CanaryOptions {
@@ -245,27 +254,14 @@ async function withCanary(
   steps: Step<CanaryRun>[],
   opts: { percent?: number; dryRun?: boolean },
 ): Promise<void> {
-  const recorded = await readState(ctx.sys, ctx.paths, app);
-  if (opts.dryRun) return dryRun(ctx, app, what, steps, recorded, opts.percent);
-  const ipt = await openIptables(ctx, recorded?.backend);
-  if (!recorded) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir}); deploy it first`);
-  await ensureDirs(ctx.sys, ctx.paths);
-  const lock = await takeLock(ctx.sys, ctx.paths, app, `${what} ${app}`, (m) =>
-    ctx.emit({ kind: 'notice', app, message: m }),
-  );
-  try {
-    const st = (await readState(ctx.sys, ctx.paths, app))!;
-    await reconcile(ctx, ipt, st);
+  if (opts.dryRun) return dryRun(ctx, app, what, steps, await readState(ctx.sys, ctx.paths, app), opts.percent);
+  await underLock(ctx, app, what, async (st, ipt) => {
     const r: CanaryRun = { ctx, ipt, st, ...sides(st, what), percent: opts.percent };
     await runSteps(steps, r, { app, sys: ctx.sys, emit: ctx.emit }).catch((err) => {
       throw causeOf(err);
     });
-    // as every command does: finish what an earlier run left draining, then close the ports of the gone
-    for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i);
-    await settle(ctx, ipt, st, undefined, true);
-  } finally {
-    await lock.release();
-  }
+    await finishLeftovers(ctx, ipt, st);
+  });
 }
 
 /** --dry-run of promote or abort: the steps and the exact commit against the live rules, nothing changed. */

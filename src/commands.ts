@@ -25,28 +25,19 @@ import {
   conntrackWarning,
   CONNTRACK_WARN_PERCENT,
   openGuard,
-  openIptables,
   reconcile,
   removeApp,
   requireNetAdmin,
-  settle,
   syncGuard,
   guardWanted,
+  underLock,
+  finishLeftovers,
   wantedSpec,
   type Ctx,
 } from './ops.js';
 import { endHolder, formatHold, holdStatus, type HoldStatus } from './hold.js';
 import { isAlive, openConnections, tcpSockets } from './proc.js';
-import {
-  ensureDirs,
-  listApps,
-  readState,
-  removeState,
-  takeLock,
-  writeState,
-  type AppState,
-  type Instance,
-} from './state.js';
+import { listApps, readState, removeState, takeLock, writeState, type AppState, type Instance } from './state.js';
 
 /** What rollback, stop and restore work on: the app's state under its lock, and its rules. */
 interface AppRun {
@@ -68,27 +59,20 @@ async function withApp(
   prepare?: (r: AppRun) => void,
   reconcileFirst = true,
 ): Promise<void> {
-  const recorded = await readState(ctx.sys, ctx.paths, app);
-  const ipt = await openIptables(ctx, recorded?.backend);
-  if (!recorded) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir}); deploy it first`);
-  await ensureDirs(ctx.sys, ctx.paths);
-  const lock = await takeLock(ctx.sys, ctx.paths, app, `${what} ${app}`, (m) =>
-    ctx.emit({ kind: 'notice', app, message: m }),
+  await underLock(
+    ctx,
+    app,
+    what,
+    async (st, ipt) => {
+      const r: AppRun = { ctx, st, ipt, stopped: 0, foreign: new Set() };
+      prepare?.(r);
+      await runSteps(steps, r, { app, sys: ctx.sys, emit: ctx.emit }).catch((err) => {
+        throw causeOf(err);
+      });
+      await finishLeftovers(ctx, ipt, st);
+    },
+    reconcileFirst,
   );
-  try {
-    const st = (await readState(ctx.sys, ctx.paths, app))!;
-    if (reconcileFirst) await reconcile(ctx, ipt, st);
-    const r: AppRun = { ctx, st, ipt, stopped: 0, foreign: new Set() };
-    prepare?.(r);
-    await runSteps(steps, r, { app, sys: ctx.sys, emit: ctx.emit }).catch((err) => {
-      throw causeOf(err);
-    });
-    // instances an earlier run left draining are finished by whichever run comes next
-    for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i);
-    await settle(ctx, ipt, st, undefined, true); // the ports of instances that are gone leave the filter chain
-  } finally {
-    await lock.release();
-  }
 }
 
 const pointAll = async (r: AppRun) => {

@@ -46,7 +46,6 @@ import {
   settle,
   spawnReaper,
   syncGuard,
-  wantedSpec,
   type Ctx,
 } from './ops.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './proc.js';

@@ -13,9 +13,9 @@ import { formatMs } from './duration.js';
 import { logTail } from './instance.js';
 import type { Iptables } from './iptables.js';
 import { parseQueueStats } from './nfqueue.js';
-import { applySpec, holdStands, instanceLabel, openIptables, reconcile, wantedSpec, type Ctx } from './ops.js';
+import { applySpec, holdStands, instanceLabel, underLock, wantedSpec, type Ctx } from './ops.js';
 import { isAlive, readStat } from './proc.js';
-import { ensureDirs, listApps, readState, takeLock, writeState, type AppState, type HoldState } from './state.js';
+import { listApps, readState, writeState, type AppState, type HoldState } from './state.js';
 import { causeOf, planSteps, runSteps, type Step } from './steps.js';
 import type { Sys } from './sys.js';
 
@@ -254,22 +254,8 @@ export interface PauseOptions {
   dryRun: boolean;
 }
 
-async function withHold(ctx: Ctx, app: string, what: 'pause' | 'resume', fn: (r: HoldRun) => Promise<void>) {
-  const recorded = await readState(ctx.sys, ctx.paths, app);
-  const ipt = await openIptables(ctx, recorded?.backend);
-  if (!recorded) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir}); deploy it first`);
-  await ensureDirs(ctx.sys, ctx.paths);
-  const lock = await takeLock(ctx.sys, ctx.paths, app, `${what} ${app}`, (m) =>
-    ctx.emit({ kind: 'notice', app, message: m }),
-  );
-  try {
-    const st = (await readState(ctx.sys, ctx.paths, app))!;
-    await reconcile(ctx, ipt, st);
-    await fn({ ctx, st, ipt, timeoutMs: 0, maxlen: 0, released: 0 });
-  } finally {
-    await lock.release();
-  }
-}
+const withHold = (ctx: Ctx, app: string, what: 'pause' | 'resume', fn: (r: HoldRun) => Promise<void>) =>
+  underLock(ctx, app, what, (st, ipt) => fn({ ctx, st, ipt, timeoutMs: 0, maxlen: 0, released: 0 }));
 
 const run = (steps: Step<HoldRun>[], r: HoldRun) =>
   runSteps(steps, r, { app: r.st.app, sys: r.ctx.sys, emit: r.ctx.emit }).catch((err) => {

@@ -12,7 +12,6 @@ import {
   detectBackend,
   foreignJumps,
   removeAppText,
-  type AppCheck,
   type AppSpec,
   type Family,
   type FirewallSpec,
@@ -22,7 +21,16 @@ import {
 } from './iptables.js';
 import { guardScript, NftGuard, type DenyChain } from './nftguard.js';
 import { hasNetAdmin, isAlive, pidsListeningOn, readStat } from './proc.js';
-import { listApps, readState, takeLock, writeState, type AppState, type Instance, type Paths } from './state.js';
+import {
+  ensureDirs,
+  listApps,
+  readState,
+  takeLock,
+  writeState,
+  type AppState,
+  type Instance,
+  type Paths,
+} from './state.js';
 import { which, type Sys } from './sys.js';
 
 export interface Ctx {
@@ -37,6 +45,40 @@ export async function requireNetAdmin(sys: Sys): Promise<void> {
   const status = (await sys.readText('/proc/self/status')) ?? '';
   if (!hasNetAdmin(status))
     fail('notPrivileged', 'portflip changes iptables rules and needs root (or CAP_NET_ADMIN); run it with sudo');
+}
+
+/**
+ * What every command on one deployed app does around its own work: the app must exist, its lock is
+ * held, and (unless told not to: restore does it as its step) an earlier run's leftovers are repaired
+ * first. `fn` gets the state as read under the lock.
+ */
+export async function underLock(
+  ctx: Ctx,
+  app: string,
+  what: string,
+  fn: (st: AppState, ipt: Iptables) => Promise<void>,
+  reconcileFirst = true,
+): Promise<void> {
+  const recorded = await readState(ctx.sys, ctx.paths, app);
+  const ipt = await openIptables(ctx, recorded?.backend);
+  if (!recorded) fail('nothingToDo', `no app named "${app}" here (no state in ${ctx.paths.stateDir}); deploy it first`);
+  await ensureDirs(ctx.sys, ctx.paths);
+  const lock = await takeLock(ctx.sys, ctx.paths, app, `${what} ${app}`, (m) =>
+    ctx.emit({ kind: 'notice', app, message: m }),
+  );
+  try {
+    const st = (await readState(ctx.sys, ctx.paths, app))!;
+    if (reconcileFirst) await reconcile(ctx, ipt, st);
+    await fn(st, ipt);
+  } finally {
+    await lock.release();
+  }
+}
+
+/** After a command's steps: finish what an earlier run left draining, then close the ports of the gone. */
+export async function finishLeftovers(ctx: Ctx, ipt: Iptables, st: AppState): Promise<void> {
+  for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i);
+  await settle(ctx, ipt, st, undefined, true);
 }
 
 export async function openIptables(ctx: Ctx, recorded?: string): Promise<Iptables> {
