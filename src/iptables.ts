@@ -401,7 +401,7 @@ export function appText(view: RulesView, spec: AppSpec, family: Family, only?: T
     check.filter === 'ok' || only === 'nat'
       ? []
       : spec.firewall && spec.open.length
-        ? filterEnsure(view, spec, family)
+        ? ((check.filter === 'mismatch' && filterOpen(view, spec, family)) || filterEnsure(view, spec, family))
         : filterRemoval(view, spec.app);
   const held = spec.hold !== undefined && spec.hold !== null;
   const mangle = check.mangle === 'ok' ? [] : held ? holdEnsure(view.mangle, spec) : removal(view.mangle, spec.app);
@@ -453,6 +453,24 @@ function holdEnsure(t: TableView, spec: AppSpec): string[] {
   if (!t.rules.includes(want)) lines.push(want);
   lines.push(holdRule(spec.app, spec.hold!));
   return lines;
+}
+
+/**
+ * Opening a port, when the app's filter chain holds some of the wanted rules and nothing else, in the
+ * wanted order: the missing ones go in where they belong and nothing is deleted (a delete makes the
+ * commit wait for the kernel's RCU grace period, like the switch's). Null: the chain needs rewriting.
+ */
+function filterOpen(view: RulesView, spec: AppSpec, family: Family): string[] | null {
+  const chain = appChain(spec.app);
+  const live = rulesIn(view.filter, chain);
+  const lines: string[] = [];
+  let kept = 0; // live rules met so far, in the wanted order
+  filterRules(spec, family).forEach((rule, k) => {
+    if (live[kept] === rule) kept++;
+    else if (kept === live.length) lines.push(rule); // after the last live rule: appended
+    else lines.push(rule.replace(`-A ${chain} `, `-I ${chain} ${k + 1} `)); // rules 1..k are in place by now
+  });
+  return kept === live.length && lines.length ? lines : null;
 }
 
 function filterEnsure(view: RulesView, spec: AppSpec, family: Family): string[] {

@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePorts } from '../helpers/netns.js';
 import { inWorld, deployArgs, show, get } from './lib.js';
+import { appText, filterRules, parseSave, type AppSpec } from '../../src/iptables.js';
 
 const OTHERS = `
 iptables -t nat -A PREROUTING -p tcp --dport 2222 -j REDIRECT --to-ports 22
@@ -142,6 +143,31 @@ test('the legacy backend works too when forced, and status names it', async () =
     assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v3');
     assert.is((await w.pf(['stop', 'web'])).code, 0);
     assert.not.match((await w.ns.exec('iptables-legacy-save', ['-t', 'nat'])).stdout, /PF-|PORTFLIP/);
+  });
+});
+
+test('opening a port inserts its rules at their places, and the chain reads back as the wanted layout (nft and legacy)', async () => {
+  const backends = process.getuid?.() === 0 ? ['nft', 'legacy'] : ['nft'];
+  await inWorld(async (w) => {
+    for (const b of backends) {
+      const allow = { exposePorts: false, allowFrom: ['192.0.2.0/24', '198.51.100.0/24'] };
+      const spec = (open: number[]): AppSpec => ({ app: 'web', listen: 80, target: open[0], open, firewall: allow });
+      const save = async () => parseSave((await w.ns.exec(`iptables-${b}-save`, [])).stdout);
+      const restore = async (text: string) =>
+        assert.is((await w.ns.exec(`iptables-${b}-restore`, ['--noflush'], { input: text })).code, 0, text);
+      await restore(appText(await save(), spec([8005]), 'ipv4')!);
+      // a lower port, then one in between: every rule of each goes in at its place, by position
+      for (const open of [[8001, 8005], [8001, 8003, 8005]]) {
+        const text = appText(await save(), spec(open), 'ipv4', 'filter')!;
+        assert.not.match(text, /:PF-web|-D |-F/, text);
+        assert.match(text, /-I PF-web \d+ /);
+        await restore(text);
+        const chain = (await save()).filter.rules.filter((r) => r.startsWith('-A PF-web '));
+        assert.equal(chain, filterRules(spec(open), 'ipv4'), b);
+      }
+      await w.ns.exec(`iptables-${b}`, ['-F']);
+      await w.ns.exec(`iptables-${b}`, ['-X']);
+    }
   });
 });
 

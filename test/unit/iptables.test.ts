@@ -169,8 +169,7 @@ test('a switch with the firewall opens the new port in filter before nat points 
   both.nat.chains = new Set(wired.nat.chains);
   const text = appText(both, spec('web', 80, 8002, { open: [8001, 8002], firewall: { exposePorts: true, allowFrom: [] } }), 'ipv4')!;
   assert.is(text, [
-    '*filter', ':PF-web - [0:0]',
-    '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8001 -j ACCEPT',
+    '*filter',
     '-A PF-web -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8002 -j ACCEPT', 'COMMIT',
     '*nat', '-I PF-web 1 -p tcp -j REDIRECT --to-ports 8002', 'COMMIT', '',
   ].join('\n'));
@@ -180,6 +179,39 @@ test('a switch with the firewall opens the new port in filter before nat points 
   const gone = removeAppText(both, 'web')!;
   assert.ok(gone.indexOf('*nat') < gone.indexOf('*filter'), 'removal takes the redirect away before the accept');
   assert.ok(gone.includes('-D INPUT -j PORTFLIP') && gone.includes('-X PF-web'));
+});
+
+const filterView = (rules: string[]) =>
+  parseSave(['*filter', ':INPUT ACCEPT [0:0]', ':PORTFLIP - [0:0]', ':PF-web - [0:0]', '-A INPUT -j PORTFLIP',
+    '-A PORTFLIP -p tcp -j PF-web', ...rules, 'COMMIT'].join('\n'));
+
+test('opening a port only adds: each missing rule goes in at its place in the wanted order, nothing is deleted', () => {
+  const open = (view: ReturnType<typeof parseSave>, o: Partial<AppSpec>) =>
+    appText(view, spec('web', 80, 8002, { open: [8001, 8002], firewall: fw, ...o }), 'ipv4', 'filter');
+  const one = filterRules(spec('web', 80, 8001, { firewall: fw }), 'ipv4');
+  assert.is(open(filterView(one), {}), [
+    '*filter',
+    '-I PF-web 2 -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8002 -j ACCEPT',
+    '-A PF-web ! -i lo -p tcp -m tcp --dport 8002 -j REJECT --reject-with tcp-reset', 'COMMIT', '',
+  ].join('\n'));
+  // a lower port goes in front of the live rules; with allowed networks, at every level of the layout
+  const allow = { firewall: { exposePorts: false, allowFrom: ['192.0.2.0/24'] } };
+  const high = filterRules(spec('web', 80, 8002, allow), 'ipv4');
+  const lines = open(filterView(high), allow)!.split('\n').slice(1, -2);
+  assert.equal(lines, [
+    '-I PF-web 1 -i lo -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8001 -j ACCEPT',
+    '-I PF-web 3 -s 192.0.2.0/24 -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 --ctreplsrcport 8001 -j ACCEPT',
+    '-I PF-web 6 ! -i lo -p tcp -m tcp --dport 8001 -j REJECT --reject-with tcp-reset',
+  ]);
+  // replayed in order, the inserts give exactly the wanted chain
+  const chain = [...high];
+  for (const l of lines) chain.splice(Number(l.split(' ')[2]) - 1, 0, l.replace(/^-I PF-web \d+ /, '-A PF-web '));
+  assert.equal(chain, filterRules(spec('web', 80, 8002, { ...allow, open: [8001, 8002] }), 'ipv4'));
+  // a rule that is not wanted, or rules out of order: the chain is written whole
+  const stray = open(filterView([...one, '-A PF-web -p udp -j ACCEPT']), {})!;
+  assert.ok(stray.includes(':PF-web - [0:0]'), stray);
+  const swapped = open(filterView([...one].reverse()), {})!;
+  assert.ok(swapped.includes(':PF-web - [0:0]'), swapped);
 });
 
 test('a foreign rule that jumps to an app chain keeps it from being deleted, and is left alone', () => {
