@@ -188,7 +188,11 @@ export function conntrackWarning(fill: { count: number; max: number; percent: nu
 // looked up once per Sys: a deploy asks several times, and each lookup walks PATH
 const nftPaths = new WeakMap<Sys, Promise<string | null>>();
 export async function openGuard(sys: Sys): Promise<NftGuard> {
-  if (!nftPaths.has(sys)) nftPaths.set(sys, which(sys, 'nft'));
+  if (!nftPaths.has(sys)) {
+    const lookup = which(sys, 'nft');
+    nftPaths.set(sys, lookup);
+    lookup.catch(() => nftPaths.delete(sys)); // a lookup that failed is asked again, not remembered
+  }
   return new NftGuard(sys, await nftPaths.get(sys)!);
 }
 
@@ -216,10 +220,11 @@ async function guardSync(
   ctx: Ctx,
   st: AppState,
   mode: 'auto' | 'present' | 'absent',
+  read?: Promise<DenyChain[]>,
 ): Promise<{ changed: string[]; chains: DenyChain[] | null }> {
   const guard = await openGuard(ctx.sys);
   const want = guardWanted(st, mode);
-  const chains = await guard.chains();
+  const chains = await (read ?? guard.chains());
   const script = guardScript(chains, st.app, want);
   if (!script) return { changed: [], chains };
   const err = await guard.apply(script);
@@ -243,7 +248,7 @@ export async function syncGuardCheck(ctx: Ctx, st: AppState): Promise<string | n
 /**
  * Brings every family's rules and the nftables guard in line with the state file. Each change is a
  * repair event saying what was missing, unless `quiet`: closing the port of an instance that just
- * drained is part of the drain, not a repair.
+ * drained is part of the drain, not a repair. `guardRead`: the nftables chains, read already.
  */
 export async function settle(
   ctx: Ctx,
@@ -251,6 +256,7 @@ export async function settle(
   st: AppState,
   views?: Map<Family, RulesView>,
   quiet = false,
+  guardRead?: Promise<DenyChain[]>,
 ): Promise<DenyChain[] | null> {
   const step: StepName = 'repair';
   // the families commit side by side, each atomic on its own; their events follow in order
@@ -282,7 +288,7 @@ export async function settle(
     });
   }
   const guardStarted = ctx.sys.now();
-  const { changed, chains } = await guardSync(ctx, st, 'auto');
+  const { changed, chains } = await guardSync(ctx, st, 'auto', guardRead);
   if (changed.length && !quiet) {
     ctx.emit({
       kind: 'step',
@@ -316,7 +322,10 @@ export async function reconcile(
   const app = st.app;
   const views = new Map<Family, RulesView>();
   const before = JSON.stringify(st);
-  // one read per family, side by side (a deploy's own time is mostly waiting on these tools)
+  // one read per family and the nftables ruleset, side by side (a deploy's own time is mostly waiting
+  // on these tools); the repairs below change only iptables' own tables, which the guard leaves out
+  const guardRead = openGuard(sys).then((g) => g.chains());
+  guardRead.catch(() => {}); // awaited by settle, unless something fails before it
   const saved = await Promise.all(ipt.families.map((f) => ipt.save(f)));
   ipt.families.forEach((f, k) => views.set(f, saved[k]));
 
@@ -384,7 +393,7 @@ export async function reconcile(
   }
 
   if (st.hold && !(await holdStands(sys, st, true))) await dropStaleHold(ctx, st);
-  const chains = await settle(ctx, ipt, st, views);
+  const chains = await settle(ctx, ipt, st, views, false, guardRead);
   if (JSON.stringify(st) !== before) await writeState(ctx.sys, ctx.paths, st);
   return { views, chains };
 }
