@@ -11,6 +11,7 @@ import { makeEmitter } from './events.js';
 import type { Ctx } from './ops.js';
 import { paths } from './state.js';
 import { realSys } from './sys.js';
+export { yieldCpu } from './sys.js'; // main.ts calls it once the CLI is loaded, before any work
 import type { DrainMode } from './state.js';
 
 // Each command loads only the modules it uses: a status or a deploy should not pay for the others.
@@ -206,6 +207,11 @@ const canaryFlags = (y: Argv) =>
       type: 'string',
       describe: 'promote on its own after this long of passing checks; abort if it dies or fails two in a row',
     });
+
+/** The part of yargs' internals the help-cache override above reaches (yargs 17). */
+interface YargsInternals {
+  getInternalMethods?(): { getUsageInstance?(): { cacheHelpMessage: () => void } } | undefined;
+}
 
 /** The app named on the command line, or the one a -c file stands for (web.toml -> web). */
 function appName(a: Record<string, unknown>): string {
@@ -480,6 +486,11 @@ export async function main(argv: string[]): Promise<number> {
     .fail((msg, err) => {
       throw err instanceof PortflipError ? err : new PortflipError('usage', msg || String(err?.message));
     });
+
+  // yargs lays out the command's whole help text each time it starts a command's handler, in case the
+  // handler prints it (5-13 ms of a deploy's start); portflip's handlers never do, and --help is not cached
+  const usage = (parser as unknown as YargsInternals).getInternalMethods?.()?.getUsageInstance?.();
+  if (usage) usage.cacheHelpMessage = () => {}; // a yargs without these internals runs as before
 
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
