@@ -1,31 +1,36 @@
-// Bundles the CLI that `portflip` runs (dist/src/main.js) in place, after tsc: one file per lazily
-// loaded command group instead of ~80 modules resolved one by one, and without string-width's
+// Bundles the CLI that `portflip` runs, after tsc: dist/src/cli.cjs, one CommonJS file that
+// dist/src/main.js loads with V8's code cache (src/load-cli.ts says why), without string-width's
 // import-time cost (src/text-width.ts says why). Unit tests keep importing tsc's per-module output.
 import { build } from 'esbuild';
-import { chmodSync, readdirSync, rmSync } from 'node:fs';
+import { chmodSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const dist = path.join(root, 'dist', 'src');
 
-// chunks of an earlier build have other hashes
-for (const f of readdirSync(dist)) if (/^cli-\w+\.js$/.test(f)) rmSync(path.join(dist, f));
+// chunks of the ESM bundles before this one, and code caches of an earlier bundle
+for (const f of readdirSync(dist)) if (/^cli-\w+\.js$|^cli\.cjs\./.test(f)) rmSync(path.join(dist, f));
 
 await build({
-  entryPoints: [path.join(dist, 'main.js')],
-  outdir: dist,
-  allowOverwrite: true,
+  entryPoints: [path.join(dist, 'cli.js')],
+  outfile: path.join(dist, 'cli.cjs'), // beside main.js, so paths relative to it (node-drain.cjs, holder.js) resolve
   bundle: true,
-  splitting: true, // commands stay lazily loaded: `status` never parses the deploy code
-  chunkNames: 'cli-[hash]', // beside main.js, so import.meta.url-relative paths (node-drain.cjs) still resolve
-  format: 'esm',
+  format: 'cjs',
   platform: 'node',
   target: 'node20',
+  // a script run from the code cache has no ES module loader behind it: import() becomes require()
+  supported: { 'dynamic-import': false },
+  external: ['koffi'], // a native addon, found in node_modules at run time
   alias: { 'string-width': path.join(dist, 'text-width.js') },
-  // bundled CommonJS dependencies (pidusage) call require() for Node's own modules
-  banner: { js: "import { createRequire as __pfRequire } from 'node:module'; const require = __pfRequire(import.meta.url);" },
+  define: { 'import.meta.url': '__pfModuleUrl' },
+  banner: { js: "var __pfModuleUrl = require('node:url').pathToFileURL(__filename).href;" },
+  minifyWhitespace: true, // a smaller file to read each run; names stay, for the rare stack trace
   legalComments: 'none',
   logLevel: 'warning',
 });
+// the loader reads the bundle as Latin-1, which is only exact for ASCII (esbuild escapes the rest)
+const bundle = readFileSync(path.join(dist, 'cli.cjs'));
+const at = bundle.findIndex((b) => b > 0x7f);
+if (at >= 0) throw new Error(`dist/src/cli.cjs has a byte that is not ASCII at offset ${at}; src/load-cli.ts reads it as Latin-1`);
 chmodSync(path.join(dist, 'main.js'), 0o755);
