@@ -1,5 +1,5 @@
 // Bundles the CLI that `portflip` runs, after tsc: dist/src/cli.cjs, one CommonJS file that
-// dist/src/main.js loads with V8's code cache (src/load-cli.ts says why), without string-width's
+// dist/src/main.cjs loads with V8's code cache (src/load-cli.cts says why), without string-width's
 // import-time cost (src/text-width.ts says why). Unit tests keep importing tsc's per-module output.
 import { build } from 'esbuild';
 import { chmodSync, readFileSync, readdirSync, rmSync } from 'node:fs';
@@ -14,7 +14,7 @@ for (const f of readdirSync(dist)) if (/^cli-\w+\.js$|^cli\.cjs\./.test(f)) rmSy
 
 await build({
   entryPoints: [path.join(dist, 'cli.js')],
-  outfile: path.join(dist, 'cli.cjs'), // beside main.js, so paths relative to it (node-drain.cjs, holder.js) resolve
+  outfile: path.join(dist, 'cli.cjs'), // beside main.cjs, so paths relative to it (node-drain.cjs, holder.js) resolve
   bundle: true,
   format: 'cjs',
   platform: 'node',
@@ -32,5 +32,5 @@ await build({
 // the loader reads the bundle as Latin-1, which is only exact for ASCII (esbuild escapes the rest)
 const bundle = readFileSync(path.join(dist, 'cli.cjs'));
 const at = bundle.findIndex((b) => b > 0x7f);
-if (at >= 0) throw new Error(`dist/src/cli.cjs has a byte that is not ASCII at offset ${at}; src/load-cli.ts reads it as Latin-1`);
-chmodSync(path.join(dist, 'main.js'), 0o755);
+if (at >= 0) throw new Error(`dist/src/cli.cjs has a byte that is not ASCII at offset ${at}; src/load-cli.cts reads it as Latin-1`);
+for (const entry of ['main.cjs', 'main.js']) chmodSync(path.join(dist, entry), 0o755);

@@ -48,8 +48,8 @@ if [ ! -d node_modules ]; then
   say "installing npm dependencies (npm ci)"
   "${as_owner[@]}" npm ci --no-audit --no-fund >&2
 fi
-if [ ! -f dist/src/main.js ] || [ ! -f dist/test/helpers/netns.js ] ||
-  [ -n "$(find src test package.json tsconfig.json -newer dist/src/main.js -type f -print -quit)" ]; then
+if [ ! -f dist/src/main.cjs ] || [ ! -f dist/test/helpers/netns.js ] ||
+  [ -n "$(find src test package.json tsconfig.json -newer dist/src/main.cjs -type f -print -quit)" ]; then
   say "building (npm run build)"
   "${as_owner[@]}" npm run build --silent >&2
 fi

@@ -86,9 +86,9 @@ if [ -e "$OPT" ]; then mv "$OPT" "$OPT.old"; fi
 mv "$stage" "$OPT"
 rm -rf "$OPT.old"
 mkdir -p "$(dirname "$BIN")"
-ln -sfn "$OPT/dist/src/main.js" "$BIN"
+ln -sfn "$OPT/dist/src/main.cjs" "$BIN"
 "$BIN" --version >/dev/null || die "$BIN does not run"
-say "installed $BIN -> $OPT/dist/src/main.js ($("$BIN" --version))"
+say "installed $BIN -> $OPT/dist/src/main.cjs ($("$BIN" --version))"
 
 if ((!sample)); then
   say "--no-sample: portflip is installed; no sample app"

@@ -29,7 +29,7 @@ export async function runOwnCost({ withNetns, h, log }) {
   return withNetns(async (ns) => {
     const dirs = h.tmpDirs();
     const env = { PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir };
-    const main = path.join(h.repoRoot, 'dist', 'src', 'main.js');
+    const main = path.join(h.repoRoot, 'dist', 'src', 'main.cjs');
     const app = [process.execPath, h.fixture('app.mjs'), '--port', '{port}', '--version'];
     const deployArgv = (v) => [process.execPath, main, 'deploy', 'web', '--listen', '80', '--ports', '20001,20002', '--json', '--', ...app, v];
     try {

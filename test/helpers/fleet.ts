@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createNetns, repoRoot, tmpDirs, waitFor, waitForPort, type ExecResult, type Netns, type TmpDirs } from './netns.js';
 
-export const MAIN = path.join(repoRoot, 'dist', 'src', 'main.js');
+export const MAIN = path.join(repoRoot, 'dist', 'src', 'main.cjs');
 export const LB_ADDR = '10.233.0.10';
 export const CLIENT_ADDR = '10.233.0.20';
 export const AGENT_PORT = 9777;

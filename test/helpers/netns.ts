@@ -536,7 +536,7 @@ export async function freePorts(n: number): Promise<number[]> {
   return [...ports];
 }
 
-const MAIN = path.join(repoRoot, 'dist', 'src', 'main.js');
+const MAIN = path.join(repoRoot, 'dist', 'src', 'main.cjs');
 
 function portflipEnv(dirs: { stateDir: string; runDir: string; preloadDir?: string }, env?: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
   const preload = dirs.preloadDir ? { PORTFLIP_PRELOAD_DIR: dirs.preloadDir } : {};

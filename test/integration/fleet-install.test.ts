@@ -32,7 +32,7 @@ test('portflip_install: the role installs portflip with provision.sh --no-sample
     portflip_bin: bin,
   });
   assert.is(r.code, 0, out);
-  assert.is(realpathSync(bin), path.join(prefix, 'opt/portflip/dist/src/main.js'));
+  assert.is(realpathSync(bin), path.join(prefix, 'opt/portflip/dist/src/main.cjs'));
   assert.ok(existsSync(path.join(prefix, 'opt/portflip/node_modules/yargs')), 'runtime dependencies installed');
   assert.not.ok(existsSync(path.join(prefix, 'srv/portflip-sample')), '--no-sample: no sample app');
   assert.not.ok(existsSync(path.join(prefix, 'etc/systemd/system/portflip-sample.service')), '--no-sample: no unit');

@@ -31,7 +31,7 @@ test('git push deploys the new revision under load, zero failed requests', async
       await git(bare, 'config', 'portflip.config', join(dir, 'web.toml'));
       await git(bare, 'config', 'portflip.releases', join(dir, 'releases'));
       await git(bare, 'config', 'portflip.keep', '2');
-      await git(bare, 'config', 'portflip.bin', `${process.execPath} ${join(repoRoot, 'dist', 'src', 'main.js')}`);
+      await git(bare, 'config', 'portflip.bin', `${process.execPath} ${join(repoRoot, 'dist', 'src', 'main.cjs')}`);
 
       await git(dir, 'init', '-q', '-b', 'main', work);
       copyFileSync(fixture('app.mjs'), join(work, 'app.mjs'));

@@ -16,7 +16,7 @@ const leftovers = (w: World) =>
 async function refused(w: World, args: string[], code: number, message: RegExp, wrap: string[] = [], env?: NodeJS.ProcessEnv) {
   const before = await w.save();
   const r = wrap.length
-    ? await w.ns.exec(wrap[0], [...wrap.slice(1), process.execPath, join(repoRoot, 'dist', 'src', 'main.js'), ...args], {
+    ? await w.ns.exec(wrap[0], [...wrap.slice(1), process.execPath, join(repoRoot, 'dist', 'src', 'main.cjs'), ...args], {
         env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir, ...env },
       })
     : await w.pf(args, env);

@@ -22,7 +22,7 @@ test('status: a table without colour in a pipe, with colour on a terminal; --wat
     assert.match(plain.stdout, /web\s+80\s+\d+\s+\d+\s+active\s+\d+s\s+[\d.]+\s+[\d.]+M\s+\d+\s+ok\s+ok/);
     assert.match(plain.stdout, /\nconntrack: \d+ of \d+ entries \([\d.]+%\)/);
     assert.not.match(plain.stdout, /\x1b\[/);
-    const main = `${process.execPath} ${repoRoot}/dist/src/main.js`;
+    const main = `${process.execPath} ${repoRoot}/dist/src/main.cjs`;
     const tty = await w.ns.exec('script', ['-qec', `${main} status`, '/dev/null'], { env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir } });
     assert.is(tty.code, 0, show(tty));
     assert.match(tty.stdout, /\x1b\[32mactive/);

@@ -125,7 +125,7 @@ test('provision.sh installs portflip into a prefix for real; the installed binar
     assert.is(r.code, 0, `provision.sh: ${r.stdout}\n${r.stderr}`);
     const bin = path.join(prefix, 'usr/local/bin/portflip');
     const opt = path.join(prefix, 'opt/portflip');
-    assert.is(realpathSync(bin), path.join(opt, 'dist/src/main.js'));
+    assert.is(realpathSync(bin), path.join(opt, 'dist/src/main.cjs'));
     assert.ok(existsSync(path.join(opt, 'node_modules/yargs')), 'runtime dependencies installed');
     assert.not.ok(existsSync(path.join(opt, 'node_modules/typescript')), 'dev dependencies pruned');
     assert.not.ok(existsSync(path.join(opt, '.git')), 'a clean copy, not the working repo');

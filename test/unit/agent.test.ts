@@ -96,7 +96,7 @@ test('--set writes and clears the flag file, refuses bad input; readView sees th
 test('the CLI: --once prints the answer, --set reports the file, a bad mode exits 2 and changes nothing', async () => {
   const dir = await mkdtemp(path.join(tmpdir(), 'portflip-agent-'));
   try {
-    const main = path.join(repoRoot, 'dist', 'src', 'main.js');
+    const main = path.join(repoRoot, 'dist', 'src', 'main.cjs');
     const env = { ...process.env, PORTFLIP_STATE_DIR: dir, PORTFLIP_RUN_DIR: path.join(dir, 'run') };
     const run = (...args: string[]) => spawnSync(process.execPath, [main, 'agent', ...args], { env, encoding: 'utf8' });
     const once = run('web', '--once');

@@ -13,14 +13,14 @@ const dist = fileURLToPath(new URL('../../src/', import.meta.url));
 /** A copy of the built CLI in a directory of its own, so its caches are the test's alone. */
 function install(): string {
   const dir = mkdtempSync(join(tmpdir(), 'pf-loadcli-'));
-  for (const f of ['main.js', 'load-cli.js', 'cli.cjs', 'node-drain.cjs']) copyFileSync(join(dist, f), join(dir, f));
+  for (const f of ['main.cjs', 'main.js', 'load-cli.cjs', 'cli.cjs', 'node-drain.cjs']) copyFileSync(join(dist, f), join(dir, f));
   writeFileSync(join(dir, 'package.json'), '{"type":"module"}');
   return dir;
 }
 
-const run = (dir: string, args: string[]) => {
+const run = (dir: string, args: string[], entry = 'main.cjs') => {
   const env = { ...process.env, PORTFLIP_STATE_DIR: join(dir, 'state'), PORTFLIP_RUN_DIR: join(dir, 'run') };
-  return spawnSync(process.execPath, [join(dir, 'main.js'), ...args], { env, encoding: 'utf8', timeout: 30_000 });
+  return spawnSync(process.execPath, [join(dir, entry), ...args], { env, encoding: 'utf8', timeout: 30_000 });
 };
 
 test('a command that succeeds leaves its cache; --version and a failed command leave none', () => {
@@ -37,6 +37,8 @@ test('a command that succeeds leaves its cache; --version and a failed command l
     const head = readFileSync(cache, 'latin1').split('\n')[0];
     assert.match(head, new RegExp(`^portflip-cache ${statSync(join(dir, 'cli.cjs')).size} [\\d.]+ ${process.version} `));
     assert.ok(statSync(cache).size > 10_000, 'the cache holds compiled code');
+    // main.js, the entry earlier versions' systemd units and links name, runs the same CLI
+    assert.is(run(dir, ['systemd', 'web'], 'main.js').stdout.replaceAll('/main.js', '/main.cjs'), r.stdout);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -2,14 +2,13 @@
 // compiling the bundle's code again on every run was a third of a deploy's own time beyond Node's start.
 // Node 20 has no compile cache of its own (module.enableCompileCache is Node 22), so this is one: the
 // bytecode a command compiled is kept beside the bundle, one file per command, written at the end of
-// the first run that succeeds. Like main.ts this runs before the CLI and its Sys seam exist.
+// the first run that succeeds. Like main.cts this runs before the CLI and its Sys seam exist.
 import { closeSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from 'node:fs';
 import Module, { createRequire } from 'node:module';
-import { dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { Script } from 'node:vm';
 
-type Cli = typeof import('./cli.js');
+type Cli = typeof import('./cli.js', { with: { 'resolution-mode': 'import' } });
 
 /** The CLI and, after its command succeeded, a way to keep what it compiled for the next run. */
 export interface LoadedCli {
@@ -18,7 +17,7 @@ export interface LoadedCli {
   keep: () => void;
 }
 
-const BUNDLE = fileURLToPath(new URL('./cli.cjs', import.meta.url));
+const BUNDLE = join(__dirname, 'cli.cjs');
 
 export async function loadCli(argv: string[]): Promise<LoadedCli> {
   let source: string;
@@ -39,7 +38,7 @@ export async function loadCli(argv: string[]): Promise<LoadedCli> {
   const cached = readCache(cacheFile, stamp);
   const script = new Script(Module.wrap(source), { filename: BUNDLE, cachedData: cached });
   const module = { exports: {} as Cli };
-  script.runInThisContext()(module.exports, createRequire(BUNDLE), module, BUNDLE, dirname(BUNDLE));
+  script.runInThisContext()(module.exports, createRequire(BUNDLE), module, BUNDLE, __dirname);
   const keep = () => {
     if (cached && !script.cachedDataRejected) return;
     writeCache(cacheFile, stamp, script.createCachedData());
