@@ -68,11 +68,13 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
   const command = (flags['--'] as unknown[] | undefined)?.length
     ? (flags['--'] as unknown[]).map(String)
     : (cfg.command ?? []);
-  if (!command.length)
+  if (!command.length) {
+    const orConfig = where ? `, or set command in ${file}` : '';
     fail(
       'usage',
-      `no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js${where ? `, or set command in ${file}` : ''}`,
+      `no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js${orConfig}`,
     );
+  }
   const ready = String(a.ready ?? 'tcp');
   if (a.readyCmd && a.ready && a.ready !== 'tcp') fail('usage', 'give --ready or --ready-cmd, not both');
   if (ready !== 'tcp' && !/^https?:\/\/[^/]/.test(ready))
@@ -476,7 +478,8 @@ export async function main(argv: string[]): Promise<number> {
     )
     .demandCommand(
       1,
-      'name a command: deploy, promote, abort, status, logs, rollback, pause, resume, stop, restore, cleanup, init, run, reload, watch, systemd or agent',
+      'name a command: deploy, promote, abort, status, logs, rollback, pause, resume, stop, restore, cleanup, init, ' +
+        'run, reload, watch, systemd or agent',
     )
     .strict()
     .help()

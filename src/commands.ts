@@ -451,13 +451,15 @@ export function formatStatus(apps: AppStatus[], colour = false, conntrack: Connt
     .filter((a) => a.canary)
     .map(({ app, canary: c }) => {
       const share = `${c!.percent}% of ${c!.by === 'ip' ? 'client addresses' : 'new connections'}`;
-      return `${app}: canary on port ${c!.port} gets ${share} (${c!.connections.canary} open; ${c!.connections.active} on the active); portflip promote ${app} or portflip abort ${app}`;
+      const open = `${c!.connections.canary} open; ${c!.connections.active} on the active`;
+      return `${app}: canary on port ${c!.port} gets ${share} (${open}); portflip promote ${app} or portflip abort ${app}`;
     });
   const holds = apps.filter((a) => a.hold).map((a) => formatHold(a.app, a.hold!));
   const table = [formatApps(apps, colour), ...canaries, ...holds].join('\n');
   if (!conntrack) return table;
   const warn = conntrack.percent >= CONNTRACK_WARN_PERCENT;
-  const line = `conntrack: ${conntrack.count} of ${conntrack.max} entries (${conntrack.percent}%)${warn ? ` WARNING: ${conntrackWarning(conntrack)}` : ''}`;
+  const fill = `conntrack: ${conntrack.count} of ${conntrack.max} entries (${conntrack.percent}%)`;
+  const line = warn ? `${fill} WARNING: ${conntrackWarning(conntrack)}` : fill;
   return `${table}\n${paint(colour && warn, 31, line)}`;
 }
 

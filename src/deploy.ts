@@ -257,7 +257,7 @@ const DEPLOY: Step<DeployRun>[] = [
     name: 'open',
     does: (r) =>
       `accept connections redirected to port ${r.cand.port} (filter, one commit per family)` +
-      `${r.pre.denyChains.length ? `, and from port ${r.o.listen} in ${r.pre.denyChains.map((c) => `${c.family} ${c.table} ${c.chain}`).join(', ')}` : ''}`,
+      (r.pre.denyChains.length ? `, and from port ${r.o.listen} in ${r.pre.denyChains.map(chainName).join(', ')}` : ''),
     undo: 'close it again',
     skip: (r) => r.o.firewall.mode === 'off',
     run: async (r, run) => {
@@ -290,7 +290,8 @@ const DEPLOY: Step<DeployRun>[] = [
     skip: (r) => !!r.o.canary,
     does: (r) =>
       `${r.o.firewall.mode === 'off' ? '' : `accept connections redirected to ${r.cand.port} (filter), then `}` +
-      `redirect port ${r.o.listen} to ${r.cand.port} (nat): one iptables-restore --noflush commit per family${r.prev ? ` (from ${r.prev.port})` : ''}`,
+      `redirect port ${r.o.listen} to ${r.cand.port} (nat): one iptables-restore --noflush commit per family` +
+      (r.prev ? ` (from ${r.prev.port})` : ''),
     undo: 'the same commit pointing back at the previous instance (or removing the rules on a first deploy); the state as it was',
     run: (r, run) => switchTo(r, run),
     where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
@@ -353,13 +354,17 @@ const DEPLOY: Step<DeployRun>[] = [
   hookStep('after_drain', 'after'),
 ];
 
-const drainWords = (stop: StopPolicy, old: Instance) =>
-  `${
-    stop.drain !== 'signal'
-      ? `${stop.drain === 'auto' ? 'unless the Node drain module listens on it, ' : ''}wait until port ${old.port} has no open connections ` +
-        `(at most ${stop.drainTimeoutMs}ms), then `
-      : ''
-  }send ${stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${stop.killAfterMs}ms`;
+/** An nftables chain as nft names it: family, table, chain. */
+const chainName = (c: DenyChain) => `${c.family} ${c.table} ${c.chain}`;
+
+const drainWords = (stop: StopPolicy, old: Instance) => {
+  const unlessNode = stop.drain === 'auto' ? 'unless the Node drain module listens on it, ' : '';
+  const drain =
+    stop.drain === 'signal'
+      ? ''
+      : `${unlessNode}wait until port ${old.port} has no open connections (at most ${stop.drainTimeoutMs}ms), then `;
+  return `${drain}send ${stop.stopSignal} to pid ${old.pid}'s group; SIGKILL after ${stop.killAfterMs}ms`;
+};
 
 /** The switch: per family, the accept before the redirect in one commit; then the state, each undo first. */
 async function switchTo(r: DeployRun, run: StepRun): Promise<void> {
@@ -486,7 +491,9 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       emit({
         kind: 'notice',
         app: o.app,
-        message: `keeping ${instanceLabel(r.prev)} for instant rollback until ${new Date(r.prev.keepUntil!).toISOString()}; a detached reaper (pid ${pid}) stops it then, or the next portflip run`,
+        message:
+          `keeping ${instanceLabel(r.prev)} for instant rollback until ${new Date(r.prev.keepUntil!).toISOString()}; ` +
+          `a detached reaper (pid ${pid}) stops it then, or the next portflip run`,
       });
     }
     emit({
@@ -499,7 +506,8 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
       durationMs: sys.now() - t0,
       detail:
         r.cand.state === 'canary'
-          ? `port ${o.listen}: ${o.canary!.percent}% -> ${r.cand.port}, the rest -> ${r.prev?.port}; portflip promote ${o.app} or portflip abort ${o.app}`
+          ? `port ${o.listen}: ${o.canary!.percent}% -> ${r.cand.port}, the rest -> ${r.prev?.port}; ` +
+            `portflip promote ${o.app} or portflip abort ${o.app}`
           : `port ${o.listen} -> ${r.cand.port}`,
     });
   } catch (failed) {
@@ -633,12 +641,19 @@ async function warnFirewall(
     if (!wouldDrop(view.filter, port)) continue;
     const tool = f === 'ipv4' ? 'iptables' : 'ip6tables';
     note(
-      `--firewall off: ${tool}'s INPUT drops what it does not accept, and nothing accepts connections redirected to port ${port}, so clients on other hosts will get no answer. Fix: ${tool} -I INPUT -p tcp -m conntrack --ctstate DNAT --ctorigdstport ${o.listen} -j ACCEPT, or deploy with --firewall auto`,
+      `--firewall off: ${tool}'s INPUT drops what it does not accept, ` +
+        `and nothing accepts connections redirected to port ${port}, so clients on other hosts will get no answer. ` +
+        `Fix: ${tool} -I INPUT -p tcp -m conntrack --ctstate DNAT --ctorigdstport ${o.listen} -j ACCEPT, ` +
+        'or deploy with --firewall auto',
     );
   }
   for (const c of denyChains) {
+    const chain = chainName(c);
     note(
-      `--firewall off: nftables chain "${c.family} ${c.table} ${c.chain}" drops by default and will drop connections redirected to port ${port}. Fix: nft insert rule ${c.family} ${c.table} ${c.chain} ct status dnat ct original proto-dst ${o.listen} accept, or deploy with --firewall auto`,
+      `--firewall off: nftables chain "${chain}" drops by default ` +
+        `and will drop connections redirected to port ${port}. ` +
+        `Fix: nft insert rule ${chain} ct status dnat ct original proto-dst ${o.listen} accept, ` +
+        'or deploy with --firewall auto',
     );
   }
 }
@@ -668,16 +683,14 @@ async function pickPort(o: DeployOptions, ctx: Ctx, st: AppState): Promise<numbe
   if (o.ports) {
     const usable = o.ports.filter((p) => ours(p)?.state !== 'active');
     const pick = usable.find((p) => !ours(p) && free(p)) ?? usable.find((p) => ours(p)); // our kept one is retired first
-    if (pick === undefined)
-      fail(
-        'portInUse',
-        `--ports ${o.ports.join(',')}: every port is in use (${o.ports.map((p) => `${p}: ${ours(p) ? `our ${ours(p)!.state} instance` : 'another process'}`).join(', ')}); free one or give another`,
-      );
+    if (pick === undefined) {
+      const user = (p: number) => `${p}: ${ours(p) ? `our ${ours(p)!.state} instance` : 'another process'}`;
+      const users = o.ports.map(user).join(', ');
+      fail('portInUse', `--ports ${o.ports.join(',')}: every port is in use (${users}); free one or give another`);
+    }
     if (!ours(pick!) && !free(pick!)) {
-      fail(
-        'portInUse',
-        `port ${pick} is already in use by another process${taken.has(pick!) ? ' (another portflip app)' : ''}; stop it or pick other --ports`,
-      );
+      const other = taken.has(pick!) ? ' (another portflip app)' : '';
+      fail('portInUse', `port ${pick} is already in use by another process${other}; stop it or pick other --ports`);
     }
     return pick!;
   }

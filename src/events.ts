@@ -99,9 +99,15 @@ export function formatHuman(e: Event): string {
         ]),
       ].join('\n');
     case 'crash':
-      return `${e.app}: CRASH      port ${e.port}${e.pid ? ` pid ${e.pid}` : ''}: the active instance died after ${formatMs(e.upMs)}; restart in ${formatMs(e.restartInMs)}`;
+      return (
+        `${e.app}: CRASH      port ${e.port}${e.pid ? ` pid ${e.pid}` : ''}: ` +
+        `the active instance died after ${formatMs(e.upMs)}; restart in ${formatMs(e.restartInMs)}`
+      );
     case 'supervisor':
-      return `${e.app}: run        ${e.action}${e.port ? ` port ${e.port}` : ''}${e.pid ? ` pid ${e.pid}` : ''}${e.detail ? `: ${e.detail}` : ''}`;
+      return (
+        `${e.app}: run        ${e.action}${e.port ? ` port ${e.port}` : ''}${e.pid ? ` pid ${e.pid}` : ''}` +
+        (e.detail ? `: ${e.detail}` : '')
+      );
   }
 }
 

@@ -182,7 +182,12 @@ export async function conntrackFill(sys: Sys): Promise<{ count: number; max: num
 export const CONNTRACK_WARN_PERCENT = 75;
 
 export function conntrackWarning(fill: { count: number; max: number; percent: number }): string {
-  return `the connection-tracking table is ${fill.percent}% full (${fill.count} of ${fill.max}); when it is full new connections are dropped. Raise net.netfilter.nf_conntrack_max (and net.netfilter.nf_conntrack_buckets), or shorten net.netfilter.nf_conntrack_tcp_timeout_time_wait; see README "Firewalls"`;
+  return (
+    `the connection-tracking table is ${fill.percent}% full (${fill.count} of ${fill.max}); ` +
+    'when it is full new connections are dropped. ' +
+    'Raise net.netfilter.nf_conntrack_max (and net.netfilter.nf_conntrack_buckets), ' +
+    'or shorten net.netfilter.nf_conntrack_tcp_timeout_time_wait; see README "Firewalls"'
+  );
 }
 
 // looked up once per Sys: a deploy asks several times, and each lookup walks PATH

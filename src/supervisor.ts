@@ -324,7 +324,8 @@ export async function requestReload(ctx: Ctx, app: string): Promise<void> {
     if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') {
       fail(
         'nothingToDo',
-        `no supervisor is running for "${app}" (nothing answers on ${path}); start one with: portflip run ${app} (or systemctl start portflip-${app})`,
+        `no supervisor is running for "${app}" (nothing answers on ${path}); ` +
+          `start one with: portflip run ${app} (or systemctl start portflip-${app})`,
       );
     }
     if (err.code === 'EACCES') fail('notPrivileged', `cannot open ${path}: permission denied; run it with sudo`);

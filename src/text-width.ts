@@ -1,9 +1,10 @@
 // Terminal column width for yargs' help layout, standing in for string-width in the bundled CLI.
 //
 // string-width builds an Intl.Segmenter and compiles Unicode-set regexes when it is imported, which
-// cost every portflip command about 80 ms before any work (measured here: importing string-width alone, beside `node -e 0`). The
-// help text is ASCII; for anything else this is the classic wcwidth rule: combining marks and
-// zero-width code points take no column, East Asian wide and emoji ranges take two.
+// cost every portflip command about 80 ms before any work (measured here: importing string-width
+// alone, beside `node -e 0`). The help text is ASCII; for anything else this is the classic wcwidth
+// rule: combining marks and zero-width code points take no column, East Asian wide and emoji ranges
+// take two.
 
 // eslint-disable-next-line no-control-regex
 const ANSI = /\x1b\[[0-9;]*[A-Za-z]|\x1b\]8;;.*?\x07/g;
