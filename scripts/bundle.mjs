@@ -1,6 +1,7 @@
 // Bundles the CLI that `portflip` runs, after tsc: dist/src/cli.cjs, one CommonJS file that
 // dist/src/main.cjs loads with V8's code cache (src/load-cli.cts says why), without string-width's
-// import-time cost (src/text-width.ts says why). Unit tests keep importing tsc's per-module output.
+// and node:assert's import-time cost (src/text-width.ts and src/assert-lite.ts say why). Unit tests
+// keep importing tsc's per-module output.
 import { build } from 'esbuild';
 import { chmodSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
@@ -22,7 +23,8 @@ await build({
   // a script run from the code cache has no ES module loader behind it: import() becomes require()
   supported: { 'dynamic-import': false },
   external: ['koffi'], // a native addon, found in node_modules at run time
-  alias: { 'string-width': path.join(dist, 'text-width.js') },
+  // lighter stand-ins for what yargs imports: src/text-width.ts and src/assert-lite.ts say why
+  alias: { 'string-width': path.join(dist, 'text-width.js'), assert: path.join(dist, 'assert-lite.js') },
   define: { 'import.meta.url': '__pfModuleUrl' },
   banner: { js: "var __pfModuleUrl = require('node:url').pathToFileURL(__filename).href;" },
   minifyWhitespace: true, // a smaller file to read each run; names stay, for the rare stack trace
