@@ -4,11 +4,9 @@
 // without root. The real one below is thin on purpose: it calls Node and does nothing else.
 
 import { spawn as spawnChild } from 'node:child_process';
-import { createReadStream } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { connect as netConnect } from 'node:net';
 import os from 'node:os';
-import { createInterface } from 'node:readline';
 import { delimiter, dirname, join } from 'node:path';
 
 export interface RunResult {
@@ -231,23 +229,32 @@ export const realSys: Sys = {
       return null;
     }
   },
-  readLinesWhile(path, more) {
-    return new Promise((resolve) => {
-      const stream = createReadStream(path, { encoding: 'utf8' });
+  async readLinesWhile(path, more) {
+    // chunk by chunk, without streams or readline (loading those was most of the cost): a busy host's
+    // /proc/net/tcp is long, and the listeners it is read for come first
+    const fh = await fsp.open(path, 'r').catch(() => null);
+    if (!fh) return null;
+    try {
       const lines: string[] = [];
-      let settled = false;
-      const done = (v: string[] | null) => {
-        if (settled) return;
-        settled = true;
-        rl.close();
-        stream.destroy();
-        resolve(v);
-      };
-      const rl = createInterface({ input: stream });
-      rl.on('line', (line) => (more(line, lines.length) ? lines.push(line) : done(lines)));
-      rl.on('close', () => done(lines));
-      stream.on('error', () => done(null));
-    });
+      const decoder = new TextDecoder();
+      const buf = Buffer.alloc(64 * 1024);
+      let rest = '';
+      for (;;) {
+        const { bytesRead } = await fh.read(buf, 0, buf.length, null);
+        const parts = (rest + decoder.decode(buf.subarray(0, bytesRead), { stream: bytesRead > 0 })).split('\n');
+        rest = bytesRead ? parts.pop()! : '';
+        for (const line of parts) {
+          if (!bytesRead && line === '') continue; // the newline that ends the file starts no line
+          if (!more(line, lines.length)) return lines;
+          lines.push(line);
+        }
+        if (!bytesRead) return lines;
+      }
+    } catch {
+      return null;
+    } finally {
+      await fh.close();
+    }
   },
   connect(host, port, timeoutMs) {
     return new Promise((res) => {
@@ -341,11 +348,12 @@ export const realSys: Sys = {
 
 /** Finds a command in PATH the way execvp does, without starting a shell. */
 export async function which(sys: Sys, cmd: string, pathVar = process.env.PATH ?? ''): Promise<string | null> {
-  for (const dir of pathVar.split(delimiter).filter(Boolean)) {
-    const full = join(dir, cmd);
-    if (await sys.fs.canExec(full)) return full;
-  }
-  return null;
+  // every PATH entry at once (a deploy looks up several commands, and PATH often has ten entries);
+  // the first that has it wins, as in a shell
+  const dirs = [...new Set(pathVar.split(delimiter).filter(Boolean))];
+  const found = await Promise.all(dirs.map((dir) => sys.fs.canExec(join(dir, cmd))));
+  const at = found.indexOf(true);
+  return at < 0 ? null : join(dirs[at], cmd);
 }
 
 /**

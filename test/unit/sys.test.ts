@@ -2,7 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { realSys, which } from '../../src/sys.js';
@@ -38,6 +38,38 @@ test('run: a command that cannot start says so; a timeout ends it with a signal;
 test('which finds an executable in PATH through Sys.fs, and nothing where there is none', async () => {
   assert.match((await which(realSys, 'sh', '/nonexistent:/bin:/usr/bin')) ?? '', /\/sh$/);
   assert.is(await which(realSys, 'portflip-no-such-tool', '/bin:/usr/bin'), null);
+  // looked up side by side, the first entry that has it still wins
+  const dir = await mkdtemp(join(tmpdir(), 'pf-which-'));
+  try {
+    for (const d of ['a', 'b']) {
+      await mkdir(join(dir, d));
+      await writeFile(join(dir, d, 'tool'), '#!/bin/sh\n', { mode: 0o755 });
+    }
+    await writeFile(join(dir, 'tool'), 'not executable\n', { mode: 0o644 });
+    assert.is(await which(realSys, 'tool', `${dir}:${dir}/b:${dir}/a`), join(dir, 'b', 'tool'));
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('readLinesWhile stops at the first line it is not asked for, across chunks and multi-byte characters', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'pf-lines-'));
+  try {
+    const file = join(dir, 'f');
+    // past the 64 KiB chunk, with a two-byte character across the boundary
+    const long = 'x'.repeat(65_535) + 'é' + 'y';
+    await writeFile(file, ['a', '', long, 'b', 'stop', 'c'].join('\n'));
+    assert.equal(await realSys.readLinesWhile(file, (l) => l !== 'stop'), ['a', '', long, 'b']);
+    assert.equal(await realSys.readLinesWhile(file, () => true), ['a', '', long, 'b', 'stop', 'c'], 'the last line has no newline');
+    await writeFile(file, 'one\ntwo\n');
+    assert.equal(await realSys.readLinesWhile(file, () => true), ['one', 'two'], 'the newline that ends the file starts no line');
+    assert.equal(await realSys.readLinesWhile(file, (_, i) => i < 1), ['one']);
+    await writeFile(file, '');
+    assert.equal(await realSys.readLinesWhile(file, () => true), []);
+    assert.is(await realSys.readLinesWhile(join(dir, 'missing'), () => true), null);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });
 
 test.run();
