@@ -24,4 +24,7 @@ void (async () => {
   process.exitCode = await cli.main(argv);
   // only a run that did its command's work, and did it well, leaves a cache (and nothing else) behind
   if (process.exitCode === 0 && !own.some((a) => ['--help', '-h', '--version', '--dry-run'].includes(a))) cli.keep();
+  // the command is over (its output is written: stdout and stderr are synchronous on Linux); leaving
+  // now skips tearing down V8's heap page by page, some 5-10 ms of every run
+  process.exit();
 })();
