@@ -9,7 +9,6 @@
 //   abort                    state first: a canary recorded as draining gets no split and is retired
 // Invariant (lifecycle.ts): a canary comes with exactly one active instance and nothing else settled.
 
-import { randomBytes } from 'node:crypto';
 import { parseDuration } from './duration.js';
 import { fail, PortflipError } from './errors.js';
 import { checkOnce, type ReadyCheck } from './instance.js';
@@ -105,6 +104,7 @@ export async function splitTo(
   views?: Map<Family, RulesView>,
 ): Promise<void> {
   const before = { firewall: st.firewall, stop: st.stop };
+  const { randomBytes } = await import('node:crypto'); // loaded for a canary only, not by every deploy
   run.undo(`split removed: every new connection goes to the active instance`, async () => {
     move(cand, 'candidate');
     delete st.canary;

@@ -1,6 +1,5 @@
 // The Node drain preload (node-drain.cjs): where it is read from, how it joins NODE_OPTIONS, and proof it loaded.
 
-import { createHash } from 'node:crypto';
 import { basename, dirname, join, parse } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { groupMembers, listenersOn, tcpListeners } from './proc.js';
@@ -48,6 +47,7 @@ export async function placePreload(
   if (await readableBy(sys, source, uid, gid)) return { path: source, copied: false };
   const text = await sys.fs.read(source);
   const dir = preloadDir(env);
+  const { createHash } = await import('node:crypto'); // loaded here only: most deploys never copy
   const dest = join(dir, `node-drain-${createHash('sha256').update(text).digest('hex').slice(0, 12)}.cjs`);
   try {
     await sys.fs.mkdir(dir, 0o755);
