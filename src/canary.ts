@@ -15,10 +15,10 @@ import { checkOnce, type ReadyCheck } from './instance.js';
 import { appText, parseSave, type Family, type Iptables, type RulesView } from './iptables.js';
 import { move } from './lifecycle.js';
 import {
-  applySpec,
   finishLeftovers,
   instanceLabel,
   openIptables,
+  pointAll,
   retire,
   underLock,
   wantedSpec,
@@ -85,10 +85,6 @@ export function refuseDeploy(st: AppState, canary: CanaryOptions | undefined, dr
 }
 
 /** Brings every family's rules in line with the state, one commit per family, side by side. */
-async function pointAll(ctx: Ctx, ipt: Iptables, st: AppState, views?: Map<Family, RulesView>): Promise<void> {
-  await Promise.all(ipt.families.map((f) => applySpec(ipt, f, wantedSpec(st, f), views?.get(f))));
-}
-
 /**
  * The deploy's canary step: the candidate becomes the canary and gets its share. The state is written
  * first (see the top of this file); the undo takes the share back and the candidate goes back to
@@ -110,7 +106,7 @@ export async function splitTo(
     delete st.canary;
     Object.assign(st, before);
     await writeState(ctx.sys, ctx.paths, st);
-    await pointAll(ctx, ipt, st);
+    await pointAll(ipt, st);
   });
   st.canary = {
     percent: o.canary.percent,
@@ -122,7 +118,7 @@ export async function splitTo(
   Object.assign(st, { firewall: o.firewall, stop: o.stop });
   move(cand, 'canary');
   await writeState(ctx.sys, ctx.paths, st);
-  await pointAll(ctx, ipt, st, views);
+  await pointAll(ipt, st, views);
 }
 
 /** What promote, abort and a share change work on: the app's state under its lock, its canary and active. */
@@ -150,7 +146,7 @@ const PROMOTE: Step<CanaryRun>[] = [
         move(active, 'active');
         move(canary, 'canary');
         Object.assign(st, { canary: split, families });
-        await pointAll(r.ctx, r.ipt, st);
+        await pointAll(r.ipt, st);
         await writeState(r.ctx.sys, r.ctx.paths, st);
       });
       // commit first: a run killed before the state write leaves the live redirect at the canary,
@@ -159,7 +155,7 @@ const PROMOTE: Step<CanaryRun>[] = [
       move(canary, 'active');
       delete st.canary;
       st.families = split.families;
-      await pointAll(r.ctx, r.ipt, st);
+      await pointAll(r.ipt, st);
       await writeState(r.ctx.sys, r.ctx.paths, st);
     },
     where: (r) => ({ port: r.canary.port, pid: r.canary.pid }),
@@ -188,11 +184,11 @@ const SHARE: Step<CanaryRun>[] = [
       run.undo(`share back at ${was}%`, async () => {
         c.percent = was;
         await writeState(r.ctx.sys, r.ctx.paths, r.st);
-        await pointAll(r.ctx, r.ipt, r.st);
+        await pointAll(r.ipt, r.st);
       });
       c.percent = r.percent!;
       await writeState(r.ctx.sys, r.ctx.paths, r.st);
-      await pointAll(r.ctx, r.ipt, r.st);
+      await pointAll(r.ipt, r.st);
     },
     where: (r) => ({ port: r.canary.port, pid: r.canary.pid }),
     detail: (r) => `${splitWords(r.st.canary!)} -> port ${r.canary.port}`,
@@ -213,13 +209,13 @@ const ABORT: Step<CanaryRun>[] = [
         move(canary, 'canary');
         st.canary = split;
         await writeState(r.ctx.sys, r.ctx.paths, st);
-        await pointAll(r.ctx, r.ipt, st);
+        await pointAll(r.ipt, st);
       });
       // state first: a run killed before the commit leaves a draining canary, and reconcile drops the split
       move(canary, 'draining');
       delete st.canary;
       await writeState(r.ctx.sys, r.ctx.paths, st);
-      await pointAll(r.ctx, r.ipt, st);
+      await pointAll(r.ipt, st);
     },
     where: (r) => ({ port: r.active.port, pid: r.active.pid }),
     detail: (r) => `port ${r.st.listen} -> ${r.active.port} only`,

@@ -19,7 +19,6 @@ import {
 import { causeOf, runSteps, type Step } from './steps.js';
 import { GUARD_PREFIX, guardScript, type DenyChain } from './nftguard.js';
 import {
-  applySpec,
   instanceLabel,
   conntrackFill,
   conntrackWarning,
@@ -32,6 +31,7 @@ import {
   guardWanted,
   underLock,
   finishLeftovers,
+  pointAll,
   wantedSpec,
   type Ctx,
 } from './ops.js';
@@ -75,8 +75,9 @@ async function withApp(
   );
 }
 
-const pointAll = async (r: AppRun) => {
-  for (const f of r.ipt.families) await applySpec(r.ipt, f, wantedSpec(r.st, f));
+/** Rules first, then the state: a run killed between them is finished by reconcile, which adopts the redirect. */
+const repoint = async (r: AppRun) => {
+  await pointAll(r.ipt, r.st);
   await writeState(r.ctx.sys, r.ctx.paths, r.st);
 };
 
@@ -91,12 +92,12 @@ const ROLLBACK: Step<AppRun>[] = [
       run.undo(`redirect back on ${bad ? instanceLabel(bad) : 'nothing'}`, async () => {
         move(kept!, 'kept');
         if (bad) move(bad, 'active');
-        await pointAll(r);
+        await repoint(r);
       });
       move(kept!, 'active');
       delete kept!.keepUntil;
       if (bad) move(bad, 'draining');
-      await pointAll(r);
+      await repoint(r);
     },
     where: (r) => ({ port: r.kept!.port, pid: r.kept!.pid }),
     detail: (r) => (r.bad ? `from port ${r.bad.port}` : undefined),

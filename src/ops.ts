@@ -159,6 +159,11 @@ export async function applySpec(
   return text ? checkApp(v, spec, family).missing : [];
 }
 
+/** Points every family's rules where the state says, side by side: each family's commit is atomic on its own. */
+export async function pointAll(ipt: Iptables, st: AppState, views?: Map<Family, RulesView>): Promise<void> {
+  await Promise.all(ipt.families.map((f) => applySpec(ipt, f, wantedSpec(st, f), views?.get(f))));
+}
+
 /** Removes the app's rules from one family; returns the foreign rules that kept its chains from going. */
 export async function removeApp(ipt: Iptables, family: Family, app: string): Promise<string[]> {
   const view = await ipt.save(family);
