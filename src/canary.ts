@@ -84,7 +84,6 @@ export function refuseDeploy(st: AppState, canary: CanaryOptions | undefined, dr
     fail('nothingToDo', `--canary needs a live active instance to split with; deploy ${st.app} without --canary first`);
 }
 
-/** Brings every family's rules in line with the state, one commit per family, side by side. */
 /**
  * The deploy's canary step: the candidate becomes the canary and gets its share. The state is written
  * first (see the top of this file); the undo takes the share back and the candidate goes back to

@@ -11,7 +11,7 @@ import { makeEmitter } from './events.js';
 import type { Ctx } from './ops.js';
 import { paths } from './state.js';
 import { realSys } from './sys.js';
-export { yieldCpu } from './sys.js'; // main.ts calls it once the CLI is loaded, before any work
+export { yieldCpu } from './sys.js'; // main.cts calls it once the CLI is loaded, before any work
 import type { DrainMode } from './state.js';
 
 // Each command loads only the modules it uses: a status or a deploy should not pay for the others.
@@ -210,7 +210,7 @@ const canaryFlags = (y: Argv) =>
       describe: 'promote on its own after this long of passing checks; abort if it dies or fails two in a row',
     });
 
-/** The part of yargs' internals the help-cache override above reaches (yargs 17). */
+/** The part of yargs' internals that main() reaches to skip its help-text cache (as in yargs 18). */
 interface YargsInternals {
   getInternalMethods?(): { getUsageInstance?(): { cacheHelpMessage: () => void } } | undefined;
 }

@@ -101,7 +101,7 @@ export interface Sys {
   kill(pid: number, signal: NodeJS.Signals | 0): boolean;
   /** CPU (percent of one core since start), resident memory (bytes) and age (ms) of live processes. */
   usage(pids: number[]): Promise<Map<number, ProcessUsage>>;
-  /** The priority portflip started with, before main.ts lowered its own (yieldCpu). */
+  /** The priority portflip started with, before main.cts lowered its own (yieldCpu). */
   readonly startPriority: number;
   getPriority(): number;
   setPriority(pid: number, priority: number): void; // best effort
