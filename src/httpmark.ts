@@ -317,7 +317,8 @@ export class Marker {
       return;
     }
     if (!r.head.length) {
-      if (bytes[0] === 0x16 && bytes[1] === 0x03) return this.untouch(c, 'tls');
+      // a TLS record: handshake, alert, change cipher spec or (mid-connection) application data
+      if (bytes[0] >= 0x14 && bytes[0] <= 0x17 && bytes[1] === 0x03) return this.untouch(c, 'tls');
       if (bytes.subarray(0, 14).toString('latin1') === 'PRI * HTTP/2.0') return this.untouch(c, 'http2');
       if (!/^[A-Z]/.test(bytes.subarray(0, 1).toString('latin1'))) return this.untouch(c, 'not-http');
     }

@@ -85,9 +85,9 @@ export async function threeDeploys(w: World, cmd: string[], where: 'client' | 's
 for (const s of SERVERS.filter((s) => !process.env.PF_SERVER || s.name.startsWith(process.env.PF_SERVER))) {
   for (const where of ['client', 'server'] as const) {
     const path_ = where === 'client' ? 'over veth' : 'through loopback';
-    test(`${s.name}: 3 deploys with default flags under busy and 100 idle keep-alive clients ${path_}, 0 failed, each < 5 s`, async () => {
+    test(`${s.name}: 3 deploys with default flags under busy and 100 idle keep-alive clients ${path_}, 0 failed`, async () => {
       await inWorld(async (w) => {
-        const { res, idle, runs, took } = await threeDeploys(w, s.cmd(), where);
+        const { res, idle, runs } = await threeDeploys(w, s.cmd(), where);
         assert.is(res.failed, 0, `busy: ${JSON.stringify(res)}`);
         assert.is(idle.failed, 0, `idle: ${JSON.stringify(idle)}`);
         assert.ok(res.ok > 300, `enough requests ran: ${res.ok}`);
@@ -97,7 +97,9 @@ for (const s of SERVERS.filter((s) => !process.env.PF_SERVER || s.name.startsWit
           assert.ok(marking, `deploy ${k + 2} reports its marking: ${JSON.stringify(ev)}`);
           assert.ok(marking.marked >= 1, `busy connections were marked: ${JSON.stringify(marking)}`);
           assert.match(ev.find((e) => e.step === 'drain')!.detail, /answers? marked Connection: close/);
-          assert.ok(took[k] < 5000, `deploy ${k + 2} took ${took[k]} ms: ${JSON.stringify(ev.filter((e) => e.kind !== 'connections'))}`);
+          // the drain ends on its own, never by --drain-timeout (how long deploys take is the benchmark's: npm run bench)
+          const signal = ev.find((e) => e.kind === 'signal')!;
+          assert.match(signal.reason, /^drained/, JSON.stringify(ev.filter((e) => e.kind !== 'connections')));
         }
       }, { peer: where === 'client' });
     });

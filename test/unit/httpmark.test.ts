@@ -166,6 +166,7 @@ test('a request body is followed to its end; a POST split over packets still anc
 test('TLS, HTTP/2 and other protocols are left alone, and said so', () => {
   const cases: [string | Buffer, string][] = [
     [Buffer.from([0x16, 0x03, 0x01, 0x00, 0x50, 1, 2, 3]), 'tls'],
+    [Buffer.from([0x17, 0x03, 0x03, 0x00, 0x50, 1, 2, 3]), 'tls'],
     ['PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n', 'http2'],
     ['\x00\x01binary', 'not-http'],
   ];
