@@ -298,8 +298,7 @@ export type Verdict = 'ok' | 'missing' | 'mismatch';
 export interface AppCheck {
   nat: Verdict;
   filter: Verdict;
-  mangle: Verdict; // the hold
-  mark: Verdict;
+  mangle: Verdict; // the hold (the marking has its own commits: markText)
   missing: string[]; // what differs, for people: "filter: PF-web rules (accept 8002)"
   tidy: boolean; // the redirect is right, with shadowed rules below it to remove in the next commit
 }
@@ -358,13 +357,10 @@ export function checkApp(view: RulesView, spec: AppSpec, family: Family): AppChe
     }
   }
   const mangle = checkHold(view.mangle, spec, missing);
-  const mark = markLines(view.mangle, spec).length ? 'mismatch' : 'ok';
-  if (mark !== 'ok') missing.push(`mangle: marking ${spec.mark?.map((m) => m.port).join(',') || 'nothing'}`);
   return {
     nat,
     filter,
     mangle,
-    mark,
     missing,
     tidy: nat === 'ok' && spec.target !== null && !spec.canary && live.shadowed > 0,
   };
@@ -418,14 +414,13 @@ export function wouldDrop(t: TableView, port: number): boolean {
  * what differs. Declaring an existing chain in --noflush mode empties it, so the shared root chains
  * are declared only when missing. The filter table comes first when the app gains a port (the way
  * is open before the redirect points at it) and last when the app goes. `only`: one table, the other
- * left as it is (a hold still follows nat and filter commits; 'mangle' is the marking alone). Null: nothing to do.
+ * left as it is (a hold still follows nat and filter commits). 'mangle' is the marking alone, which no other
+ * commit touches: its chains are shared by every app, so their changes go one at a time (ops.ts syncMarks).
+ * Null: nothing to do.
  */
 export function appText(view: RulesView, spec: AppSpec, family: Family, only?: Table): string | null {
+  if (only === 'mangle') return markText(view, spec);
   const check = checkApp(view, spec, family);
-  if (only === 'mangle') {
-    const lines = markLines(view.mangle, spec);
-    return lines.length ? ['*mangle', ...lines, 'COMMIT', ''].join('\n') : null;
-  }
   const nat =
     check.nat === 'ok' || only === 'filter'
       ? check.tidy && only !== 'filter'
@@ -441,10 +436,7 @@ export function appText(view: RulesView, spec: AppSpec, family: Family, only?: T
         ? ((check.filter === 'mismatch' && filterOpen(view, spec, family)) || filterEnsure(view, spec, family))
         : filterRemoval(view, spec.app);
   const held = spec.hold !== undefined && spec.hold !== null;
-  const mangle = [
-    ...(check.mangle === 'ok' ? [] : held ? holdEnsure(view.mangle, spec) : removal(view.mangle, spec.app)),
-    ...(only === 'nat' || only === 'filter' ? [] : markLines(view.mangle, spec)),
-  ];
+  const mangle = check.mangle === 'ok' ? [] : held ? holdEnsure(view.mangle, spec) : removal(view.mangle, spec.app);
   const section = (table: Table, lines: string[]) => (lines.length ? [`*${table}`, ...lines, 'COMMIT'] : []);
   // a hold starts before anything else changes and ends after it (releasing is the holder's, not ours)
   const parts =
@@ -480,6 +472,12 @@ function natEnsure(view: RulesView, spec: AppSpec, family: Family): string[] {
   if (!view.nat.rules.includes(want)) lines.push(want);
   lines.push(...natRules(spec, family));
   return lines;
+}
+
+/** The commit that makes the app's marking rules say what the spec says; null: they do already. */
+export function markText(view: RulesView, spec: AppSpec): string | null {
+  const lines = markLines(view.mangle, spec);
+  return lines.length ? ['*mangle', ...lines, 'COMMIT', ''].join('\n') : null;
 }
 
 /**

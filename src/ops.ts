@@ -13,6 +13,7 @@ import {
   checkApp,
   detectBackend,
   foreignJumps,
+  markText,
   removeAppText,
   type AppSpec,
   type Family,
@@ -417,6 +418,7 @@ export async function reconcile(
     });
     delete inst.marking;
   }
+  if (ipt.families.some((f) => markText(views.get(f)!, wantedSpec(st, f)))) await syncMarks(ctx, ipt, st);
   const chains = await settle(ctx, ipt, st, views, false, guardRead);
   if (JSON.stringify(st) !== before) await writeState(ctx.sys, ctx.paths, st);
   return { views, chains };
@@ -466,6 +468,36 @@ export async function retire(ctx: Ctx, st: AppState, inst: Instance, ipt?: Iptab
 /** What marking did while one instance drained, with how many connections were open at its stop signal. */
 export type MarkReport = MarkStats & { openAtSignal: number | null };
 
+const MARK_LOCK_MS = 5000;
+
+/**
+ * Makes the app's marking rules say what its state says, one portflip at a time: the PF-MARK chains are
+ * shared by every app, and two commits from views read side by side could declare a chain twice (which
+ * empties it) or take it away under another app's new rule. The host-wide lock is held for one read and
+ * one commit per family.
+ */
+export async function syncMarks(ctx: Ctx, ipt: Iptables, st: AppState): Promise<void> {
+  const until = ctx.sys.now() + MARK_LOCK_MS;
+  let lock;
+  for (;;) {
+    try {
+      lock = await takeLock(ctx.sys, ctx.paths, MARK_LOCK, 'marking rules', (m) => ctx.emit({ kind: 'notice', message: m }));
+      break;
+    } catch (err) {
+      if (!(err instanceof PortflipError && err.kind === 'lockHeld') || ctx.sys.now() > until) throw err;
+      await ctx.sys.sleep(10);
+    }
+  }
+  try {
+    for (const f of ipt.families) await applySpec(ipt, f, wantedSpec(st, f), undefined, 'mangle');
+  } finally {
+    await lock.release();
+  }
+}
+
+/** The lock file's name in the run directory: a dot, so it never names an app. */
+const MARK_LOCK = '.marking';
+
 /** Marks the instance's answers while it idle-drains: queue first, then the state entry, then the rules. */
 async function startMarking(
   ctx: Ctx,
@@ -495,7 +527,7 @@ async function startMarking(
     inst.marking = { queue: handle.queue, pid: ctx.sys.pid, startTime: self?.startTime ?? null };
     // recorded before the rules go in: a run killed between the two leaves nothing the next one does not know
     await writeState(ctx.sys, ctx.paths, st);
-    await Promise.all(ipt.families.map((f) => applySpec(ipt, f, wantedSpec(st, f), undefined, 'mangle')));
+    await syncMarks(ctx, ipt, st);
     return { handle, ipt };
   } catch (err) {
     await endMarking(ctx, st, inst, { handle, ipt: given }).catch(() => {});
@@ -513,8 +545,7 @@ async function endMarking(
   const stats = structuredClone(m.handle.stats());
   if (inst.marking) {
     delete inst.marking;
-    const ipt = m.ipt ?? (await openIptables(ctx, st.backend));
-    await Promise.all(ipt.families.map((f) => applySpec(ipt, f, wantedSpec(st, f), undefined, 'mangle')));
+    await syncMarks(ctx, m.ipt ?? (await openIptables(ctx, st.backend)), st);
     await writeState(ctx.sys, ctx.paths, st);
   }
   await m.handle.end();
@@ -545,7 +576,11 @@ export class Healer {
   async check(st: AppState): Promise<string[]> {
     const ipt = await this.iptables(st);
     const missing: string[] = [];
-    for (const f of ipt.families) missing.push(...checkApp(await ipt.save(f), wantedSpec(st, f), f).missing);
+    for (const f of ipt.families) {
+      const view = await ipt.save(f);
+      missing.push(...checkApp(view, wantedSpec(st, f), f).missing);
+      if (markText(view, wantedSpec(st, f))) missing.push(`mangle: ${f} marking rules`);
+    }
     if (await syncGuardCheck(this.ctx, st)) missing.push('nft: portflip accept in a default-deny input chain');
     if (!(await holdStands(this.ctx.sys, st, false))) missing.push('mangle: a hold whose holder is gone or timed out');
     for (const i of st.instances.filter((i) => i.marking)) {

@@ -8,6 +8,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fixture, freePorts, startLoad, type Netns } from '../helpers/netns.js';
+import { goBuild, serverFlags } from '../helpers/servers.js';
 import { events, inWorld, show, type World } from './lib.js';
 
 const node = process.execPath;
@@ -73,11 +74,7 @@ test('TLS falls back to the idle wait and says so: nothing is marked, no record 
   try {
     const [cert, key] = [path.join(dir, 'cert.pem'), path.join(dir, 'key.pem')];
     execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=localhost', '-days', '1', '-keyout', key, '-out', cert], { stdio: 'pipe' });
-    const bin = path.join(dir, 'go-tls');
-    execFileSync('go', ['build', '-o', bin, 'go-tls.go'], {
-      cwd: fixture('servers'), stdio: 'pipe',
-      env: { ...process.env, GOCACHE: path.join(tmpdir(), 'portflip-go-cache'), GOTOOLCHAIN: 'local', GO111MODULE: 'off' },
-    });
+    const bin = goBuild('go-tls');
     await inWorld(async (w) => {
       const ports = await freePorts(2);
       const deploy = (v: string) => w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--drain-timeout', '2s',
@@ -147,6 +144,41 @@ test('portflip SIGKILLed while marking: packets pass (queue bypass), and the nex
     assert.is(k.mismatched + p.mismatched, 0);
     assert.ok(k.versions.includes('v3'), JSON.stringify(k));
     assert.is(await mangle(w), before, 'no rule of portflip left in mangle; the foreign ones byte for byte');
+  }, { peer: true });
+});
+
+test('an in-place restart (one port) and a rollback drain through marking too: keep-alive clients of a Go server, 0 failed', async () => {
+  const go = goBuild('go-shutdown');
+  await inWorld(async (w) => {
+    const [one, two] = await freePorts(2);
+    const deploy = (v: string, ports: string, extra: string[] = []) =>
+      w.pf(['deploy', 'web', '--listen', '80', '--ports', ports, ...serverFlags(v), '--json', ...extra, '--', go]);
+    assert.is((await deploy('v1', String(one))).code, 0);
+    const url = `http://${w.ns.serverAddr}:80/`;
+    const busy = await startLoad(w.ns, 'client', { url, mode: 'keepalive', concurrency: 16, durationMs: 60_000, maxRequests: 5_000_000 });
+    const runs: Record<string, any>[][] = [];
+    try {
+      await sleep(800);
+      const inPlace = await deploy('v2', String(one)); // the old instance drains on the port the new one takes next
+      assert.is(inPlace.code, 0, show(inPlace));
+      runs.push(events(inPlace.stdout));
+      await sleep(800);
+      const kept = await deploy('v3', `${one},${two}`, ['--keep-old', '60s']);
+      assert.is(kept.code, 0, show(kept));
+      await sleep(800);
+      const back = await w.pf(['rollback', 'web', '--json']); // v3 drains, v2 takes every new connection again
+      assert.is(back.code, 0, show(back));
+      runs.push(events(back.stdout));
+      await sleep(500);
+    } finally {
+      var res = await busy.stop(); // eslint-disable-line no-var
+    }
+    assert.is(res.failed, 0, JSON.stringify(res));
+    assert.equal([...new Set(res.versions)], ['v1', 'v2', 'v3', 'v2'], res.versions.join(','));
+    for (const ev of runs) {
+      const m = ev.find((e) => e.kind === 'marking');
+      assert.ok(m && m.marked >= 1, JSON.stringify(ev.filter((e) => e.kind !== 'connections')));
+    }
   }, { peer: true });
 });
 
