@@ -5,7 +5,7 @@
 // nfqueue attribute values are big-endian. Only what a hold needs is here: bind a queue, copy no
 // payload, size it, read packet ids, and accept them all with one batch verdict.
 
-import { createRequire } from 'node:module';
+import { loadKoffi } from './self.js';
 
 export const NETLINK_NETFILTER = 12;
 const AF_NETLINK = 16;
@@ -152,7 +152,7 @@ let libc: Libc | null = null;
 /** libc through koffi (prebuilt binaries: nothing to compile on the host). */
 function loadLibc(): Libc {
   if (libc) return libc;
-  const koffi = createRequire(import.meta.url)('koffi');
+  const koffi = loadKoffi();
   const lib = koffi.load('libc.so.6');
   libc = {
     socket: lib.func('int socket(int domain, int type, int protocol)'),
