@@ -1,7 +1,8 @@
 // The single executable for tests: built by scripts/package.mjs for this machine's arch, once per set of inputs.
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { repoRoot } from './netns.js';
 
@@ -81,4 +82,21 @@ export function hideNodeScript(): string {
     'for c in node nodejs npm npx corepack; do if "$c" --version >/dev/null 2>&1; then echo "$c still runs" >&2; exit 97; fi; done',
     'exec "$@"',
   ].join('\n');
+}
+
+export interface NoNodeFiles {
+  base: string; // remove when done
+  appNode: string; // an empty file named node that hideNodeScript binds the real node to, for the app
+  empty: string; // what hides each node and npm
+}
+
+export function noNodeFiles(): NoNodeFiles {
+  const base = mkdtempSync(path.join(tmpdir(), 'portflip-nonode-'));
+  chmodSync(base, 0o755);
+  mkdirSync(path.join(base, 'bin'));
+  const appNode = path.join(base, 'bin', 'node'); // named node: portflip recognises a Node process by that name
+  const empty = path.join(base, 'empty');
+  writeFileSync(appNode, '', { mode: 0o755 });
+  writeFileSync(empty, '', { mode: 0o644 });
+  return { base, appNode, empty };
 }

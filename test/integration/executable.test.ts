@@ -7,10 +7,10 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { builtExecutable, hideNodeScript, type Built } from '../helpers/executable.js';
+import { builtExecutable, hideNodeScript, noNodeFiles, type Built, type NoNodeFiles } from '../helpers/executable.js';
 import { fixture, freePorts, startLoad, type ExecResult } from '../helpers/netns.js';
 import { events, inWorld, show, type World } from './lib.js';
 
@@ -53,20 +53,8 @@ test('package: the executable says its version and commit from any directory; SH
   }
 });
 
-/** A place for the app's node and the empty file that hides the others; removed by the caller. */
-function hostFiles(): { base: string; appNode: string; empty: string } {
-  const base = mkdtempSync(path.join(tmpdir(), 'portflip-nonode-'));
-  chmodSync(base, 0o755);
-  mkdirSync(path.join(base, 'bin'));
-  const appNode = path.join(base, 'bin', 'node'); // named node: portflip recognises a Node process by that name
-  const empty = path.join(base, 'empty');
-  writeFileSync(appNode, '', { mode: 0o755 });
-  writeFileSync(empty, '', { mode: 0o644 });
-  return { base, appNode, empty };
-}
-
 /** The executable in a fresh mount namespace of the server namespace, with no node or npm that runs. */
-function exePf(w: World, files: ReturnType<typeof hostFiles>, args: string[]): Promise<ExecResult> {
+function exePf(w: World, files: NoNodeFiles, args: string[]): Promise<ExecResult> {
   return w.ns.exec('unshare', ['-m', 'sh', '-c', hideNodeScript(), 'sh', built.exe, ...args], {
     env: {
       PORTFLIP_STATE_DIR: w.dirs.stateDir,
@@ -80,7 +68,7 @@ function exePf(w: World, files: ReturnType<typeof hostFiles>, args: string[]): P
 }
 
 test('no Node.js on the host: the executable runs 3 deploys under keep-alive load over veth, 0 failed; the Node app gets the drain module', async () => {
-  const files = hostFiles();
+  const files = noNodeFiles();
   try {
     await inWorld(async (w) => {
       const hidden = await exePf(w, files, ['status']);
@@ -123,7 +111,7 @@ test('no Node.js on the host: the executable runs 3 deploys under keep-alive loa
 });
 
 test('no Node.js on the host: an in-place deploy holds new connections with the holder and koffi from the executable, 0 failed', async () => {
-  const files = hostFiles();
+  const files = noNodeFiles();
   try {
     await inWorld(async (w) => {
       const [port] = await freePorts(1);
