@@ -9,6 +9,7 @@ import { ExitCode, PortflipError, fail, fromSystemError } from './errors.js';
 import { canonicalCidr } from './iptables.js';
 import { makeEmitter } from './events.js';
 import type { Ctx } from './ops.js';
+import { isExecutable, versionText } from './self.js';
 import { paths } from './state.js';
 import { realSys } from './sys.js';
 export { yieldCpu } from './sys.js'; // main.cts calls it once the CLI is loaded, before any work
@@ -318,7 +319,8 @@ export async function main(argv: string[]): Promise<number> {
       (a) =>
         run(async () => {
           const { appUnit, execPrefix, restoreUnit, watchUnit } = await lazy.systemd();
-          const exec = execPrefix(resolve(process.argv[1]), process.execPath);
+          // the single executable is started by itself; the npm build by node and its script
+          const exec = isExecutable() ? [process.execPath] : execPrefix(resolve(process.argv[1]), process.execPath);
           const config = a.config ? resolve(String(a.config)) : undefined;
           process.stdout.write(
             a.restore ? restoreUnit(exec) : a.watch ? watchUnit(exec) : appUnit({ app: appName(a), exec, config }),
@@ -492,7 +494,8 @@ export async function main(argv: string[]): Promise<number> {
     )
     .strict()
     .help()
-    .version()
+    .version(versionText())
+    .completion('completion', false) // hidden: the .deb installs its output as bash completion
     .wrap(Math.min(110, process.stdout.columns || 100))
     .exitProcess(false)
     .fail((msg, err) => {

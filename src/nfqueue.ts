@@ -6,7 +6,7 @@
 // and accepts them all with one batch verdict; a drain's marking (drainmark.ts) copies whole packets
 // and gives a changed one back with its own verdict.
 
-import { createRequire } from 'node:module';
+import { loadKoffi } from './self.js';
 
 export const NETLINK_NETFILTER = 12;
 const AF_NETLINK = 16;
@@ -176,7 +176,7 @@ let libc: Libc | null = null;
 /** libc through koffi (prebuilt binaries: nothing to compile on the host). */
 function loadLibc(): Libc {
   if (libc) return libc;
-  const koffi = createRequire(import.meta.url)('koffi');
+  const koffi = loadKoffi();
   const lib = koffi.load('libc.so.6');
   libc = {
     socket: lib.func('int socket(int domain, int type, int protocol)'),

@@ -34,6 +34,7 @@ import {
   type Instance,
   type Paths,
 } from './state.js';
+import { selfArgv } from './self.js';
 import { which, type Sys } from './sys.js';
 
 export interface Ctx {
@@ -555,7 +556,8 @@ async function endMarking(
 /** A detached helper that retires kept instances when their time is up, after this CLI has returned. */
 export async function spawnReaper(ctx: Ctx, app: string): Promise<number | undefined> {
   // no reaper is no harm: the next portflip run retires what is due
-  const reaper = ctx.sys.spawn(process.execPath, [process.argv[1], '_reap', app], { env: ctx.env });
+  const [cmd, ...self] = selfArgv();
+  const reaper = ctx.sys.spawn(cmd, [...self, '_reap', app], { env: ctx.env });
   return (await reaper.catch(() => null))?.pid;
 }
 

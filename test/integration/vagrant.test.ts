@@ -37,7 +37,7 @@ const runSync = (cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS
 // provision.sh starts at once and runs while the first test checks the files; the second test awaits it.
 const prefix = mkdtempSync(path.join(tmpdir(), 'portflip-provision-'));
 // No systemd and a prefix: nothing outside it is written. apt-get runs only if something is missing.
-const provisioned = runAsync('bash', [PROVISION, '--prefix', prefix, '--no-systemd'], {
+const provisioned = runAsync('bash', [PROVISION, '--prefix', prefix, '--no-systemd', '--build'], {
   env: { npm_config_prefer_offline: 'true' },
   timeoutMs: 150_000,
 });
@@ -72,7 +72,7 @@ test('the Vagrantfile validates (vagrant validate, or ruby -c without vagrant) a
   assert.is(n.code, 0, `bash -n provision.sh: ${n.stderr}`);
   const help = runSync('bash', [PROVISION, '--help']);
   assert.is(help.code, 0, help.stderr);
-  for (const flag of ['--prefix', '--no-systemd', '--source']) assert.ok(help.stdout.includes(flag), `--help names ${flag}`);
+  for (const flag of ['--prefix', '--no-systemd', '--source', '--executable', '--build']) assert.ok(help.stdout.includes(flag), `--help names ${flag}`);
 });
 
 test('the fleet demo: vagrant/fleet/Vagrantfile (a balancer, two app VMs) validates, its HAProxy config checks, the playbook parses', async () => {
