@@ -26,7 +26,7 @@ export async function threeDeploys(w: World, cmd: string[], extra: string[] = []
   const first = await deploy('v1');
   assert.is(first.code, 0, show(first));
   const loads = await Promise.all(
-    ([['client', w.ns.serverAddr, 16, 100], ['server', '127.0.0.1', 8, 25]] as const).flatMap(([where, host, busy, idle]) => [
+    ([['client', w.ns.serverAddr, 16, 100], ['server', '127.0.0.1', 4, 20]] as const).flatMap(([where, host, busy, idle]) => [
       startLoad(w.ns, where, { url: `http://${host}:80/`, mode: 'keepalive', concurrency: busy, durationMs: 90_000, maxRequests: 5_000_000 }),
       startLoad(w.ns, where, { url: `http://${host}:80/`, mode: 'keepalive', concurrency: idle, durationMs: 90_000, maxRequests: 100_000, pauseMs: IDLE_PAUSE_MS }),
     ]),
@@ -55,6 +55,7 @@ for (const s of SERVERS.filter((s) => !process.env.PF_SERVER || s.name.startsWit
   test(`${s.name}: 3 deploys with default flags, busy and idle keep-alive clients over veth and loopback, 0 failed`, async () => {
     await inWorld(async (w) => {
       const { loads, runs } = await threeDeploys(w, s.cmd());
+      if (process.env.PF_DEBUG) console.log(JSON.stringify(runs.map((ev) => ev.filter((e) => e.kind === "marking" || e.kind === "signal" || e.step === "drain"))));
       for (const [name, res] of Object.entries(loads)) {
         assert.is(res.failed, 0, `${name}: ${JSON.stringify(res)}`);
         if (name.startsWith('busy')) {
