@@ -7,7 +7,7 @@ import { parseDuration } from './duration.js';
 import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './config.js';
 import { ExitCode, PortflipError, fail, fromSystemError } from './errors.js';
 import { canonicalCidr } from './iptables.js';
-import { makeEmitter } from './events.js';
+import { type Event, formatHuman, makeEmitter } from './events.js';
 import type { Ctx } from './ops.js';
 import { paths } from './state.js';
 import { realSys } from './sys.js';
@@ -505,11 +505,9 @@ export async function main(argv: string[]): Promise<number> {
   } catch (caught) {
     const err = fromSystemError(caught) ?? caught;
     if (err instanceof PortflipError) {
-      if (json)
-        process.stdout.write(
-          JSON.stringify({ kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message }) + '\n',
-        );
-      process.stderr.write(`portflip: ${err.message}\n`);
+      const failed: Event = { kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message };
+      ctx.emit(failed);
+      if (json) process.stderr.write(formatHuman(failed) + '\n'); // people read stderr in JSON mode too
       return err.exitCode;
     }
     process.stderr.write(`portflip: internal error: ${(err as Error)?.stack ?? err}\n`);

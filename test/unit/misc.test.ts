@@ -36,6 +36,16 @@ const sample = (app: string): AppState => ({
   stop: { drain: 'signal', drainTimeoutMs: 1, stopSignal: 'SIGTERM', killAfterMs: 1 },
 });
 
+test('the error event keeps the JSON shape the Ansible role parses, and reads as one line for people', () => {
+  const err = new PortflipError('lockHeld', 'app "web" is locked by pid 1 (deploy web)');
+  const e = { kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message } as const;
+  assert.is(
+    JSON.stringify(e),
+    '{"kind":"error","error":"lockHeld","exitCode":3,"message":"app \\"web\\" is locked by pid 1 (deploy web)"}',
+  );
+  assert.is(formatHuman(e), 'portflip: app "web" is locked by pid 1 (deploy web)');
+});
+
 test('state files are written whole and read back; no temp files remain', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'pf-unit-'));
   try {
