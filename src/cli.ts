@@ -113,7 +113,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
       : String(a.ports)
           .split(',')
           .map((p) => port(p.trim(), '--ports'));
-  // one port is allowed: an in-place restart (README "Hold")
+  // one port is allowed: an in-place restart (docs/hold.md)
   return {
     app: String(a.app),
     listen: port(a.listen, '--listen'),
@@ -194,7 +194,7 @@ const deployFlags = (y: Argv) =>
     })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 
-/** deploy only: a canary is one deploy's choice, so `portflip run` and config files do not take it (README). */
+/** deploy only: a canary is one deploy's choice, so `portflip run` and config files do not take it (docs/canary.md). */
 const canaryFlags = (y: Argv) =>
   y
     .option('canary', {

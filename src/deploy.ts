@@ -188,7 +188,7 @@ const DEPLOY: Step<DeployRun>[] = [
         await writeState(ctx.sys, ctx.paths, st);
       });
       await writeState(ctx.sys, ctx.paths, st);
-      // Node apps get the drain preload; other programs ignore NODE_OPTIONS (README: "The Node drain module")
+      // Node apps get the drain preload; other programs ignore NODE_OPTIONS (docs/drain.md: "The Node drain module")
       r.preload = o.nodeDrain ? await placePreload(ctx.sys, ctx.env, r.pre.user) : null;
       if (r.preload && r.preload.path === null)
         ctx.emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${r.preload.why}` });

@@ -191,7 +191,7 @@ export function conntrackWarning(fill: { count: number; max: number; percent: nu
     `the connection-tracking table is ${fill.percent}% full (${fill.count} of ${fill.max}); ` +
     'when it is full new connections are dropped. ' +
     'Raise net.netfilter.nf_conntrack_max (and net.netfilter.nf_conntrack_buckets), ' +
-    'or shorten net.netfilter.nf_conntrack_tcp_timeout_time_wait; see README "Firewalls"'
+    'or shorten net.netfilter.nf_conntrack_tcp_timeout_time_wait; see docs/firewalls.md'
   );
 }
 

@@ -1,4 +1,4 @@
-// README's recipes (examples/): Go, gunicorn and uvicorn apps, 3 deploys each under keep-alive load over veth, 0 failed.
+// The recipes in docs/drain.md (examples/): Go, gunicorn and uvicorn apps, 3 deploys each under keep-alive load over veth, 0 failed.
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -36,10 +36,10 @@ async function threeDeploys(w: World, args: (v: string) => string[]): Promise<Lo
   return res;
 }
 
-test('README shows each recipe exactly as examples/ holds it', () => {
-  const readme = readFileSync(path.join(repoRoot, 'README.md'), 'utf8');
+test('docs/drain.md shows each recipe exactly as examples/ holds it', () => {
+  const readme = readFileSync(path.join(repoRoot, 'docs/drain.md'), 'utf8');
   for (const f of ['go/server.go', 'python/wsgi.py', 'python/asgi.py']) {
-    assert.ok(readme.includes(readFileSync(path.join(examples, f), 'utf8').trimEnd()), `README holds examples/${f} verbatim`);
+    assert.ok(readme.includes(readFileSync(path.join(examples, f), 'utf8').trimEnd()), `docs/drain.md holds examples/${f} verbatim`);
   }
 });
 
