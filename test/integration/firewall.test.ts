@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fixture, freePorts, startLoad, waitFor, type LoadHandle } from '../helpers/netns.js';
 import { inWorld, deployArgs, events, show, get, type World } from './lib.js';
+import { needsRoot, testUnless } from '../helpers/skip.js';
 
 /** What `ufw default deny incoming; ufw allow 80/tcp; ufw enable` leaves, reduced to its effect. */
 const UFW_STYLE = (family: 'ipv4' | 'ipv6') => [
@@ -94,8 +95,7 @@ test('ufw-style default deny: three deploys under load from another host, 0 fail
   }, { peer: true });
 });
 
-test('real ufw (default deny incoming, allow 80/tcp): deploys under load from another host, 0 failed', async () => {
-  if (process.getuid?.() !== 0 || !existsSync('/usr/sbin/ufw')) return console.log('  (skipped: needs root and ufw; CI installs it)');
+testUnless(needsRoot('ufw writes /etc/ufw') || (!existsSync('/usr/sbin/ufw') && 'needs ufw; CI installs it'), 'real ufw (default deny incoming, allow 80/tcp): deploys under load from another host, 0 failed', async () => {
   // ufw writes /etc/ufw even when it runs in a namespace: keep a copy and put it back whatever happens
   const backup = mkdtempSync(join(tmpdir(), 'pf-ufw-'));
   const putBack = () => execFileSync('sh', ['-c', `rm -rf /etc/ufw && cp -a ${backup}/ufw /etc/ufw`]);

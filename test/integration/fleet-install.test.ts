@@ -7,6 +7,7 @@ import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import { createFleet, type Fleet } from '../helpers/fleet.js';
 import { byHost, fleetSkip, playbook, served } from './fleetlib.js';
+import { testUnless } from '../helpers/skip.js';
 
 const test = suite('fleet: install');
 let fleet: Fleet | undefined;
@@ -17,8 +18,7 @@ test.after(async () => {
   rmSync(prefix, { recursive: true, force: true });
 });
 
-test('portflip_install: the role installs portflip with provision.sh --no-sample, and the installed binary does a first deploy', async () => {
-  if (fleetSkip) return console.log(`  skipped: ${fleetSkip}`);
+testUnless(fleetSkip, 'portflip_install: the role installs portflip with provision.sh --no-sample, and the installed binary does a first deploy', async () => {
   fleet = await createFleet(1);
   const bin = path.join(prefix, 'usr/local/bin/portflip');
   const { r, summary, out } = await playbook(fleet, {
@@ -41,6 +41,6 @@ test('portflip_install: the role installs portflip with provision.sh --no-sample
   assert.is(h1.version_before, 'unreachable', 'a first deploy: nothing answered before');
   assert.is(h1.version_after, 'v1');
   assert.is(await served(fleet.hosts[0]), 'v1');
-});
+}, test);
 
 test.run();

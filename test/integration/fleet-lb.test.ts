@@ -8,6 +8,7 @@ import type { Fleet } from '../helpers/fleet.js';
 import { LB_ADDR } from '../helpers/fleet.js';
 import { startLoad, waitFor } from '../helpers/netns.js';
 import { fleetSkip, playbook, served, startFleet, underLoad } from './fleetlib.js';
+import { testUnless } from '../helpers/skip.js';
 
 const test = suite('fleet: load balancer');
 let fleet: Fleet;
@@ -19,8 +20,7 @@ test.after(async () => {
   await fleet?.destroy();
 });
 
-test('load-balancer mode on h1 and h2: each is drained, gets no new connection while its work runs, and comes back; 0 failed', async () => {
-  if (fleetSkip) return console.log(`  skipped: ${fleetSkip}`);
+testUnless(fleetSkip, 'load-balancer mode on h1 and h2: each is drained, gets no new connection while its work runs, and comes back; 0 failed', async () => {
   const log = path.join(fleet.base, 'work.log');
   // The work counts new connections reaching the host: the nat REDIRECT rule's packet counter sees one per connection.
   const count = `iptables-nft -t nat -nvxL PF-web | awk '/REDIRECT/ {print $1}'`;
@@ -40,10 +40,9 @@ test('load-balancer mode on h1 and h2: each is drained, gets no new connection w
   assert.equal(summary.results.map((x) => [x.host, x.version_before, x.version_after]), [['h1', 'v1', 'v5'], ['h2', 'v1', 'v5']]);
   const stats = await fleet.serverStats();
   for (const h of fleet.hosts) assert.is(stats[h.name].status, 'UP', `${h.name} is back in rotation`);
-});
+}, test);
 
-test('portflip agent drives HAProxy: drain, maint, ready from the host, and down when the app is gone', async () => {
-  if (fleetSkip) return console.log(`  skipped: ${fleetSkip}`);
+testUnless(fleetSkip, 'portflip agent drives HAProxy: drain, maint, ready from the host, and down when the app is gone', async () => {
   const h3 = fleet.hosts[2];
   const agent = (...args: string[]) => h3.pf(['agent', 'web', ...args]);
   const status = async () => (await fleet.serverStats()).h3;
@@ -79,6 +78,6 @@ test('portflip agent drives HAProxy: drain, maint, ready from the host, and down
   assert.is((await h3.pf(['stop', 'web'])).code, 0);
   await until('h3 DOWN by its agent', (s) => s.status === 'DOWN (agent)');
   assert.match(last.last_agt, /down \(no (live active instance of|portflip app) web/, seen());
-});
+}, test);
 
 test.run();

@@ -4,6 +4,7 @@ import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import type { Fleet } from '../helpers/fleet.js';
 import { byHost, fleetSkip, playbook, served, startFleet, underLoad } from './fleetlib.js';
+import { testUnless } from '../helpers/skip.js';
 
 const test = suite('fleet: stop');
 let fleet: Fleet;
@@ -15,8 +16,7 @@ test.after(async () => {
   await fleet?.destroy();
 });
 
-test('with two of three hosts failing, the play stops before touching the third', async () => {
-  if (fleetSkip) return console.log(`  skipped: ${fleetSkip}`);
+testUnless(fleetSkip, 'with two of three hosts failing, the play stops before touching the third', async () => {
   const { value: { r, summary, out }, load } = await underLoad(fleet, () => playbook(fleet, { app_version: 'v2', bad_hosts: ['h1', 'h2'] }));
   assert.is.not(r.code, 0, out);
   assert.is(load.failed, 0, JSON.stringify(load));
@@ -29,6 +29,6 @@ test('with two of three hosts failing, the play stops before touching the third'
   const st = JSON.parse((await fleet.hosts[2].pf(['status', 'web', '--json'])).stdout);
   assert.is(st.apps[0].active.port, 8001, 'h3 still runs its first instance');
   assert.match(r.stdout, /h3: not deployed \(the rollout stopped first\)/);
-});
+}, test);
 
 test.run();

@@ -4,6 +4,7 @@ import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import type { Fleet } from '../helpers/fleet.js';
 import { byHost, fleetSkip, playbook, served, startFleet, underLoad } from './fleetlib.js';
+import { testUnless } from '../helpers/skip.js';
 
 const test = suite('fleet: rolling deploy');
 let fleet: Fleet;
@@ -15,8 +16,7 @@ test.after(async () => {
   await fleet?.destroy();
 });
 
-test('rolling deploy v1 -> v2 (with --verify) over three hosts through HAProxy: 0 failed requests, a summary from the JSON events', async () => {
-  if (fleetSkip) return console.log(`  skipped: ${fleetSkip}`);
+testUnless(fleetSkip, 'rolling deploy v1 -> v2 (with --verify) over three hosts through HAProxy: 0 failed requests, a summary from the JSON events', async () => {
   const { value: { r, summary, out }, load } = await underLoad(fleet, () => playbook(fleet, { app_version: 'v2', portflip_verify: '1s' }));
   assert.is(r.code, 0, out);
   assert.is(load.failed, 0, JSON.stringify(load));
@@ -37,10 +37,9 @@ test('rolling deploy v1 -> v2 (with --verify) over three hosts through HAProxy: 
   assert.match(r.stdout, /h1: ok, v1 -> v2, exit 0, preflight [\d.]+s/);
   // serial [1, 50%] over three hosts: three batches of one host, each with its own PLAY header
   assert.is(r.stdout.match(/^PLAY \[portflip rolling deploy\] \*/gm)?.length, 3, out);
-});
+}, test);
 
-test('a host whose new version never gets ready keeps the old one, and the play goes on to the next host', async () => {
-  if (fleetSkip) return console.log(`  skipped: ${fleetSkip}`);
+testUnless(fleetSkip, 'a host whose new version never gets ready keeps the old one, and the play goes on to the next host', async () => {
   const { value: { r, summary, out }, load } = await underLoad(fleet, () => playbook(fleet, { app_version: 'v3', bad_hosts: ['h2'], portflip_max_fail_percentage: 33 }));
   assert.is.not(r.code, 0, `the play reports the failed host\n${out}`);
   assert.is(load.failed, 0, JSON.stringify(load));
@@ -55,6 +54,6 @@ test('a host whose new version never gets ready keeps the old one, and the play 
   assert.match(res.h2.error, /ready|never|timed out|deadline/i);
   assert.is(res.h3.version_after, 'v3');
   assert.match(r.stdout, /h2: FAILED, v2 -> v2, exit 1/);
-});
+}, test);
 
 test.run();

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { repoRoot } from '../helpers/netns.js';
+import { testUnless } from '../helpers/skip.js';
 
 // The inner `npm test` runs with this set, so it runs the unit tests only and never this file again.
 const INNER = { PORTFLIP_TEST_ONLY: 'unit' };
@@ -50,15 +51,11 @@ function run(line: string, cwd: string, timeoutMs: number): Promise<Run> {
   });
 }
 
-test('the README\'s two commands work from a fresh clone: the demo, then the tests', async () => {
-  if (process.env.PORTFLIP_TEST_ONLY) {
-    console.log('  skipped: already inside a fresh-clone test run');
-    return;
-  }
-  if (!isRoot && spawnSync('sudo', ['-n', 'true']).status !== 0) {
-    console.log('  skipped: `sudo npm run demo` needs root, and sudo here asks for a password');
-    return;
-  }
+const whyNot =
+  (process.env.PORTFLIP_TEST_ONLY && 'already inside a fresh-clone test run') ||
+  (!isRoot && spawnSync('sudo', ['-n', 'true']).status !== 0 && '`sudo npm run demo` needs root, and sudo here asks for a password');
+
+testUnless(whyNot, 'the README\'s two commands work from a fresh clone: the demo, then the tests', async () => {
   const dirty = spawnSync('git', ['-C', repoRoot, 'status', '--porcelain'], { encoding: 'utf8' }).stdout.trim();
   if (dirty) console.log(`  note: the clone sees only committed files; uncommitted here:\n${dirty.split('\n').map((l) => `    ${l}`).join('\n')}`);
 

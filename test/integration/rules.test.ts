@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { freePorts } from '../helpers/netns.js';
 import { inWorld, deployArgs, show, get } from './lib.js';
 import { appText, filterRules, parseSave, type AppSpec } from '../../src/iptables.js';
+import { needsRoot, testUnless } from '../helpers/skip.js';
 
 const OTHERS = `
 iptables -t nat -A PREROUTING -p tcp --dport 2222 -j REDIRECT --to-ports 22
@@ -125,8 +126,7 @@ test('restore brings traffic back after iptables -t nat -F; status sees missing 
   });
 });
 
-test('the legacy backend works too when forced, and status names it', async () => {
-  if (process.getuid?.() !== 0) return console.log('  (skipped: iptables-legacy needs real root; CI runs as root)');
+testUnless(needsRoot('iptables-legacy cannot take its lock in a user namespace'), 'the legacy backend works too when forced, and status names it', async () => {
   await inWorld(async (w) => {
     const env = { PORTFLIP_IPTABLES: 'legacy' };
     const ports = await freePorts(2);
