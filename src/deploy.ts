@@ -5,6 +5,7 @@
 // is undone; a failure or Ctrl-C undoes the completed steps in reverse, once.
 
 import { join } from 'node:path';
+import { checkUserReach } from './access.js';
 import { HOOKS, type HookName } from './config.js';
 import { move } from './lifecycle.js';
 import { fail, PortflipError } from './errors.js';
@@ -567,7 +568,8 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
   for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES', 'PORTFLIP_PRELOAD_DIR'])
     delete env[k];
   if (user) Object.assign(env, { HOME: user.home, USER: user.name, LOGNAME: user.name });
-  await resolveCommand(sys, o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
+  const executable = await resolveCommand(sys, o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
+  if (user) await checkUserReach(sys, user, o, executable); // else the instance dies at start, its log the only word
 
   if (o.dryRun) {
     // no lock and no change: the live rules are read where that is allowed, to show the exact commit
