@@ -5,7 +5,8 @@ import * as assert from 'uvu/assert';
 import type { ChildProcess } from 'node:child_process';
 import { natRules, parseSave, type AppSpec, type Family } from '../../src/iptables.js';
 import { SERVER_ADDR, SERVER_ADDR6, fixture, freePorts, startLoad, waitFor, type Netns } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, alive, type World } from './lib.js';
+import { inWorld, deployArgs, show, get, alive, type World } from '../helpers/world.js';
+import { events, waitEvent } from '../helpers/events.js';
 
 type Counts = { byFrom: Record<string, Record<string, number>>; failed: number; firstErrors: string[]; done: number };
 
@@ -187,26 +188,6 @@ test('--canary-for promotes on its own after passing checks, and aborts on its o
     { peer: true },
   );
 });
-
-/** Resolves with the first JSON event the process prints that matches. */
-function waitEvent(child: ChildProcess, match: (e: Record<string, any>) => boolean, timeoutMs = 20_000): Promise<Record<string, any>> {
-  return new Promise((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error(`no matching event in ${timeoutMs}ms: ${buf}`)), timeoutMs);
-    child.stdout!.on('data', (d) => {
-      buf += d;
-      for (const line of buf.split('\n').slice(0, -1)) {
-        const e = JSON.parse(line);
-        if (match(e)) {
-          clearTimeout(timer);
-          resolve(e);
-        }
-      }
-      buf = buf.slice(buf.lastIndexOf('\n') + 1);
-    });
-    child.once('exit', () => reject(new Error('portflip exited before the event')));
-  });
-}
 
 test('SIGKILL during a canary deploy and during promote: 0 failed under load, the next runs repair', async () => {
   await inWorld(

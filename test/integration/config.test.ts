@@ -6,7 +6,8 @@ import { mkdtempSync, writeFileSync, readFileSync, existsSync, rmSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePorts, fixture } from '../helpers/netns.js';
-import { inWorld, show, get, events } from './lib.js';
+import { inWorld, show, get } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 const appCommand = (v: string) => JSON.stringify([process.execPath, fixture('app.mjs'), '--port', '{port}', '--version', v]);
 const envFile = (text: string) => Object.fromEntries(text.trim().split('\n').map((l) => l.split(/=(.*)/s).slice(0, 2)));

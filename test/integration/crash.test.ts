@@ -6,29 +6,10 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { startLoad, freePorts } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, alive } from './lib.js';
+import { inWorld, deployArgs, show, get, alive } from '../helpers/world.js';
+import { events, waitEvent, type JsonEvent } from '../helpers/events.js';
 
-/** Resolves with the first JSON event the process prints that matches. */
-function waitEvent(child: ChildProcess, match: (e: Record<string, any>) => boolean, timeoutMs = 20_000): Promise<Record<string, any>> {
-  return new Promise((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error(`no matching event in ${timeoutMs}ms: ${buf}`)), timeoutMs);
-    child.stdout!.on('data', (d) => {
-      buf += d;
-      for (const line of buf.split('\n').slice(0, -1)) {
-        const e = JSON.parse(line);
-        if (match(e)) {
-          clearTimeout(timer);
-          resolve(e);
-        }
-      }
-      buf = buf.slice(buf.lastIndexOf('\n') + 1);
-    });
-    child.once('exit', () => reject(new Error('portflip exited before the event')));
-  });
-}
-
-const killPoints: [string, string[], (e: Record<string, any>) => boolean][] = [
+const killPoints: [string, string[], (e: JsonEvent) => boolean][] = [
   ['right after start', [], (e) => e.step === 'start'],
   ['right after the switch', [], (e) => e.step === 'switch'],
   ['during the drain', ['--drain', 'idle', '--drain-timeout', '2s'], (e) => e.kind === 'connections'],

@@ -3,7 +3,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { startLoad, freePorts, type LoadResult } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get } from './lib.js';
+import { inWorld, deployArgs, show, get } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 const firstSeen = (r: LoadResult) => [...new Set(r.versions)];
 
@@ -29,9 +30,9 @@ for (const where of ['server', 'client'] as const) {
         for (const e of steps) {
           assert.is(e.app, 'web');
           assert.type(e.durationMs, 'number');
-          if (e.step !== 'preflight') assert.ok(ports.includes(e.port), `${e.step} names the port`);
+          if (e.step !== 'preflight') assert.ok(ports.includes(e.port!), `${e.step} names the port`);
         }
-        assert.ok(steps.find((e) => e.step === 'start')!.pid > 0);
+        assert.ok(steps.find((e) => e.step === 'start')!.pid! > 0);
       }
       const [fresh, kept] = await Promise.all(loads.map((l) => l.stop()));
       for (const [mode, res] of [['new connection per request', fresh], ['keep-alive', kept]] as const) {

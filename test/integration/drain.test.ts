@@ -4,7 +4,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { readFileSync } from 'node:fs';
 import { freePorts, fixture, waitFor } from '../helpers/netns.js';
-import { inWorld, alive, deployArgs, events, show, type World } from './lib.js';
+import { inWorld, alive, deployArgs, show, type World } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 
 /** A request that takes `ms` on the server, started now; resolves with "STATUS BODY". */

@@ -3,7 +3,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { startLoad, freePorts } from '../helpers/netns.js';
-import { inWorld, alive, deployArgs, events, show, get, type World } from './lib.js';
+import { inWorld, alive, deployArgs, show, get, type World } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 const redirectTarget = async (w: World) => /-A PF-web -p tcp -j REDIRECT --to-ports (\d+)/.exec(await w.save())?.[1];
 

@@ -8,7 +8,8 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fixture, freePorts, startLoad, waitFor, type LoadHandle } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, type World } from './lib.js';
+import { inWorld, deployArgs, show, get, type World } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 import { needsRoot, testUnless } from '../helpers/skip.js';
 
 /** What `ufw default deny incoming; ufw allow 80/tcp; ufw enable` leaves, reduced to its effect. */

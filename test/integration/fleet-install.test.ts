@@ -6,7 +6,7 @@ import path from 'node:path';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import { createFleet, type Fleet } from '../helpers/fleet.js';
-import { byHost, fleetSkip, playbook, served } from './fleetlib.js';
+import { byHost, fleetSkip, playbook, served } from '../helpers/fleet-play.js';
 import { testUnless } from '../helpers/skip.js';
 
 const test = suite('fleet: install');

@@ -7,7 +7,7 @@ import * as assert from 'uvu/assert';
 import type { Fleet } from '../helpers/fleet.js';
 import { LB_ADDR } from '../helpers/fleet.js';
 import { startLoad, waitFor } from '../helpers/netns.js';
-import { fleetSkip, playbook, served, startFleet, underLoad } from './fleetlib.js';
+import { fleetSkip, playbook, served, startFleet, underLoad } from '../helpers/fleet-play.js';
 import { testUnless } from '../helpers/skip.js';
 
 const test = suite('fleet: load balancer');

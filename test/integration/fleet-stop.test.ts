@@ -3,7 +3,7 @@
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import type { Fleet } from '../helpers/fleet.js';
-import { byHost, fleetSkip, playbook, served, startFleet, underLoad } from './fleetlib.js';
+import { byHost, fleetSkip, playbook, served, startFleet, underLoad } from '../helpers/fleet-play.js';
 import { testUnless } from '../helpers/skip.js';
 
 const test = suite('fleet: stop');

@@ -6,7 +6,7 @@ import { mkdtempSync, writeFileSync, copyFileSync, rmSync, readdirSync, chmodSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePorts, fixture, repoRoot, startLoad } from '../helpers/netns.js';
-import { inWorld, show, get } from './lib.js';
+import { inWorld, show, get } from '../helpers/world.js';
 
 test('git push deploys the new revision under load, zero failed requests', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'pf-git-'));

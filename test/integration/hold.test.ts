@@ -6,7 +6,8 @@ import * as assert from 'uvu/assert';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fixture, freePorts, startLoad, waitFor, type Netns, type Where } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, alive, type World } from './lib.js';
+import { inWorld, deployArgs, show, get, alive, type World } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 interface HoldLoad {
   total: number;

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { freePorts, startApp, fixture, repoRoot } from '../helpers/netns.js';
-import { inWorld, app, show, type World } from './lib.js';
+import { inWorld, app, show, type World } from '../helpers/world.js';
 
 /** Every file under the state and run dirs: a refused command must leave none. */
 const leftovers = (w: World) =>

@@ -6,7 +6,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fixture, freePorts, startLoad, waitForPort, type LoadResult } from '../helpers/netns.js';
-import { inWorld, events, get, show, type World } from './lib.js';
+import { inWorld, get, show, type World } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 import { PRELOAD_SOURCE } from '../../src/preload.js';
 
 const node = process.execPath;

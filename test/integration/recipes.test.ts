@@ -7,7 +7,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { freePorts, repoRoot, startLoad, type LoadResult } from '../helpers/netns.js';
-import { inWorld, show, type World } from './lib.js';
+import { inWorld, show, type World } from '../helpers/world.js';
 
 const examples = path.join(repoRoot, 'examples');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

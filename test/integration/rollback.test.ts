@@ -3,7 +3,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { freePorts, startLoad, waitFor, fixture } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, alive } from './lib.js';
+import { inWorld, deployArgs, show, get, alive } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 test('rollback under load points back at the kept instance with zero failed requests', async () => {
   await inWorld(async (w) => {
@@ -22,7 +23,9 @@ test('rollback under load points back at the kept instance with zero failed requ
     const r = await w.pf(['rollback', 'web', '--json']);
     assert.is(r.code, 0, show(r));
     const rb = events(r.stdout).find((e) => e.step === 'rollback')!;
-    assert.ok(rb.durationMs < 2000, `the flip itself is quick (${rb.durationMs} ms)`);
+    // how fast the flip is belongs to the benchmark (the switch row of docs/benchmark.md), not to a pass/fail here
+    assert.is(rb.status, 'ok', show(r));
+    assert.equal([rb.port, rb.pid], [st.others[0].port, st.others[0].pid], 'the redirect went back to the kept instance');
     assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
     const res = await load.stop();
     assert.is(res.failed, 0, JSON.stringify(res));

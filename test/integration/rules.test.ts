@@ -6,7 +6,7 @@ import { mkdtempSync, writeFileSync, readFileSync, chmodSync, rmSync } from 'nod
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePorts } from '../helpers/netns.js';
-import { inWorld, deployArgs, show, get } from './lib.js';
+import { inWorld, deployArgs, show, get } from '../helpers/world.js';
 import { appText, filterRules, parseSave, type AppSpec } from '../../src/iptables.js';
 import { needsRoot, testUnless } from '../helpers/skip.js';
 

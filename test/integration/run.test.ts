@@ -7,20 +7,21 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { fixture, freePorts, startLoad, waitFor } from '../helpers/netns.js';
-import { inWorld, app, events, show, get, alive, type World } from './lib.js';
+import { inWorld, app, show, get, alive, type World } from '../helpers/world.js';
+import { events, type JsonEvent } from '../helpers/events.js';
 
 interface Supervisor {
   child: ChildProcess;
-  events: Record<string, any>[];
+  events: JsonEvent[];
   output(): string;
   exited: Promise<number | null>;
-  waitEvent(match: (e: Record<string, any>) => boolean, what: string, timeoutMs?: number): Promise<Record<string, any>>;
+  waitEvent(match: (e: JsonEvent) => boolean, what: string, timeoutMs?: number): Promise<JsonEvent>;
 }
 
 /** Starts `portflip run` with --json; every test kills it by pid in its finally, so a failure leaves no keeper behind. */
 function startRun(w: World, args: string[]): Supervisor {
   const child = w.pfSpawn(['run', 'web', '--json', ...args]);
-  const evs: Record<string, any>[] = [];
+  const evs: JsonEvent[] = [];
   let out = '';
   let err = '';
   child.stdout!.on('data', (d) => {
@@ -35,7 +36,7 @@ function startRun(w: World, args: string[]): Supervisor {
   return {
     child, events: evs, output, exited,
     async waitEvent(match, what, timeoutMs = 20_000) {
-      let found: Record<string, any> | undefined;
+      let found: JsonEvent | undefined;
       await waitFor(() => {
         if (child.exitCode !== null) throw new Error(`portflip run exited (${child.exitCode}) before ${what}\n${output()}`);
         return !!(found = evs.find(match));
@@ -54,7 +55,7 @@ const killRun = async (s: Supervisor) => {
   }
 };
 
-const sup = (action: string) => (e: Record<string, any>) => e.kind === 'supervisor' && e.action === action;
+const sup = (action: string) => (e: JsonEvent) => e.kind === 'supervisor' && e.action === action;
 const count = (s: Supervisor, action: string) => s.events.filter(sup(action)).length;
 const statusOf = async (w: World) => JSON.parse((await w.pf(['status', 'web', '--json'])).stdout).apps[0];
 

@@ -4,7 +4,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import type { ChildProcess } from 'node:child_process';
 import { freePorts, repoRoot, waitFor } from '../helpers/netns.js';
-import { inWorld, deployArgs, show } from './lib.js';
+import { inWorld, deployArgs, show } from '../helpers/world.js';
 
 const collect = (child: ChildProcess) => {
   const out = { text: '' };

@@ -6,7 +6,8 @@ import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, statSync } 
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { freePorts } from '../helpers/netns.js';
-import { inWorld, events, show, get } from './lib.js';
+import { inWorld, show, get } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 import { fixture } from '../helpers/netns.js';
 import { needsRoot, testUnless } from '../helpers/skip.js';
 

@@ -7,7 +7,8 @@ import path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { repoRoot, startLoad } from '../helpers/netns.js';
-import { inWorld, get, events, show } from './lib.js';
+import { inWorld, get, show } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 const VAGRANT_DIR = path.join(repoRoot, 'vagrant');
 const PROVISION = path.join(VAGRANT_DIR, 'provision.sh');

@@ -1,7 +1,7 @@
 // Shared setup for the integration tests: a namespace, state dirs, and the CLI with the fixture app.
 
 import { existsSync, readFileSync } from 'node:fs';
-import { fixture, createNetns, tmpDirs, portflip, portflipSpawn, type Netns, type TmpDirs, type ExecResult } from '../helpers/netns.js';
+import { fixture, createNetns, tmpDirs, portflip, portflipSpawn, type Netns, type TmpDirs, type ExecResult } from './netns.js';
 
 export interface World {
   ns: Netns;
@@ -45,13 +45,6 @@ export const app = (...args: string[]) => ['--', process.execPath, fixture('app.
 export function deployArgs(ports: number[], extra: string[], appArgs: string[], name = 'web', listen = 80): string[] {
   return ['deploy', name, '--listen', String(listen), '--ports', ports.join(','), ...extra, ...app(...appArgs)];
 }
-
-export const events = (stdout: string) =>
-  stdout
-    .trim()
-    .split('\n')
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, any>);
 
 export const show = (r: ExecResult) => `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
 

@@ -4,9 +4,9 @@ import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import * as assert from 'uvu/assert';
-import { AGENT_PORT, LB_ADDR, MAIN, createFleet, killLeftoverSsh, type Fleet, type Host } from '../helpers/fleet.js';
-import { fixture, repoRoot, startLoad, waitFor, type ExecResult, type LoadResult } from '../helpers/netns.js';
-import { get } from './lib.js';
+import { AGENT_PORT, LB_ADDR, MAIN, createFleet, killLeftoverSsh, type Fleet, type Host } from './fleet.js';
+import { fixture, repoRoot, startLoad, waitFor, type ExecResult, type LoadResult } from './netns.js';
+import { get } from './world.js';
 
 const has = (cmd: string) => spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
 const missing = ['ansible-playbook', 'haproxy', 'ssh', 'ssh-keygen'].filter((c) => !has(c)).concat(has('/usr/sbin/sshd') ? [] : ['/usr/sbin/sshd']);
