@@ -11,7 +11,16 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, 
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { createNetns, repoRoot, tmpDirs, waitFor, waitForPort, type ExecResult, type Netns, type TmpDirs } from './netns.js';
+import {
+  createNetns,
+  repoRoot,
+  tmpDirs,
+  waitFor,
+  waitForPort,
+  type ExecResult,
+  type Netns,
+  type TmpDirs,
+} from './netns.js';
 
 export const MAIN = path.join(repoRoot, 'dist', 'src', 'main.cjs');
 export const LB_ADDR = '10.233.0.10';
@@ -128,7 +137,12 @@ export async function createFleet(n = 3): Promise<Fleet> {
     made.push(lb);
     const client = await createNetns();
     made.push(client);
-    await must(lb, 'ip', ['-batch', '-'], [`link add br0 type bridge`, `addr add ${LB_ADDR}/24 dev br0`, 'link set br0 up', ''].join('\n'));
+    await must(
+      lb,
+      'ip',
+      ['-batch', '-'],
+      [`link add br0 type bridge`, `addr add ${LB_ADDR}/24 dev br0`, 'link set br0 up', ''].join('\n'),
+    );
 
     const key = path.join(base, 'id_ed25519');
     await must(lb, 'ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'portflip-fleet-test', '-f', key]);
@@ -136,12 +150,17 @@ export async function createFleet(n = 3): Promise<Fleet> {
     writeFileSync(authorized, readFileSync(`${key}.pub`), { mode: 0o600 });
 
     const join = async (ns: Netns, name: string, addr: string) => {
-      await must(lb, 'ip', ['-batch', '-'], [
-        `link add ${name} type veth peer name eth0 netns ${ns.pid}`,
-        `link set ${name} master br0`,
-        `link set ${name} up`,
-        '',
-      ].join('\n'));
+      await must(
+        lb,
+        'ip',
+        ['-batch', '-'],
+        [
+          `link add ${name} type veth peer name eth0 netns ${ns.pid}`,
+          `link set ${name} master br0`,
+          `link set ${name} up`,
+          '',
+        ].join('\n'),
+      );
       await must(ns, 'ip', ['-batch', '-'], [`addr add ${addr}/24 dev eth0`, 'link set eth0 up', ''].join('\n'));
     };
     await join(client, 'v-client', CLIENT_ADDR);
@@ -159,7 +178,11 @@ export async function createFleet(n = 3): Promise<Fleet> {
       await must(ns, 'ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', `${dir}/host_ed25519_key`]);
       writeFileSync(`${dir}/sshd_config`, sshdConfig({ addr, dir }, authorized));
       const h: Host = {
-        name, addr, ns, dirs, env,
+        name,
+        addr,
+        ns,
+        dirs,
+        env,
         pf: (args, timeoutMs = 60_000) => ns.exec(process.execPath, [MAIN, ...args], { env, timeoutMs }),
       };
       hosts.push(h);
@@ -174,7 +197,9 @@ export async function createFleet(n = 3): Promise<Fleet> {
     writeFileSync(path.join(base, 'haproxy.cfg'), haproxyConfig(base, hosts));
     const haproxySocket = path.join(base, 'haproxy.sock');
     // -db: in the foreground, so the harness holds its pid and kills it; no pid file in /run.
-    haproxy = lb.spawn('haproxy', ['-db', '-f', path.join(base, 'haproxy.cfg')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    haproxy = lb.spawn('haproxy', ['-db', '-f', path.join(base, 'haproxy.cfg')], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     let haproxyErr = '';
     haproxy.stderr!.on('data', (d) => (haproxyErr = (haproxyErr + d).slice(-4000)));
     await waitFor(() => existsSync(haproxySocket), 10_000, `HAProxy's socket (${haproxyErr})`);

@@ -22,4 +22,5 @@ export function testUnless(
 }
 
 /** The reason a test that needs real root cannot run here, or '' as root. */
-export const needsRoot = (what: string): string => (process.getuid?.() === 0 ? '' : `needs real root (${what}); CI runs as root`);
+export const needsRoot = (what: string): string =>
+  process.getuid?.() === 0 ? '' : `needs real root (${what}); CI runs as root`;

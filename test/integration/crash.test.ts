@@ -35,7 +35,10 @@ for (const [when, flags, match] of killPoints) {
 
       const next = await w.pf(deployArgs(ports, ['--json'], ['--version', 'v3']));
       assert.is(next.code, 0, show(next));
-      const notes = events(next.stdout).filter((e) => e.kind === 'notice').map((e) => e.message).join('\n');
+      const notes = events(next.stdout)
+        .filter((e) => e.kind === 'notice')
+        .map((e) => e.message)
+        .join('\n');
       if (when === 'right after start') {
         assert.match(notes, /stopping the candidate/);
         assert.not.ok(alive(candidate), 'the orphan candidate was stopped');
@@ -94,7 +97,10 @@ test('a concurrent deploy fails at once naming the holder; a stale lock is taken
     assert.ok(Date.now() - t < 5000, 'fails at once');
     assert.is(await exited, 0);
 
-    writeFileSync(join(w.dirs.runDir, 'web.lock'), JSON.stringify({ pid: 999999, startTime: '1', command: 'deploy web' }));
+    writeFileSync(
+      join(w.dirs.runDir, 'web.lock'),
+      JSON.stringify({ pid: 999999, startTime: '1', command: 'deploy web' }),
+    );
     const third = await w.pf(deployArgs(ports, [], ['--version', 'v3']));
     assert.is(third.code, 0, show(third));
     assert.match(third.stderr, /took over a stale lock.*pid 999999/);

@@ -34,13 +34,21 @@ function startRun(w: World, args: string[]): Supervisor {
   const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
   const output = () => `stderr: ${err}\nevents: ${evs.map((e) => JSON.stringify(e)).join('\n')}`;
   return {
-    child, events: evs, output, exited,
+    child,
+    events: evs,
+    output,
+    exited,
     async waitEvent(match, what, timeoutMs = 20_000) {
       let found: JsonEvent | undefined;
-      await waitFor(() => {
-        if (child.exitCode !== null) throw new Error(`portflip run exited (${child.exitCode}) before ${what}\n${output()}`);
-        return !!(found = evs.find(match));
-      }, timeoutMs, `${what}\n${output()}`).catch((e) => {
+      await waitFor(
+        () => {
+          if (child.exitCode !== null)
+            throw new Error(`portflip run exited (${child.exitCode}) before ${what}\n${output()}`);
+          return !!(found = evs.find(match));
+        },
+        timeoutMs,
+        `${what}\n${output()}`,
+      ).catch((e) => {
         throw new Error(`${e.message}\n${output()}`);
       });
       return found!;
@@ -88,7 +96,10 @@ test('reload on SIGHUP and on `portflip reload` under load: zero failed requests
         const r = await w.pf(['reload', 'web', '--json']);
         assert.is(r.code, 0, show(r));
         // the client shows the deploy the supervisor ran for it
-        assert.ok(events(r.stdout).some((e) => e.step === 'done'), r.stdout);
+        assert.ok(
+          events(r.stdout).some((e) => e.step === 'done'),
+          r.stdout,
+        );
         assert.is(await get(w.ns, url), 'v3');
 
         // a storm of SIGHUPs during a reload is queued once: one more reload, not one per signal
@@ -127,7 +138,15 @@ test('reload on SIGHUP and on `portflip reload` under load: zero failed requests
 test('a crash of the active instance is restarted and counted; a reload with flags only deploys the same app again', async () => {
   await inWorld(async (w) => {
     const ports = await freePorts(2);
-    const s = startRun(w, ['--listen', '80', '--ports', ports.join(','), '--ready', 'http://127.0.0.1:{port}/health', ...app('--version', 'v1')]);
+    const s = startRun(w, [
+      '--listen',
+      '80',
+      '--ports',
+      ports.join(','),
+      '--ready',
+      'http://127.0.0.1:{port}/health',
+      ...app('--version', 'v1'),
+    ]);
     try {
       await s.waitEvent((e) => e.step === 'done', 'the first deploy');
       const before = (await statusOf(w)).active;
@@ -170,7 +189,15 @@ test('SIGTERM to run stops the instances, removes the rules and the socket, and 
       await s.waitEvent((e) => e.step === 'done', 'the first deploy');
       const pid = (await statusOf(w)).active.pid;
       assert.ok(existsSync(join(w.dirs.runDir, 'web.sock')));
-      const second = await w.pf(['run', 'web', '--listen', '80', '--ports', ports.join(','), ...app('--version', 'v2')]);
+      const second = await w.pf([
+        'run',
+        'web',
+        '--listen',
+        '80',
+        '--ports',
+        ports.join(','),
+        ...app('--version', 'v2'),
+      ]);
       assert.is(second.code, 3, show(second));
       assert.match(second.stderr, /already running/);
 
@@ -180,7 +207,10 @@ test('SIGTERM to run stops the instances, removes the rules and the socket, and 
       assert.not.match(await w.save(), /PORTFLIP|PF-/, 'no portflip rules left');
       assert.not.ok(existsSync(join(w.dirs.runDir, 'web.sock')), 'the socket is gone');
       assert.not.ok(existsSync(join(w.dirs.stateDir, 'web.json')), 'the state file is gone');
-      assert.ok(s.events.some((e) => e.step === 'stop'), s.output());
+      assert.ok(
+        s.events.some((e) => e.step === 'stop'),
+        s.output(),
+      );
     } finally {
       await killRun(s);
     }

@@ -27,8 +27,26 @@ testUnless(needsRoot('switching users'), 'an instance deployed with --user nobod
   const copy = fixtureIn(0o755);
   await inWorld(async (w) => {
     const ports = await freePorts(2);
-    const r = await w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--user', 'nobody', '--cwd', '/',
-      '--json', '--', process.execPath, copy.app, '--port', '{port}', '--version', 'v1']);
+    const r = await w.pf([
+      'deploy',
+      'web',
+      '--listen',
+      '80',
+      '--ports',
+      ports.join(','),
+      '--user',
+      'nobody',
+      '--cwd',
+      '/',
+      '--json',
+      '--',
+      process.execPath,
+      copy.app,
+      '--port',
+      '{port}',
+      '--version',
+      'v1',
+    ]);
     assert.is(r.code, 0, show(r));
     const pid = events(r.stdout).find((e) => e.step === 'start')!.pid as number;
     const nobody = Number(/^nobody:[^:]*:(\d+):/m.exec(readFileSync('/etc/passwd', 'utf8'))![1]);
@@ -39,38 +57,79 @@ testUnless(needsRoot('switching users'), 'an instance deployed with --user nobod
   }).finally(copy.done);
 });
 
-testUnless(needsRoot('switching users'), 'deploy --user nobody of a script in a 0700 directory fails in preflight, naming it', async () => {
-  const copy = fixtureIn(0o700);
-  await inWorld(async (w) => {
-    const ports = await freePorts(2);
-    const r = await w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--user', 'nobody', '--cwd', '/',
-      '--json', '--', process.execPath, copy.app, '--port', '{port}']);
-    assert.is(r.code, 8, show(r));
-    const all = events(r.stdout);
-    assert.equal(all.filter((e) => e.kind === 'step'), [], 'nothing ran: it failed in preflight');
-    const err = all.find((e) => e.kind === 'error')!;
-    assert.is(err.error, 'config');
-    assert.is(err.message, r.stderr.trim().replace(/^portflip: /, ''), 'one line, the same on stderr');
-    assert.ok(
-      err.message.startsWith(`--user nobody cannot reach its script ${copy.app}: ${copy.dir} is in the way (mode 0700`),
-      err.message,
-    );
-    assert.is(JSON.parse((await w.pf(['status', '--json'])).stdout).apps.length, 0, 'no app was left behind');
-  }).finally(copy.done);
-});
+testUnless(
+  needsRoot('switching users'),
+  'deploy --user nobody of a script in a 0700 directory fails in preflight, naming it',
+  async () => {
+    const copy = fixtureIn(0o700);
+    await inWorld(async (w) => {
+      const ports = await freePorts(2);
+      const r = await w.pf([
+        'deploy',
+        'web',
+        '--listen',
+        '80',
+        '--ports',
+        ports.join(','),
+        '--user',
+        'nobody',
+        '--cwd',
+        '/',
+        '--json',
+        '--',
+        process.execPath,
+        copy.app,
+        '--port',
+        '{port}',
+      ]);
+      assert.is(r.code, 8, show(r));
+      const all = events(r.stdout);
+      assert.equal(
+        all.filter((e) => e.kind === 'step'),
+        [],
+        'nothing ran: it failed in preflight',
+      );
+      const err = all.find((e) => e.kind === 'error')!;
+      assert.is(err.error, 'config');
+      assert.is(err.message, r.stderr.trim().replace(/^portflip: /, ''), 'one line, the same on stderr');
+      assert.ok(
+        err.message.startsWith(
+          `--user nobody cannot reach its script ${copy.app}: ${copy.dir} is in the way (mode 0700`,
+        ),
+        err.message,
+      );
+      assert.is(JSON.parse((await w.pf(['status', '--json'])).stdout).apps.length, 0, 'no app was left behind');
+    }).finally(copy.done);
+  },
+);
 
-testUnless(needsRoot('lowering and restoring priority'), 'portflip runs niced as root, and the instances it starts get the normal priority back', async () => {
-  await inWorld(async (w) => {
-    const ports = await freePorts(2);
-    const r = await w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--json', '--', 'sh', '-c',
-      `echo portflip-nice=$(cut -d' ' -f19 /proc/$PPID/stat); exec ${process.execPath} ${fixture('app.mjs')} --port $PORT`]);
-    assert.is(r.code, 0, show(r));
-    const pid = events(r.stdout).find((e) => e.step === 'start')!.pid as number;
-    const niceOf = (p: number) => Number(readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ')[16]);
-    assert.is(niceOf(pid), 0, 'the instance runs at the normal priority');
-    const log = JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0].active.log;
-    assert.match(readFileSync(log, 'utf8'), /portflip-nice=10\b/, 'portflip itself ran niced');
-  });
-});
+testUnless(
+  needsRoot('lowering and restoring priority'),
+  'portflip runs niced as root, and the instances it starts get the normal priority back',
+  async () => {
+    await inWorld(async (w) => {
+      const ports = await freePorts(2);
+      const r = await w.pf([
+        'deploy',
+        'web',
+        '--listen',
+        '80',
+        '--ports',
+        ports.join(','),
+        '--json',
+        '--',
+        'sh',
+        '-c',
+        `echo portflip-nice=$(cut -d' ' -f19 /proc/$PPID/stat); exec ${process.execPath} ${fixture('app.mjs')} --port $PORT`,
+      ]);
+      assert.is(r.code, 0, show(r));
+      const pid = events(r.stdout).find((e) => e.step === 'start')!.pid as number;
+      const niceOf = (p: number) => Number(readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ')[16]);
+      assert.is(niceOf(pid), 0, 'the instance runs at the normal priority');
+      const log = JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0].active.log;
+      assert.match(readFileSync(log, 'utf8'), /portflip-nice=10\b/, 'portflip itself ran niced');
+    });
+  },
+);
 
 test.run();

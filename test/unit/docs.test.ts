@@ -106,7 +106,8 @@ test('every relative link in README.md and docs/*.md resolves, file and #anchor'
         const where = `${file}:${i + 1}: ${target}`;
         if (!existsSync(resolved)) broken.push(`${where} (no such file)`);
         else if (anchor !== undefined) {
-          if (statSync(resolved).isDirectory() || !resolved.endsWith('.md')) broken.push(`${where} (anchor on a non-page)`);
+          if (statSync(resolved).isDirectory() || !resolved.endsWith('.md'))
+            broken.push(`${where} (anchor on a non-page)`);
           else if (!anchors(readFileSync(resolved, 'utf8')).has(anchor)) broken.push(`${where} (no such heading)`);
         }
       }

@@ -77,7 +77,10 @@ test('a working directory or a command the user cannot reach is refused the same
   assert.match(cmd.message, /^--user app cannot reach the command \/root\/clone\/app\/run: \/root is in the way/);
   await sys.fs.chmod('/srv/app/server.js', 0o600);
   const unreadable = await refused(sys, { command: ['fakeapp', 'server.js'] });
-  assert.match(unreadable.message, /its script \/srv\/app\/server\.js \(mode 0600, owner uid 0; app needs read permission/);
+  assert.match(
+    unreadable.message,
+    /its script \/srv\/app\/server\.js \(mode 0600, owner uid 0; app needs read permission/,
+  );
 });
 
 test('a user who can reach everything deploys as before; flags and missing files are not scripts', async () => {
