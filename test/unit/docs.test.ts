@@ -18,12 +18,13 @@ function sources(dir: string): string[] {
   });
 }
 
-/** The text of `export type NAME = ...;` or `export const NAME = [...]` wherever it lives under src/ (files may move). */
+/** The text of `export type NAME = ...;` or `export const NAME = [...]`, wherever it lives under src/ (files move). */
 function declaration(name: string, kind: 'type' | 'const'): string {
   for (const f of sources(path.join(repoRoot, 'src'))) {
     const text = readFileSync(f, 'utf8');
     const at = text.indexOf(`export ${kind} ${name} =`);
-    if (at >= 0) return text.slice(at, at + text.slice(at).search(/;\n(?![ \t])/)); // to the `;` that ends a line at the top
+    // to the `;` that ends an unindented line: the end of the declaration, not of a field inside it
+    if (at >= 0) return text.slice(at, at + text.slice(at).search(/;\n(?![ \t])/));
   }
   throw new Error(`no export ${kind} ${name} under src/`);
 }
