@@ -4,7 +4,7 @@
 // classic owner / group / other bits decide, checked the way the kernel does: the owner class alone
 // applies to the owner, the group class to the group, and root passes.
 
-import { dirname, isAbsolute, parse, resolve } from 'node:path';
+import { dirname, isAbsolute, resolve } from 'node:path';
 import { fail } from './errors.js';
 import type { Sys } from './sys.js';
 
@@ -22,10 +22,11 @@ export async function whatBlocks(
   if (uid === 0) return null;
   const allowed = (s: { mode: number; uid: number; gid: number }, w: Access) =>
     (uid === s.uid ? (s.mode >> 6) & BIT[w] : gid === s.gid ? (s.mode >> 3) & BIT[w] : s.mode & BIT[w]) !== 0;
+  path = resolve(path); // a relative PATH entry or --cwd: relative to portflip's directory, as its stat was
   const ancestors: string[] = [];
   for (let d = dirname(path); ; d = dirname(d)) {
     ancestors.unshift(d);
-    if (d === parse(d).root) break;
+    if (d === dirname(d)) break; // the root
   }
   // from the root down, as the kernel walks it: the outermost closed directory is the one to name
   for (const [p, need] of [...ancestors.map((d) => [d, 'execute'] as const), [path, want] as const]) {
@@ -56,8 +57,8 @@ export async function checkUserReach(
       () => false,
     ));
   const targets: [string, string, Access][] = [
-    ['--cwd', o.cwd, 'execute'],
-    ['the command', executable, 'execute'],
+    ['--cwd', resolve(o.cwd), 'execute'],
+    ['the command', resolve(executable), 'execute'],
     ...(isScript ? [['its script', scriptPath, 'read'] as [string, string, Access]] : []),
   ];
   for (const [what, path, want] of targets) {

@@ -58,6 +58,8 @@ test('whatBlocks walks from the root down and names the first closed directory, 
   assert.is(await whatBlocks(sys, '/srv/app/server.js', 1000, 1000, 'read'), null, 'the owner bits apply to the owner');
   await sys.fs.chmod('/srv/app/server.js', 0o044);
   assert.ok(await whatBlocks(sys, '/srv/app/server.js', 1000, 1000, 'read'), 'only the owner bits apply to the owner');
+  const relative = await whatBlocks(sys, 'no/such/file', 1000, 1000, 'read');
+  assert.ok(relative && 'missing' in relative, 'a relative path is walked from the current directory, to an end');
 });
 
 test('a script in a directory the user cannot reach is refused in preflight, naming the directory', async () => {
