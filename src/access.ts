@@ -4,12 +4,35 @@
 // classic owner / group / other bits decide, checked the way the kernel does: the owner class alone
 // applies to the owner, the group class to the group, and root passes.
 
-import { dirname, isAbsolute, resolve } from 'node:path';
+import { isAbsolute, join, resolve } from 'node:path';
 import { fail } from './errors.js';
 import type { Sys } from './sys.js';
 
 export type Access = 'read' | 'execute';
 const BIT: Record<Access, number> = { read: 4, execute: 1 };
+
+/**
+ * The directories the kernel searches to reach `path`, symlinks followed (a command linked into /usr/local/bin
+ * from /root/.nvm is reached through /root), and where it ends. Relative paths start at portflip's directory.
+ */
+async function lookup(sys: Sys, path: string): Promise<{ dirs: string[]; end: string }> {
+  const dirs = ['/'];
+  let rest = resolve(path).split('/').filter(Boolean);
+  let at = '/';
+  for (let links = 0; rest.length;) {
+    const next = join(at, rest.shift()!);
+    const target = links < 40 ? await sys.fs.readlink(next).catch(() => null) : null; // 40: the kernel's own limit
+    if (target !== null) {
+      links++;
+      rest = [...target.split('/').filter(Boolean), ...rest];
+      if (isAbsolute(target)) at = '/';
+      continue;
+    }
+    at = next;
+    if (rest.length) dirs.push(at);
+  }
+  return { dirs, end: at };
+}
 
 /** What keeps uid:gid from the path: the first directory on the way, or the path itself; null when reachable. */
 export async function whatBlocks(
@@ -22,14 +45,9 @@ export async function whatBlocks(
   if (uid === 0) return null;
   const allowed = (s: { mode: number; uid: number; gid: number }, w: Access) =>
     (uid === s.uid ? (s.mode >> 6) & BIT[w] : gid === s.gid ? (s.mode >> 3) & BIT[w] : s.mode & BIT[w]) !== 0;
-  path = resolve(path); // a relative PATH entry or --cwd: relative to portflip's directory, as its stat was
-  const ancestors: string[] = [];
-  for (let d = dirname(path); ; d = dirname(d)) {
-    ancestors.unshift(d);
-    if (d === dirname(d)) break; // the root
-  }
+  const { dirs, end } = await lookup(sys, path);
   // from the root down, as the kernel walks it: the outermost closed directory is the one to name
-  for (const [p, need] of [...ancestors.map((d) => [d, 'execute'] as const), [path, want] as const]) {
+  for (const [p, need] of [...dirs.map((d) => [d, 'execute'] as const), [end, want] as const]) {
     const s = await sys.fs.stat(p).catch(() => null);
     if (!s) return { path: p, missing: true };
     if (!allowed(s, need)) return { path: p, mode: s.mode & 0o7777, uid: s.uid, need };

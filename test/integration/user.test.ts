@@ -2,7 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { freePorts } from '../helpers/netns.js';
@@ -100,6 +100,40 @@ testUnless(
       );
       assert.is(JSON.parse((await w.pf(['status', '--json'])).stdout).apps.length, 0, 'no app was left behind');
     }).finally(copy.done);
+  },
+);
+
+testUnless(
+  needsRoot('switching users'),
+  'deploy --user nobody of a command linked from a reachable directory into a 0700 one names the 0700 one',
+  async () => {
+    const hidden = fixtureIn(0o700);
+    const open = fixtureIn(0o755);
+    symlinkSync(process.execPath, path.join(hidden.dir, 'node'));
+    symlinkSync(path.join(hidden.dir, 'node'), path.join(open.dir, 'node')); // as /usr/local/bin/node -> /root/.nvm/...
+    await inWorld(async (w) => {
+      const ports = await freePorts(2);
+      const r = await w.pf([
+        'deploy',
+        'web',
+        '--listen',
+        '80',
+        '--ports',
+        ports.join(','),
+        '--user',
+        'nobody',
+        '--cwd',
+        '/',
+        '--',
+        path.join(open.dir, 'node'),
+        open.app,
+        '--port',
+        '{port}',
+      ]);
+      assert.is(r.code, 8, show(r));
+      const line = `portflip: --user nobody cannot reach the command ${path.join(open.dir, 'node')}: ${hidden.dir} is in the way`;
+      assert.ok(r.stderr.startsWith(line), r.stderr);
+    }).finally(() => (hidden.done(), open.done()));
   },
 );
 
