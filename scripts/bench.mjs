@@ -6,7 +6,9 @@
 // versus instance port, alternated; (3) the switch commit time with 1, 100 and 1000 apps' chains present; (4) the app
 // dimension: keep-alive load at 200 and 1000 req/s, every contender restarting the fixture, a plain Node server.close()
 // app and nginx, each run 3 times (`--apps-only` runs just this phase); (5) portflip's own cost beside
-// `node -e 0` (`--own-only` runs just this, into bench/results/OWN-COST.md).
+// `node -e 0` (`--own-only` runs just this, into bench/results/OWN-COST.md); (6) marking Connection: close on
+// draining instances: the servers people run with it on and off, and what the queue costs (`--marking-only`, into
+// bench/results/MARKING.md; scripts/bench/marking.mjs).
 // Writes bench/results/latest.json (gitignored), bench/results/SUMMARY.md and one SVG chart per mode, and for phase 4
 // bench/results/APPS.md (medians and spread) and apps.json (gitignored).
 // Nothing here touches the root namespace's rules: every iptables call and every app runs inside our namespaces.
@@ -18,6 +20,7 @@ import { parseArgs } from 'node:util';
 import * as h from '../dist/test/helpers/netns.js';
 import { APPS, CLEAN_ENV, contenders, portflipDeploy, PUBLIC_PORT, removeAppDirs, START_DELAY_MS, sleep } from './bench/contenders.mjs';
 import { ownCostMarkdown, runOwnCost } from './bench/own-cost.mjs';
+import { markingMarkdown, runMarkingPhase } from './bench/marking.mjs';
 import { chartSvg, fmtMs, fmtRatio, inWindows, median, modeTable, percentile, series, summarize, windowsOf, WINDOW_AFTER_MS } from './bench/report.mjs';
 
 const { values: opt } = parseArgs({
@@ -35,6 +38,8 @@ const { values: opt } = parseArgs({
     'skip-own': { type: 'boolean', default: false }, // portflip's own cost (status, deploy overhead, switch) beside node -e 0
     'apps-only': { type: 'boolean', default: false }, // only phase 4; writes bench/results/APPS.md
     'own-only': { type: 'boolean', default: false }, // only portflip's own cost; writes bench/results/OWN-COST.md
+    'marking-only': { type: 'boolean', default: false }, // only phase 6; writes bench/results/MARKING.md
+    'skip-marking': { type: 'boolean', default: false },
   },
 });
 
@@ -50,7 +55,7 @@ const modes = opt.modes ? opt.modes.split(',') : Object.keys(MODES);
 const names = opt.only ? opt.only.split(',') : Object.keys(contenders);
 const LOAD = path.join(h.repoRoot, 'scripts', 'bench', 'load.mjs');
 // Only a full default run replaces the committed summary and charts; a --quick or partial run writes to a temp dir.
-const PARTIAL = opt.quick || Boolean(opt.only || opt.modes || opt['skip-cost'] || opt['skip-scale'] || opt['skip-own'] || opt['apps-only'] || opt['own-only']);
+const PARTIAL = opt.quick || Boolean(opt.only || opt.modes || opt['skip-cost'] || opt['skip-scale'] || opt['skip-own'] || opt['apps-only'] || opt['own-only'] || opt['marking-only'] || opt['skip-marking']);
 // The app phase has its own summary (APPS.md): a default --apps-only run replaces the committed one.
 const APPS_PARTIAL = opt.quick || Boolean(opt.only || opt.apps !== 'fixture,node,nginx' || opt['app-rates'] !== '200,1000' || opt.reps !== '3');
 const APPS_OUT = APPS_PARTIAL ? path.join(os.tmpdir(), 'portflip-bench-quick') : path.join(h.repoRoot, 'bench', 'results');
@@ -485,6 +490,7 @@ async function main() {
   };
   if (opt['apps-only']) return runAppsPhase(results);
   if (opt['own-only']) return runOwnOnly(results);
+  if (opt['marking-only']) return runMarkingOnly();
   for (const mode of modes) {
     const run = { mode, modeTitle: MODES[mode], rate: CFG.rate, contenders: {} };
     for (const name of names) {
@@ -533,6 +539,7 @@ async function main() {
     }
   }
   if (!opt['skip-apps']) await runAppsPhase(results);
+  if (!opt['skip-marking']) await runMarkingOnly();
   results.elapsedS = (performance.now() - began) / 1000;
   results.host.loadavgAtEnd = os.loadavg();
   writeFileSync(path.join(OUT, 'latest.json'), `${JSON.stringify(results, null, 1)}\n`);
@@ -543,6 +550,19 @@ async function main() {
   const v = verdictFor(results);
   if (!v.pass) log('portflip missed its mark in this run (see the verdict above)');
   process.exitCode = v.pass && results.phaseErrors.length === 0 ? 0 : 1;
+}
+
+/** Phase 6 (`--marking-only`): marking on the servers people run, and the queue's cost; bench/results/MARKING.md. */
+async function runMarkingOnly() {
+  const t0 = performance.now();
+  const reps = opt.quick ? 1 : Number(opt.reps);
+  const out = await runMarkingPhase({ withNetns, log, reps });
+  const meta = { date: new Date().toISOString(), cpus: os.cpus().length, elapsedS: (performance.now() - t0) / 1000 };
+  const dir = opt.quick || opt.reps !== '3' ? path.join(os.tmpdir(), 'portflip-bench-quick') : path.join(h.repoRoot, 'bench', 'results');
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(path.join(dir, 'MARKING.md'), markingMarkdown(out, meta));
+  writeFileSync(path.join(dir, 'marking.json'), JSON.stringify(out, null, 1));
+  log(`wrote ${path.join(dir, 'MARKING.md')}`);
 }
 
 /** `--own-only`: status, a deploy's overhead and the switch beside node -e 0, a minute's run for the budgets. */

@@ -6,6 +6,7 @@ import { build } from 'esbuild';
 import { chmodSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { buildDefines, buildInfo } from './build-info.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const dist = path.join(root, 'dist', 'src');
@@ -25,7 +26,7 @@ await build({
   external: ['koffi'], // a native addon, found in node_modules at run time
   // lighter stand-ins for what yargs imports: src/text-width.ts and src/assert-lite.ts say why
   alias: { 'string-width': path.join(dist, 'text-width.js'), assert: path.join(dist, 'assert-lite.js') },
-  define: { 'import.meta.url': '__pfModuleUrl' },
+  define: { 'import.meta.url': '__pfModuleUrl', ...buildDefines(buildInfo(root)) }, // src/self.ts: --version
   banner: { js: "var __pfModuleUrl = require('node:url').pathToFileURL(__filename).href;" },
   minifyWhitespace: true, // a smaller file to read each run; names stay, for the rare stack trace
   legalComments: 'none',

@@ -165,7 +165,7 @@ const PROMOTE: Step<CanaryRun>[] = [
     does: (r) => `drain and stop the instance on ${instanceLabel(r.active)} under the deploy's drain settings`,
     undo: '',
     settles: true,
-    run: (r) => retire(r.ctx, r.st, r.active),
+    run: async (r) => void (await retire(r.ctx, r.st, r.active, r.ipt)),
     where: (r) => ({ port: r.active.port, pid: r.active.pid }),
   },
 ];
@@ -224,7 +224,7 @@ const ABORT: Step<CanaryRun>[] = [
     does: (r) => `drain and stop the canary on ${instanceLabel(r.canary)} under the deploy's drain settings`,
     undo: '',
     settles: true,
-    run: (r) => retire(r.ctx, r.st, r.canary),
+    run: async (r) => void (await retire(r.ctx, r.st, r.canary, r.ipt)),
     where: (r) => ({ port: r.canary.port, pid: r.canary.pid }),
   },
 ];

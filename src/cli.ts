@@ -9,6 +9,7 @@ import { ExitCode, PortflipError, fail, fromSystemError } from './errors.js';
 import { canonicalCidr } from './iptables.js';
 import { type Event, formatHuman, makeEmitter } from './events.js';
 import type { Ctx } from './ops.js';
+import { isExecutable, versionText } from './self.js';
 import { paths } from './state.js';
 import { realSys } from './sys.js';
 export { yieldCpu } from './sys.js'; // main.cts calls it once the CLI is loaded, before any work
@@ -59,6 +60,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     exposePorts: from('exposePorts', 'expose_ports', false),
     allowFrom: flags.allowFrom ?? cfg.allow_from ?? [],
     nodeDrain: from('nodeDrain', 'node_drain', 'on'),
+    markClose: from('markClose', 'mark_close', 'on'),
     dryRun: flags.dryRun,
     env: flags.env,
   };
@@ -101,6 +103,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
   if (allowFrom.length && a.firewall === 'off')
     fail('usage', "--allow-from needs portflip's filter chain; drop --firewall off");
   if (!['on', 'off'].includes(a.nodeDrain)) fail('usage', `--node-drain ${a.nodeDrain}: use on or off`);
+  if (!['on', 'off'].includes(a.markClose)) fail('usage', `--mark-close ${a.markClose}: use on or off`);
   const env: Record<string, string> = { ...cfg.env };
   for (const kv of [a.env ?? []].flat().map(String)) {
     const i = kv.indexOf('=');
@@ -133,6 +136,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
       drainTimeoutMs: dur(a.drainTimeout, '--drain-timeout'),
       stopSignal: signal as NodeJS.Signals,
       killAfterMs: dur(a.killAfter, '--kill-after'),
+      ...(a.markClose === 'off' ? { markClose: false } : {}),
     },
     keepOldMs: a.keepOld === undefined ? undefined : dur(a.keepOld, '--keep-old'),
     verifyMs: a.verify === undefined ? undefined : dur(a.verify, '--verify'),
@@ -160,8 +164,8 @@ const deployFlags = (y: Argv) =>
     .option('drain', {
       type: 'string',
       describe:
-        'auto (default): signal for Node.js instances with the drain module, idle for others; ' +
-        'signal: stop signal right after the switch; idle: wait for no open connections first',
+        'auto (default): signal for Node.js instances with the drain module; for others wait until every ' +
+        'connection is closed or quiet; signal: stop signal right after the switch; idle: wait for no open connections',
     })
     .option('drain-timeout', { type: 'string', describe: 'default 30s' })
     .option('stop-signal', { type: 'string', describe: 'default SIGTERM' })
@@ -191,6 +195,12 @@ const deployFlags = (y: Argv) =>
     .option('node-drain', {
       type: 'string',
       describe: 'on (default): load the drain module into Node.js instances (NODE_OPTIONS); off',
+    })
+    .option('mark-close', {
+      type: 'string',
+      describe:
+        'on (default): while an instance idle-drains, mark one HTTP/1.x answer per keep-alive connection ' +
+        'Connection: close, so its client reconnects to the new instance; off',
     })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 
@@ -309,7 +319,8 @@ export async function main(argv: string[]): Promise<number> {
       (a) =>
         run(async () => {
           const { appUnit, execPrefix, restoreUnit, watchUnit } = await lazy.systemd();
-          const exec = execPrefix(resolve(process.argv[1]), process.execPath);
+          // the single executable is started by itself; the npm build by node and its script
+          const exec = isExecutable() ? [process.execPath] : execPrefix(resolve(process.argv[1]), process.execPath);
           const config = a.config ? resolve(String(a.config)) : undefined;
           process.stdout.write(
             a.restore ? restoreUnit(exec) : a.watch ? watchUnit(exec) : appUnit({ app: appName(a), exec, config }),
@@ -483,7 +494,8 @@ export async function main(argv: string[]): Promise<number> {
     )
     .strict()
     .help()
-    .version()
+    .version(versionText())
+    .completion('completion', false) // hidden: the .deb installs its output as bash completion
     .wrap(Math.min(110, process.stdout.columns || 100))
     .exitProcess(false)
     .fail((msg, err) => {

@@ -109,7 +109,7 @@ const ROLLBACK: Step<AppRun>[] = [
     undo: '',
     settles: true,
     skip: (r) => !r.bad,
-    run: (r) => retire(r.ctx, r.st, r.bad!),
+    run: async (r) => void (await retire(r.ctx, r.st, r.bad!)),
     where: (r) => ({ port: r.bad?.port, pid: r.bad?.pid }),
   },
 ];

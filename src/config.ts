@@ -46,6 +46,7 @@ function makeSchema(z: typeof Zod) {
       .array(z.string(), { error: 'expected a list of networks such as ["192.0.2.0/24", "2001:db8::/32"]' })
       .optional(),
     node_drain: z.enum(['on', 'off'], { error: 'expected "on" or "off"' }).optional(),
+    mark_close: z.enum(['on', 'off'], { error: 'expected "on" or "off"' }).optional(),
     before_start: hook.optional(),
     after_ready: hook.optional(),
     after_switch: hook.optional(),
@@ -122,7 +123,8 @@ ready = "http://127.0.0.1:{port}/health"
 ready_timeout = "60s"
 
 # After the switch: "signal" sends stop_signal at once (graceful apps); "idle" waits for no open connections first;
-# "auto" is signal for Node.js apps with the drain module (node_drain) and idle for any other.
+# "auto" is signal for Node.js apps with the drain module (node_drain), and for any other it waits until every
+# open connection is closed or quiet. While it waits, mark_close makes keep-alive clients close theirs.
 drain = "auto"
 drain_timeout = "30s"
 stop_signal = "SIGTERM"
@@ -130,6 +132,7 @@ kill_after = "10s"
 # keep_old = "5m"    # keep the previous instance for an instant "portflip rollback"
 # ipv6 = "auto"
 # node_drain = "on"  # Node.js apps: make server.close() drain keep-alive connections (docs/drain.md: The Node drain module)
+# mark_close = "on"  # any HTTP/1.x app: one answer per keep-alive connection says Connection: close while it drains
 
 # Firewall: "auto" accepts the connections portflip redirected in its own filter chain, so a default-deny
 # firewall (ufw) that opens only the public port keeps working; "off" never touches the filter table.

@@ -48,7 +48,9 @@ import {
   spawnReaper,
   syncGuard,
   type Ctx,
+  type MarkReport,
 } from './ops.js';
+import { markingWords } from './events.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './proc.js';
 import {
   ensureDirs,
@@ -144,6 +146,7 @@ interface DeployRun {
   released?: number; // in place: how many held connections the release let in
   inPlace: boolean; // one instance port, the active instance on it: hold, stop, start on the same port (hold.ts)
   opened: Set<Family>; // families whose filter the open step committed: the switch then commits nat alone
+  marks: (MarkReport | null)[]; // what marking did in the drain, one per retired instance
 }
 
 const hookStep = (name: HookName, when: 'before' | 'after', soft = false): Step<DeployRun> => ({
@@ -167,7 +170,7 @@ const DEPLOY: Step<DeployRun>[] = [
       `drain and stop ${r.stale.map((i) => `the ${i.state} instance on ${instanceLabel(i)}`).join(', ')} (left by an earlier run)`,
     undo: '',
     skip: (r) => !r.stale.length,
-    run: async (r) => void (await Promise.all(r.stale.map((i) => retire(r.ctx, r.st, i)))),
+    run: async (r) => void (await Promise.all(r.stale.map((i) => retire(r.ctx, r.st, i, r.pre.ipt)))),
     where: (r) => ({ port: r.stale[0].port, pid: r.stale[0].pid }),
     detail: (r) => `${r.stale.length} earlier instance${r.stale.length > 1 ? 's' : ''} stopped`,
   },
@@ -346,11 +349,13 @@ const DEPLOY: Step<DeployRun>[] = [
     skip: (r) => !r.retiring.length,
     run: async (r) => {
       // their ports leave the filter chain only once they are gone: open connections pass until then
-      await Promise.all(r.retiring.map((i) => retire(r.ctx, r.st, i)));
+      r.marks = await Promise.all(r.retiring.map((i) => retire(r.ctx, r.st, i, r.pre.ipt)));
       await settle(r.ctx, r.pre.ipt, r.st, undefined, true);
     },
     where: (r) => ({ port: r.prev?.port, pid: r.prev?.pid }),
-    detail: (r) => `${r.retiring.length} instance${r.retiring.length > 1 ? 's' : ''} stopped`,
+    detail: (r) =>
+      `${r.retiring.length} instance${r.retiring.length > 1 ? 's' : ''} stopped` +
+      r.marks.flatMap((m) => (m ? [`; ${markingWords(m)}`] : [])).join(''),
   },
   hookStep('after_drain', 'after'),
 ];
@@ -481,6 +486,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     retiring: [],
     inPlace: false,
     opened: new Set(),
+    marks: [],
   };
   r.inPlace = !!r.prev && o.ports?.length === 1 && o.ports[0] === r.prev.port;
   if (o.dryRun) return plan(r);

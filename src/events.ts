@@ -3,6 +3,7 @@
 import type { HookName } from './config.js';
 import type { ExitCodeName } from './errors.js';
 import { formatMs } from './duration.js';
+import type { MarkStats } from './httpmark.js';
 
 export type StepName =
   | 'preflight'
@@ -44,6 +45,7 @@ export type Event =
   | { kind: 'notice'; app?: string; message: string }
   | { kind: 'signal'; app: string; port: number; pid: number; signal: string; reason: string }
   | { kind: 'connections'; app: string; port: number; pid: number; open: number }
+  | ({ kind: 'marking'; app: string; port: number; pid: number | null; openAtSignal: number | null } & MarkStats)
   | { kind: 'log-tail'; app: string; port: number; log: string; lines: string[] }
   | {
       kind: 'plan';
@@ -87,6 +89,8 @@ export function formatHuman(e: Event): string {
       return `${e.app}:      signal     port ${e.port} pid ${e.pid}: ${e.signal} (${e.reason})`;
     case 'connections':
       return `${e.app}:      drain      port ${e.port} pid ${e.pid}: ${e.open} connection${e.open === 1 ? '' : 's'} open`;
+    case 'marking':
+      return `${e.app}:      marking    port ${e.port}${e.pid ? ` pid ${e.pid}` : ''}: ${markingWords(e)}`;
     case 'log-tail':
       return [`${e.app}: last lines of ${e.log}:`, ...e.lines.map((l) => `  | ${l}`)].join('\n');
     case 'plan':
@@ -115,6 +119,31 @@ export function formatHuman(e: Event): string {
       return `portflip: ${e.message}`;
   }
 }
+
+const plural = (n: number, one: string, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
+
+/** "12 answers marked Connection: close (12 by their Date line), 12 connections closed, ..." */
+export function markingWords(m: MarkStats & { openAtSignal: number | null }): string {
+  const how = Object.entries(m.rewrites)
+    .filter(([, n]) => n)
+    .map(([k, n]) => `${n} by their ${k === 'connection' ? 'Connection' : k === 'date' ? 'Date line' : 'HTTP version'}`);
+  const alone = Object.entries(m.untouched).map(([k, n]) => `${n} ${UNTOUCHED[k] ?? k}`);
+  return [
+    `${plural(m.marked, 'answer')} marked Connection: close${how.length ? ` (${how.join(', ')})` : ''}`,
+    `${plural(m.closed, 'connection')} closed`,
+    ...(m.openAtSignal !== null ? [`${m.openAtSignal} open at the stop signal`] : []),
+    ...(alone.length ? [`left alone: ${alone.join(', ')}`] : []),
+  ].join(', ');
+}
+
+const UNTOUCHED: Record<string, string> = {
+  tls: 'TLS',
+  http2: 'HTTP/2',
+  'not-http': 'not HTTP/1.x',
+  pipelined: 'pipelining',
+  upgraded: 'upgraded (WebSocket)',
+  untracked: 'packets past the connection limit',
+};
 
 export function makeEmitter(json: boolean): Emit {
   return json

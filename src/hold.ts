@@ -6,8 +6,7 @@
 // (ops.ts reconcile). Fail-safe: the rule carries --queue-bypass, so when the holder is gone SYNs
 // pass as if there were no rule; the holder releases on its own when its time is up.
 
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { fail, PortflipError } from './errors.js';
 import { formatMs } from './duration.js';
 import { logTail } from './instance.js';
@@ -15,6 +14,7 @@ import type { Iptables } from './iptables.js';
 import { parseQueueStats } from './nfqueue.js';
 import { applySpec, holdStands, instanceLabel, underLock, wantedSpec, type Ctx } from './ops.js';
 import { isAlive, readStat } from './proc.js';
+import { holderArgv } from './self.js';
 import { listApps, readState, writeState, type AppState, type HoldState } from './state.js';
 import { causeOf, planSteps, runSteps, type Step } from './steps.js';
 import type { Sys } from './sys.js';
@@ -105,10 +105,10 @@ export async function startHolder(
   const queue = queueFor(st.app, await takenQueues(ctx, st.app));
   const socket = join(ctx.paths.runDir, `${st.app}.hold.sock`);
   const log = join(ctx.paths.logDir, `${st.app}-holder.log`);
-  const script = join(dirname(fileURLToPath(import.meta.url)), 'holder.js');
   const owner = reason === 'deploy' ? String(ctx.sys.pid) : '0';
-  const args = [script, String(queue), String(maxlen), String(timeoutMs), socket, owner];
-  const child = await ctx.sys.spawn(process.execPath, args, {
+  const [cmd, ...holder] = holderArgv();
+  const args = [...holder, String(queue), String(maxlen), String(timeoutMs), socket, owner];
+  const child = await ctx.sys.spawn(cmd, args, {
     env: ctx.env,
     log,
   });

@@ -96,7 +96,7 @@ const before: Step<DeployRun>[] = [
     run: async (r, run) => {
       const prev = r.prev!;
       run.undo(`previous command running again on port ${prev.port}`, () => restartPrevious(r, prev));
-      await retire(r.ctx, r.st, prev);
+      await retire(r.ctx, r.st, prev, r.pre.ipt);
     },
     where: (r) => ({ port: r.prev?.port, pid: r.prev?.pid }),
   },

@@ -2,7 +2,7 @@
 
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { fail } from './errors.js';
-import { groupMembers, isAlive, openConnections, pendingAccepts, tcpSockets } from './proc.js';
+import { groupMembers, isAlive, openConnections, openSockets, pendingAccepts, tcpSockets } from './proc.js';
 import type { Emit } from './events.js';
 import type { Instance, StopPolicy } from './state.js';
 import type { Child, Exit, Sys } from './sys.js';
@@ -171,6 +171,20 @@ export const killNow = async (sys: Sys, inst: Instance) => {
  * group after kill-after.
  * `onSignalled` lets the caller record that the signal went out before it waits.
  */
+/** What marking (drainmark.ts) tells a drain about the open connections of the instance it marks. */
+export interface DrainWatch {
+  /** No packet either way on any of these connections for a second, and none waits for an answer. */
+  quiet(remotes: { addr: string; port: number }[]): boolean;
+  /** Why marking stopped early (its queue failed), if it did. */
+  failure(): string | undefined;
+  /** Told how many connections were open when the stop signal went. */
+  signalled?(open: number): void;
+}
+
+/** The drain mode in force for an instance: auto is signal where the Node drain module listens, else idle. */
+export const drainModeOf = (policy: StopPolicy, inst: Instance) =>
+  policy.drain === 'auto' ? (inst.nodeDrain ? 'signal' : 'idle') : policy.drain;
+
 export async function drainAndStop(
   sys: Sys,
   app: string,
@@ -178,22 +192,29 @@ export async function drainAndStop(
   policy: StopPolicy,
   emit: Emit,
   onSignalled: () => Promise<void>,
+  watch?: DrainWatch,
 ): Promise<'exited' | 'killed' | 'gone'> {
   if (!inst.pid || (await groupGone(sys, inst))) return 'gone';
   const pid = inst.pid;
   // auto: an instance whose listener has the Node drain module drains keep-alive connections itself (signal);
-  // any other waits for its connections to close on their own first (idle), as nginx's do after keepalive_requests
-  const mode = policy.drain === 'auto' ? (inst.nodeDrain ? 'signal' : 'idle') : policy.drain;
+  // any other waits for its connections to close on their own first (idle): marked answers make busy
+  // keep-alive clients close theirs, and under auto the signal goes once the rest are all quiet
+  const mode = drainModeOf(policy, inst);
   let reason = policy.drain === 'auto' && mode === 'signal' ? 'stop; the Node drain module handles keep-alive' : 'stop';
   if (!inst.signalledAt && mode === 'idle') {
     const until = sys.now() + policy.drainTimeoutMs;
     let last = -1;
     for (;;) {
-      const open = openConnections(await tcpSockets(sys), inst.port);
+      const socks = openSockets(await tcpSockets(sys), inst.port);
+      const open = socks.length;
       if (open !== last) emit({ kind: 'connections', app, port: inst.port, pid, open });
       last = open;
       if (open === 0 || (await groupGone(sys, inst))) {
         reason = 'drained';
+        break;
+      }
+      if (watch && policy.drain === 'auto' && watch.quiet(socks.map((s) => ({ addr: s.remoteAddr, port: s.remotePort })))) {
+        reason = `drained; the ${open} connection${open === 1 ? '' : 's'} left ${open === 1 ? 'is' : 'are'} quiet`;
         break;
       }
       if (sys.now() >= until) {
@@ -211,6 +232,7 @@ export async function drainAndStop(
   if (await groupGone(sys, inst)) return 'exited';
   if (!inst.signalledAt) {
     await acceptQueueEmpty(sys, inst.port);
+    watch?.signalled?.(openConnections(await tcpSockets(sys), inst.port));
     emit({ kind: 'signal', app, port: inst.port, pid, signal: policy.stopSignal, reason });
     signalGroup(sys, pid, policy.stopSignal);
     inst.signalledAt = new Date(sys.wallNow()).toISOString();

@@ -18,6 +18,15 @@
 //          -A PF-APP -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW
 //             -j NFQUEUE --queue-num Q --queue-bypass
 //
+//   mangle (only while a draining instance's answers are marked Connection: close: drainmark.ts)
+//          -I INPUT 1 -j PF-MARK-IN        client packets, after the redirect: to the instance port
+//          -I OUTPUT 1 -j PF-MARK-OUT      the instance's packets, before the way back is rewritten
+//          -A PF-MARK-IN -p tcp -m tcp --dport PORT -m comment --comment PF-APP -j NFQUEUE --queue-num Q --queue-bypass
+//          -A PF-MARK-OUT -p tcp -m tcp --sport PORT -m comment --comment PF-APP -j NFQUEUE --queue-num Q --queue-bypass
+//   Two chains shared by every app (a packet must be queued once: a local client's packets pass OUTPUT
+//   and INPUT both), each rule tagged with its app's chain name; app names are lower case, so the
+//   upper-case names cannot meet an app's chain.
+//
 // The filter chain exists because INPUT sees a redirected packet with the instance port, not the public
 // one: a firewall that opens only the public port would drop every redirected connection. The mangle
 // chain runs before nat PREROUTING/OUTPUT, so a SYN released after a switch follows the new redirect;
@@ -59,6 +68,25 @@ export const holdRule = (app: string, queue: number) =>
   `-A ${appChain(app)} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW ` +
   `-j NFQUEUE --queue-num ${queue} --queue-bypass`;
 
+export const MARK_IN = 'PF-MARK-IN';
+export const MARK_OUT = 'PF-MARK-OUT';
+const MARK_HOOKS = [`-A INPUT -j ${MARK_IN}`, `-A OUTPUT -j ${MARK_OUT}`];
+
+/** A draining instance port whose packets go through a queue for marking. */
+export interface MarkSpec {
+  port: number;
+  queue: number;
+}
+
+/** Both directions of one draining instance port, to the queue that marks its answers. */
+export function markRules(app: string, m: MarkSpec): string[] {
+  const tail = `-m comment --comment ${appChain(app)} -j NFQUEUE --queue-num ${m.queue} --queue-bypass`;
+  return [`-A ${MARK_IN} -p tcp -m tcp --dport ${m.port} ${tail}`, `-A ${MARK_OUT} -p tcp -m tcp --sport ${m.port} ${tail}`];
+}
+
+const isMark = (r: string) => r.startsWith(`-A ${MARK_IN} `) || r.startsWith(`-A ${MARK_OUT} `);
+const markOf = (app: string) => (r: string) => isMark(r) && r.includes(` --comment ${appChain(app)} `);
+
 /** What portflip's filter chain for an app should say; null means portflip keeps out of the filter table. */
 export interface FirewallSpec {
   exposePorts: boolean; // instance ports reachable straight from other hosts
@@ -73,6 +101,7 @@ export interface AppSpec {
   open: number[]; // instance ports whose redirected connections the filter chain accepts; none: no filter rules
   firewall: FirewallSpec | null;
   hold?: number | null; // NFQUEUE number holding new connections; absent or null: no mangle rules
+  mark?: MarkSpec[]; // draining ports being marked; absent or empty: none of the app's rules in PF-MARK-*
   canary?: CanarySpec | null; // a share of new connections goes here instead of to target
 }
 
@@ -259,9 +288,9 @@ export function appRules(view: RulesView, app: string): AppRules {
   return { jumps, target, shadowed: 0, ...(target !== null && split ? { canary: Number(split) } : {}), hooked };
 }
 
-/** Rules outside portflip's own chains that jump to an app chain: they keep it from being deleted. */
+/** Rules outside portflip's own chains and hooks that jump to one of its chains: they keep it from being deleted. */
 export function foreignJumps(t: TableView, chain: string): string[] {
-  return t.rules.filter((r) => r.endsWith(` -j ${chain}`) && !r.startsWith(`-A ${ROOT_CHAIN} `));
+  return t.rules.filter((r) => r.endsWith(` -j ${chain}`) && !r.startsWith(`-A ${ROOT_CHAIN} `) && !MARK_HOOKS.includes(r));
 }
 
 export type Verdict = 'ok' | 'missing' | 'mismatch';
@@ -269,7 +298,7 @@ export type Verdict = 'ok' | 'missing' | 'mismatch';
 export interface AppCheck {
   nat: Verdict;
   filter: Verdict;
-  mangle: Verdict;
+  mangle: Verdict; // the hold (the marking has its own commits: markText)
   missing: string[]; // what differs, for people: "filter: PF-web rules (accept 8002)"
   tidy: boolean; // the redirect is right, with shadowed rules below it to remove in the next commit
 }
@@ -385,9 +414,12 @@ export function wouldDrop(t: TableView, port: number): boolean {
  * what differs. Declaring an existing chain in --noflush mode empties it, so the shared root chains
  * are declared only when missing. The filter table comes first when the app gains a port (the way
  * is open before the redirect points at it) and last when the app goes. `only`: one table, the other
- * left as it is. Null: nothing to do.
+ * left as it is (a hold still follows nat and filter commits). 'mangle' is the marking alone, which no other
+ * commit touches: its chains are shared by every app, so their changes go one at a time (ops.ts syncMarks).
+ * Null: nothing to do.
  */
 export function appText(view: RulesView, spec: AppSpec, family: Family, only?: Table): string | null {
+  if (only === 'mangle') return markText(view, spec);
   const check = checkApp(view, spec, family);
   const nat =
     check.nat === 'ok' || only === 'filter'
@@ -439,6 +471,35 @@ function natEnsure(view: RulesView, spec: AppSpec, family: Family): string[] {
   for (const r of rulesIn(view.nat, ROOT_CHAIN)) if (r.endsWith(` -j ${chain}`) && r !== want) lines.push(asDelete(r));
   if (!view.nat.rules.includes(want)) lines.push(want);
   lines.push(...natRules(spec, family));
+  return lines;
+}
+
+/** The commit that makes the app's marking rules say what the spec says; null: they do already. */
+export function markText(view: RulesView, spec: AppSpec): string | null {
+  const lines = markLines(view.mangle, spec);
+  return lines.length ? ['*mangle', ...lines, 'COMMIT', ''].join('\n') : null;
+}
+
+/**
+ * The app's marking rules as the spec wants them, touching only its own (other apps share the chains):
+ * missing ones added, others deleted, and the chains with their hooks gone once no app marks.
+ */
+function markLines(t: TableView, spec: AppSpec): string[] {
+  const want = (spec.mark ?? []).flatMap((m) => markRules(spec.app, m));
+  const live = t.rules.filter(markOf(spec.app));
+  const chains = [MARK_IN, MARK_OUT];
+  const lines: string[] = [];
+  if (want.length) {
+    for (const c of chains) if (!t.chains.has(c)) lines.push(`:${c} - [0:0]`);
+    // first in INPUT and OUTPUT: a foreign rule that ends the table's walk must not hide packets from the queue
+    for (const h of MARK_HOOKS) if (!t.rules.includes(h)) lines.push(h.replace(/^-A (\w+) /, '-I $1 1 '));
+  }
+  lines.push(...live.filter((r) => !want.includes(r)).map(asDelete), ...want.filter((r) => !live.includes(r)));
+  const others = t.rules.filter((r) => isMark(r) && !markOf(spec.app)(r));
+  if (!want.length && !others.length && (live.length || chains.some((c) => t.chains.has(c)))) {
+    lines.push(...MARK_HOOKS.filter((h) => t.rules.includes(h)).map(asDelete));
+    for (const c of chains) if (t.chains.has(c) && !foreignJumps(t, c).length) lines.push(`-X ${c}`);
+  }
   return lines;
 }
 
@@ -524,6 +585,7 @@ export function cleanupText(view: RulesView): string | null {
     const kept = ours.filter((c) => foreignJumps(t, c).length);
     const lines = [`*${table}`, ...ours.map((c) => `:${c} - [0:0]`)];
     const root = rootRemoval(t);
+    root.push(...MARK_HOOKS.filter((h) => t.rules.includes(h)).map(asDelete));
     // declarations first, then deletes
     lines.push(...root.filter((l) => l.startsWith(':')), ...root.filter((l) => l.startsWith('-D')));
     lines.push(

@@ -2,10 +2,11 @@
 //
 // Messages (linux/netfilter/nfnetlink_queue.h): a 16-byte nlmsghdr, a 4-byte nfgenmsg whose res_id is
 // the queue number (big-endian), then attributes (u16 len, u16 type, value padded to 4 bytes). The
-// nfqueue attribute values are big-endian. Only what a hold needs is here: bind a queue, copy no
-// payload, size it, read packet ids, and accept them all with one batch verdict.
+// nfqueue attribute values are big-endian. A hold binds a queue, copies no payload, reads packet ids
+// and accepts them all with one batch verdict; a drain's marking (drainmark.ts) copies whole packets
+// and gives a changed one back with its own verdict.
 
-import { createRequire } from 'node:module';
+import { loadKoffi } from './self.js';
 
 export const NETLINK_NETFILTER = 12;
 const AF_NETLINK = 16;
@@ -18,8 +19,14 @@ const NLM_F_ACK = 4;
 const CFG = { cmd: 1, params: 2, maxlen: 3, mask: 4, flags: 5 } as const;
 export const CMD = { bind: 1, unbind: 2 } as const;
 const COPY_META = 1;
+const COPY_PACKET = 2;
+/** The most payload one message carries (NFQNL_MAX_COPY_RANGE): a longer packet comes truncated. */
+export const MAX_COPY = 0xffff - 4;
+export const CFG_F_FAIL_OPEN = 1; // a full queue lets packets pass instead of dropping them
 const NFQA_PACKET_HDR = 1;
 const NFQA_VERDICT_HDR = 2;
+const NFQA_PAYLOAD = 10;
+const NFQA_CAP_LEN = 13;
 export const NF_DROP = 0;
 export const NF_ACCEPT = 1;
 const MSG_DONTWAIT = 0x40;
@@ -62,11 +69,14 @@ export const bindMessage = (queue: number, seq: number) =>
 export const unbindMessage = (queue: number, seq: number) =>
   message(MSG.config, queue, seq, [attr(CFG.cmd, Buffer.from([CMD.unbind, 0, 0, 0]))]);
 
-/** Copy metadata only (no payload), and how many packets the kernel keeps waiting before it drops. */
-export function paramsMessage(queue: number, seq: number, maxlen: number, flags = 0): Buffer {
+/**
+ * What to copy (metadata only, or `copyRange` bytes of each packet), and how many packets the kernel
+ * keeps waiting before it drops (or, with CFG_F_FAIL_OPEN, lets them pass).
+ */
+export function paramsMessage(queue: number, seq: number, maxlen: number, flags = 0, copyRange = 0): Buffer {
   const params = Buffer.alloc(5);
-  params.writeUInt32BE(0, 0); // copy_range: nothing of the payload
-  params.writeUInt8(COPY_META, 4);
+  params.writeUInt32BE(copyRange, 0);
+  params.writeUInt8(copyRange ? COPY_PACKET : COPY_META, 4);
   const attrs = [attr(CFG.params, params), attr(CFG.maxlen, be32(maxlen))];
   // flags need a mask saying which bits are meant
   if (flags) attrs.push(attr(CFG.flags, be32(flags)), attr(CFG.mask, be32(flags)));
@@ -81,8 +91,18 @@ export function batchVerdictMessage(queue: number, seq: number, id: number, verd
   return message(MSG.verdictBatch, queue, seq, [attr(NFQA_VERDICT_HDR, hdr)], false);
 }
 
+/** One packet's verdict, with the packet to send instead of it (same length: see httpmark.ts). */
+export function verdictMessage(queue: number, seq: number, id: number, payload?: Buffer, verdict = NF_ACCEPT): Buffer {
+  const hdr = Buffer.alloc(8);
+  hdr.writeUInt32BE(verdict, 0);
+  hdr.writeUInt32BE(id >>> 0, 4);
+  const attrs = [attr(NFQA_VERDICT_HDR, hdr)];
+  if (payload) attrs.push(attr(NFQA_PAYLOAD, payload));
+  return message(MSG.verdict, queue, seq, attrs, false);
+}
+
 export type Parsed =
-  | { kind: 'packet'; queue: number; id: number }
+  | { kind: 'packet'; queue: number; id: number; payload?: Buffer; capLen?: number }
   | { kind: 'error'; seq: number; errno: number } // errno 0 is an ack
   | { kind: 'other'; type: number };
 
@@ -101,14 +121,18 @@ export function parseMessages(buf: Buffer): Parsed[] {
       const queue = buf.readUInt16BE(off + 18);
       let a = off + 20;
       let id: number | null = null;
+      let payload: Buffer | undefined;
+      let capLen: number | undefined;
       while (a + 4 <= off + len) {
         const alen = buf.readUInt16LE(a);
         const atype = buf.readUInt16LE(a + 2) & 0x3fff; // without the nested/byte-order bits
         if (alen < 4) break;
         if (atype === NFQA_PACKET_HDR && alen >= 8) id = buf.readUInt32BE(a + 4);
+        else if (atype === NFQA_PAYLOAD) payload = buf.subarray(a + 4, Math.min(a + alen, off + len));
+        else if (atype === NFQA_CAP_LEN && alen >= 8) capLen = buf.readUInt32BE(a + 4);
         a += align4(alen);
       }
-      if (id !== null) out.push({ kind: 'packet', queue, id });
+      if (id !== null) out.push({ kind: 'packet', queue, id, ...(payload ? { payload } : {}), ...(capLen ? { capLen } : {}) });
     } else out.push({ kind: 'other', type });
     off += align4(len);
   }
@@ -152,7 +176,7 @@ let libc: Libc | null = null;
 /** libc through koffi (prebuilt binaries: nothing to compile on the host). */
 function loadLibc(): Libc {
   if (libc) return libc;
-  const koffi = createRequire(import.meta.url)('koffi');
+  const koffi = loadKoffi();
   const lib = koffi.load('libc.so.6');
   libc = {
     socket: lib.func('int socket(int domain, int type, int protocol)'),
@@ -171,11 +195,17 @@ function loadLibc(): Libc {
 export class NfQueue {
   private fd = -1;
   private seq = 1;
-  private buf = Buffer.alloc(1 << 16);
+  private buf: Buffer;
 
-  constructor(readonly queue: number) {}
+  /** `copyRange`: bytes of each packet to copy (0: none, ids only). */
+  constructor(
+    readonly queue: number,
+    private copyRange = 0,
+  ) {
+    this.buf = Buffer.alloc(copyRange ? 1 << 17 : 1 << 16);
+  }
 
-  open(maxlen: number): void {
+  open(maxlen: number, flags = 0): void {
     const c = loadLibc();
     this.fd = c.socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER);
     if (this.fd < 0) throw new Error(`netlink socket: errno ${c.errno()}`);
@@ -190,8 +220,20 @@ export class NfQueue {
     // a burst of SYNs must not overflow the socket: 8 MiB (SO_RCVBUFFORCE, root), and no ENOBUFS errors
     c.setsockopt(this.fd, 1, 33, int(8 << 20), 4);
     c.setsockopt(this.fd, 270, 5, int(1), 4);
-    this.request(bindMessage(this.queue, this.seq++), 'bind');
-    this.request(paramsMessage(this.queue, this.seq++, maxlen), 'configure');
+    try {
+      this.request(bindMessage(this.queue, this.seq++), 'bind');
+    } catch (err) {
+      c.close(this.fd);
+      this.fd = -1;
+      throw err;
+    }
+    try {
+      this.request(paramsMessage(this.queue, this.seq++, maxlen, flags, this.copyRange), 'configure');
+    } catch (err) {
+      c.close(this.fd);
+      this.fd = -1;
+      throw err;
+    }
   }
 
   /** Sends a config message and waits for its ack (config is rare: a blocking wait is fine). */
@@ -236,6 +278,44 @@ export class NfQueue {
       for (const m of parseMessages(this.buf.subarray(0, n))) if (m.kind === 'packet') ids.push(m.id);
     }
     return ids;
+  }
+
+  /**
+   * Waits up to `ms` for packets, then hands each waiting one to `fn` before reading the next (the
+   * payload lives in a reused buffer). What `fn` returns goes out instead of the packet; every other
+   * packet read is accepted with one batch verdict. Returns how many packets were read.
+   */
+  async serve(ms: number, fn: (payload: Buffer) => Buffer | null): Promise<number> {
+    const c = loadLibc();
+    const pfd = Buffer.alloc(8);
+    pfd.writeInt32LE(this.fd, 0);
+    pfd.writeInt16LE(1, 4); // POLLIN
+    await new Promise<void>((res) => c.poll.async(pfd, 1, ms, () => res()));
+    let maxId = -1;
+    let count = 0;
+    for (;;) {
+      const n = c.recv(this.fd, this.buf, this.buf.length, MSG_DONTWAIT);
+      if (n < 0) {
+        const e = c.errno();
+        if (e === EAGAIN) break;
+        if (e === 105) continue; // ENOBUFS: some messages were lost; the batch verdict still covers them
+        throw new Error(`queue ${this.queue} recv: ${errnoName(e)}`);
+      }
+      for (const m of parseMessages(this.buf.subarray(0, n))) {
+        if (m.kind !== 'packet') continue;
+        count++;
+        if (m.id > maxId) maxId = m.id;
+        if (!m.payload) continue;
+        // a truncated copy (capLen) is handed over as it is: its IP length says what is missing
+        const out = fn(m.payload);
+        if (!out) continue;
+        const msg = verdictMessage(this.queue, this.seq++, m.id, out);
+        if (c.send(this.fd, msg, msg.length, 0) < 0)
+          throw new Error(`queue ${this.queue} verdict: errno ${c.errno()}`);
+      }
+    }
+    if (maxId >= 0) this.acceptUpTo(maxId);
+    return count;
   }
 
   /** Accepts every packet with an id up to `id` in one message. */

@@ -3,7 +3,9 @@
 import { fail, PortflipError } from './errors.js';
 import { invariantProblem, move } from './lifecycle.js';
 import type { Emit, StepName } from './events.js';
-import { drainAndStop, killNow } from './instance.js';
+import { drainAndStop, drainModeOf, killNow } from './instance.js';
+import { markPort, marksHere, type MarkHandle } from './drainmark.js';
+import type { MarkStats } from './httpmark.js';
 import {
   appChain,
   appRules,
@@ -11,6 +13,7 @@ import {
   checkApp,
   detectBackend,
   foreignJumps,
+  markText,
   removeAppText,
   type AppSpec,
   type Family,
@@ -31,6 +34,7 @@ import {
   type Instance,
   type Paths,
 } from './state.js';
+import { selfArgv } from './self.js';
 import { which, type Sys } from './sys.js';
 
 export interface Ctx {
@@ -77,7 +81,7 @@ export async function underLock(
 
 /** After a command's steps: finish what an earlier run left draining, then close the ports of the gone. */
 export async function finishLeftovers(ctx: Ctx, ipt: Iptables, st: AppState): Promise<void> {
-  for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i);
+  for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i, ipt);
   await settle(ctx, ipt, st, undefined, true);
 }
 
@@ -106,6 +110,9 @@ export function wantedSpec(st: AppState, family: Family): AppSpec {
   // a hold covers the families the app's redirect is in (hold.ts)
   const hold = st.hold && st.families.includes(family) ? st.hold.queue : null;
   const spec: AppSpec = { app: st.app, listen: st.listen, target, open, firewall: firewallOf(st), hold };
+  // a draining instance's packets pass its marking queue in the families its connections came in on
+  const mark = st.families.includes(family) ? st.instances.filter((i) => i.marking) : [];
+  if (mark.length) spec.mark = mark.map((i) => ({ port: i.port, queue: i.marking!.queue }));
   // a live canary takes its share, in the families it listens on
   const canary = st.instances.find((i) => i.state === 'canary');
   const c = st.canary;
@@ -403,6 +410,16 @@ export async function reconcile(
   }
 
   if (st.hold && !(await holdStands(sys, st, true))) await dropStaleHold(ctx, st);
+  // under the lock only this process can be marking: any other's marking is an interrupted run's
+  for (const inst of st.instances.filter((i) => i.marking && !(i.marking.pid === sys.pid && marksHere(i.port)))) {
+    emit({
+      kind: 'notice',
+      app,
+      message: `removing the marking of ${instanceLabel(inst)}: the run that drained it (pid ${inst.marking!.pid}) is gone`,
+    });
+    delete inst.marking;
+  }
+  if (ipt.families.some((f) => markText(views.get(f)!, wantedSpec(st, f)))) await syncMarks(ctx, ipt, st);
   const chains = await settle(ctx, ipt, st, views, false, guardRead);
   if (JSON.stringify(st) !== before) await writeState(ctx.sys, ctx.paths, st);
   return { views, chains };
@@ -425,19 +442,122 @@ function settleCanary(ctx: Ctx, st: AppState): void {
   if (!st.instances.some((i) => i.state === 'canary')) delete st.canary;
 }
 
-/** Drains and stops one instance under the app's stop policy, keeping the state file true as it goes. */
-export async function retire(ctx: Ctx, st: AppState, inst: Instance): Promise<void> {
+/**
+ * Drains and stops one instance under the app's stop policy, keeping the state file true as it goes.
+ * An idle drain marks the instance's answers Connection: close meanwhile (drainmark.ts, httpmark.ts).
+ */
+export async function retire(ctx: Ctx, st: AppState, inst: Instance, ipt?: Iptables): Promise<MarkReport | null> {
   move(inst, 'draining');
   await writeState(ctx.sys, ctx.paths, st);
-  await drainAndStop(ctx.sys, st.app, inst, st.stop, ctx.emit, () => writeState(ctx.sys, ctx.paths, st));
+  const marking = await startMarking(ctx, st, inst, ipt);
+  let [stats, openAtSignal]: [MarkStats | null, number | null] = [null, null];
+  const watch = marking && { ...marking.handle.watch, signalled: (open: number) => void (openAtSignal = open) };
+  try {
+    const written = () => writeState(ctx.sys, ctx.paths, st);
+    await drainAndStop(ctx.sys, st.app, inst, st.stop, ctx.emit, written, watch ?? undefined);
+  } finally {
+    if (marking) stats = await endMarking(ctx, st, inst, marking);
+  }
   st.instances = st.instances.filter((i) => i !== inst);
   await writeState(ctx.sys, ctx.paths, st);
+  if (!stats) return null;
+  const report: MarkReport = { ...(stats as MarkStats), openAtSignal };
+  ctx.emit({ kind: 'marking', app: st.app, port: inst.port, pid: inst.pid, ...report });
+  return report;
+}
+
+/** What marking did while one instance drained, with how many connections were open at its stop signal. */
+export type MarkReport = MarkStats & { openAtSignal: number | null };
+
+const MARK_LOCK_MS = 5000;
+
+/**
+ * Makes the app's marking rules say what its state says, one portflip at a time: the PF-MARK chains are
+ * shared by every app, and two commits from views read side by side could declare a chain twice (which
+ * empties it) or take it away under another app's new rule. The host-wide lock is held for one read and
+ * one commit per family.
+ */
+export async function syncMarks(ctx: Ctx, ipt: Iptables, st: AppState): Promise<void> {
+  const until = ctx.sys.now() + MARK_LOCK_MS;
+  let lock;
+  for (;;) {
+    try {
+      lock = await takeLock(ctx.sys, ctx.paths, MARK_LOCK, 'marking rules', (m) => ctx.emit({ kind: 'notice', message: m }));
+      break;
+    } catch (err) {
+      if (!(err instanceof PortflipError && err.kind === 'lockHeld') || ctx.sys.now() > until) throw err;
+      await ctx.sys.sleep(10);
+    }
+  }
+  try {
+    for (const f of ipt.families) await applySpec(ipt, f, wantedSpec(st, f), undefined, 'mangle');
+  } finally {
+    await lock.release();
+  }
+}
+
+/** The lock file's name in the run directory: a dot, so it never names an app. */
+const MARK_LOCK = '.marking';
+
+/** Marks the instance's answers while it idle-drains: queue first, then the state entry, then the rules. */
+async function startMarking(
+  ctx: Ctx,
+  st: AppState,
+  inst: Instance,
+  given?: Iptables,
+): Promise<{ handle: MarkHandle; ipt: Iptables } | null> {
+  const wanted = st.stop.markClose !== false && drainModeOf(st.stop, inst) === 'idle' && !inst.signalledAt;
+  if (!wanted || !(await isAlive(ctx.sys, inst.pid, inst.startTime))) return null;
+  const without = (why: string) =>
+    ctx.emit({
+      kind: 'notice',
+      app: st.app,
+      message:
+        `${instanceLabel(inst)} drains without marking answers Connection: close (${why}); ` +
+        'its keep-alive connections are waited for until they close, at most --drain-timeout',
+    });
+  let handle: MarkHandle;
+  try {
+    handle = await markPort(ctx.sys, inst.port);
+  } catch (err) {
+    return without(`no packet queue: ${(err as Error).message}`), null;
+  }
+  try {
+    const ipt = given ?? (await openIptables(ctx, st.backend));
+    const self = await readStat(ctx.sys, ctx.sys.pid);
+    inst.marking = { queue: handle.queue, pid: ctx.sys.pid, startTime: self?.startTime ?? null };
+    // recorded before the rules go in: a run killed between the two leaves nothing the next one does not know
+    await writeState(ctx.sys, ctx.paths, st);
+    await syncMarks(ctx, ipt, st);
+    return { handle, ipt };
+  } catch (err) {
+    await endMarking(ctx, st, inst, { handle, ipt: given }).catch(() => {});
+    return without((err as Error).message), null;
+  }
+}
+
+/** Rules out first, then the state entry, then the queue: packets never meet a rule whose reader is gone. */
+async function endMarking(
+  ctx: Ctx,
+  st: AppState,
+  inst: Instance,
+  m: { handle: MarkHandle; ipt?: Iptables },
+): Promise<MarkStats> {
+  const stats = structuredClone(m.handle.stats());
+  if (inst.marking) {
+    delete inst.marking;
+    await syncMarks(ctx, m.ipt ?? (await openIptables(ctx, st.backend)), st);
+    await writeState(ctx.sys, ctx.paths, st);
+  }
+  await m.handle.end();
+  return stats;
 }
 
 /** A detached helper that retires kept instances when their time is up, after this CLI has returned. */
 export async function spawnReaper(ctx: Ctx, app: string): Promise<number | undefined> {
   // no reaper is no harm: the next portflip run retires what is due
-  const reaper = ctx.sys.spawn(process.execPath, [process.argv[1], '_reap', app], { env: ctx.env });
+  const [cmd, ...self] = selfArgv();
+  const reaper = ctx.sys.spawn(cmd, [...self, '_reap', app], { env: ctx.env });
   return (await reaper.catch(() => null))?.pid;
 }
 
@@ -458,9 +578,17 @@ export class Healer {
   async check(st: AppState): Promise<string[]> {
     const ipt = await this.iptables(st);
     const missing: string[] = [];
-    for (const f of ipt.families) missing.push(...checkApp(await ipt.save(f), wantedSpec(st, f), f).missing);
+    for (const f of ipt.families) {
+      const view = await ipt.save(f);
+      missing.push(...checkApp(view, wantedSpec(st, f), f).missing);
+      if (markText(view, wantedSpec(st, f))) missing.push(`mangle: ${f} marking rules`);
+    }
     if (await syncGuardCheck(this.ctx, st)) missing.push('nft: portflip accept in a default-deny input chain');
     if (!(await holdStands(this.ctx.sys, st, false))) missing.push('mangle: a hold whose holder is gone or timed out');
+    for (const i of st.instances.filter((i) => i.marking)) {
+      if (!(await isAlive(this.ctx.sys, i.marking!.pid, i.marking!.startTime)))
+        missing.push(`mangle: marking of port ${i.port}, whose run is gone`);
+    }
     return missing;
   }
 

@@ -4,9 +4,10 @@ import { basename, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { whatBlocks } from './access.js';
 import { groupMembers, listenersOn, tcpListeners } from './proc.js';
+import { drainModulePath } from './self.js';
 import type { Sys } from './sys.js';
 
-/** The preload as built, next to this module in the installed package. */
+/** The preload as built, next to this module in the installed package (the executable writes its own: self.ts). */
 export const PRELOAD_SOURCE = fileURLToPath(new URL('./node-drain.cjs', import.meta.url));
 
 /**
@@ -28,8 +29,15 @@ export async function placePreload(
   sys: Sys,
   env: NodeJS.ProcessEnv,
   user?: { name: string; uid: number; gid: number },
-  source = PRELOAD_SOURCE,
+  source?: string,
 ): Promise<PreloadPlace> {
+  if (source === undefined) {
+    try {
+      source = drainModulePath(preloadDir(env), PRELOAD_SOURCE);
+    } catch (err) {
+      return { path: null, why: `cannot write the drain module from the executable: ${(err as Error).message}` };
+    }
+  }
   const uid = user?.uid ?? 0;
   const gid = user?.gid ?? 0;
   if (await readableBy(sys, source, uid, gid)) return { path: source, copied: false };

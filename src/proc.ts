@@ -143,12 +143,13 @@ export const listenersOn = (socks: TcpSocket[], port: number) =>
   socks.filter((s) => s.localPort === port && s.state === TcpState.LISTEN);
 
 /** Connections a client still holds open to this port (what a drain waits for). */
-export const openConnections = (socks: TcpSocket[], port: number) =>
+export const openSockets = (socks: TcpSocket[], port: number) =>
   socks.filter(
     (s) =>
       s.localPort === port &&
       (s.state === TcpState.ESTABLISHED || s.state === TcpState.SYN_RECV || s.state === TcpState.CLOSE_WAIT),
-  ).length;
+  );
+export const openConnections = (socks: TcpSocket[], port: number) => openSockets(socks, port).length;
 
 /**
  * Handshakes redirected to this port before the switch that the app has not accept()ed yet: closing

@@ -24,6 +24,14 @@ export interface Instance {
   keepUntil?: number; // epoch ms; a kept instance is retired after this
   signalledAt?: string; // when the stop signal went out
   nodeDrain?: boolean; // every process listening on its port is Node.js with the drain module loaded
+  marking?: Marking; // while it drains: its answers are marked Connection: close (drainmark.ts)
+}
+
+/** Who marks a draining instance's answers: the queue its packets go to, read by that portflip process. */
+export interface Marking {
+  queue: number;
+  pid: number;
+  startTime: string | null;
 }
 
 export type DrainMode = 'auto' | 'signal' | 'idle';
@@ -33,6 +41,7 @@ export interface StopPolicy {
   drainTimeoutMs: number;
   stopSignal: NodeJS.Signals;
   killAfterMs: number;
+  markClose?: boolean; // mark one answer per keep-alive connection Connection: close while idle-draining; absent: on
 }
 
 /** How portflip treats the host's filter table for an app (--firewall, --expose-ports, --allow-from). */

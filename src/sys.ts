@@ -82,6 +82,14 @@ export interface ProcessUsage {
   elapsed: number;
 }
 
+/** An NFQUEUE this process reads, copying whole packets (nfqueue.ts); drainmark.ts marks through it. */
+export interface PacketQueue {
+  readonly queue: number;
+  /** Waits up to `ms`, then hands every waiting packet to `fn`; what it returns goes out instead (null: as is). */
+  serve(ms: number, fn: (packet: Buffer) => Buffer | null): Promise<number>;
+  close(): void;
+}
+
 export interface Sys {
   /** portflip's own pid (the lock names it). */
   readonly pid: number;
@@ -99,6 +107,8 @@ export interface Sys {
   /** One line to a unix socket (a holder's control socket), the first line back; null when none comes. */
   ask(socket: string, line: string, timeoutMs: number): Promise<string | null>;
   kill(pid: number, signal: NodeJS.Signals | 0): boolean;
+  /** Binds NFQUEUE `queue` in this process; throws when it cannot (taken, no nfnetlink_queue, no privilege). */
+  openQueue(queue: number, maxlen: number): Promise<PacketQueue>;
   /** CPU (percent of one core since start), resident memory (bytes) and age (ms) of live processes. */
   usage(pids: number[]): Promise<Map<number, ProcessUsage>>;
   /** The priority portflip started with, before main.cts lowered its own (yieldCpu). */
@@ -307,6 +317,12 @@ export const realSys: Sys = {
     } catch {
       return false;
     }
+  },
+  async openQueue(queue, maxlen) {
+    const { NfQueue, MAX_COPY, CFG_F_FAIL_OPEN } = await import('./nfqueue.js'); // koffi loads only where used
+    const q = new NfQueue(queue, MAX_COPY);
+    q.open(maxlen, CFG_F_FAIL_OPEN);
+    return q;
   },
   async usage(pids) {
     if (!pids.length) return new Map();

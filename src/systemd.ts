@@ -40,16 +40,30 @@ export function appUnit(o: AppUnitOptions): string {
   const run = [...o.exec, 'run', o.app, ...(o.config ? ['-c', o.config] : [])];
   return `# ${appUnitName(o.app)}: written by \`portflip systemd ${o.app}\`. Install it as /etc/systemd/system/${appUnitName(o.app)},
 # then: systemctl daemon-reload && systemctl enable --now ${appUnitName(o.app)}
-[Unit]
-Description=portflip supervisor for ${o.app} (zero-downtime restarts)
+${supervisorUnit(o.app, line(run), line([...o.exec, 'reload', o.app]))}`;
+}
+
+export const APP_TEMPLATE_UNIT = 'portflip@.service';
+
+/** The .deb's template unit: portflip@web.service supervises web from its default config, /etc/portflip/web.toml. */
+export function appTemplateUnit(exec: string[]): string {
+  // %i is systemd's instance name, so it stays unescaped; systemd itself refuses names with spaces or slashes
+  return `# ${APP_TEMPLATE_UNIT}: installed by the portflip package. For an app web configured in /etc/portflip/web.toml:
+# systemctl enable --now portflip@web.service
+${supervisorUnit('%i', `${line([...exec, 'run'])} %i`, `${line([...exec, 'reload'])} %i`)}`;
+}
+
+function supervisorUnit(app: string, execStart: string, execReload: string): string {
+  return `[Unit]
+Description=portflip supervisor for ${app} (zero-downtime restarts)
 Wants=network-online.target
 After=network-online.target ${RESTORE_UNIT}
 
 [Service]
 Type=simple
-ExecStart=${line(run)}
+ExecStart=${execStart}
 # reload waits for the zero-downtime deploy and fails the reload if the deploy fails (kill -HUP would not)
-ExecReload=${line([...o.exec, 'reload', o.app])}
+ExecReload=${execReload}
 Restart=on-failure
 RestartSec=2s
 # KillMode=process: on stop only portflip gets SIGTERM; it removes the redirect, then stops each instance

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs portflip on a Debian or Ubuntu server (the Vagrant VM or a plain one) and runs a sample app on port 80 under it.
 #
-# Usage: sudo vagrant/provision.sh [--source DIR] [--prefix DIR] [--no-systemd] [--no-apt] [--no-sample]
+# Usage: sudo vagrant/provision.sh [--source DIR] [--executable FILE | --build] [--prefix DIR] [--no-systemd] [--no-apt] [--no-sample]
 #   --source DIR   the portflip repo to install from (default: the repo this script is in)
+#   --executable FILE  install this single executable (npm run package) as portflip: no Node.js or npm for
+#                  portflip itself. Default: DIR/dist/package/portflip-VERSION-linux-ARCH when it was built
+#   --build        build from source instead, in /opt/portflip (needs Node.js >= 20 and npm from the distro)
 #   --prefix DIR   install under DIR instead of / (also PORTFLIP_PROVISION_ROOT): DIR/opt/portflip,
 #                  DIR/usr/local/bin/portflip, DIR/srv/portflip-sample, DIR/etc/systemd/system;
 #                  no user is created, and nothing outside DIR is written (apt aside)
@@ -17,6 +20,8 @@ prefix="${PORTFLIP_PROVISION_ROOT:-}"
 systemd=1
 apt=1
 sample=1
+exe=""
+build=0
 while (($#)); do
   case "$1" in
     --source) src="$(cd "$2" && pwd)"; shift 2 ;;
@@ -24,7 +29,9 @@ while (($#)); do
     --no-systemd) systemd=0; shift ;;
     --no-apt) apt=0; shift ;;
     --no-sample) sample=0; shift ;;
-    -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --executable) exe="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
+    --build) build=1; shift ;;
+    -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "provision: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,12 +54,24 @@ die() { say "$*"; exit 1; }
 [ -f "$src/package.json" ] && [ -f "$src/vagrant/sample-app/server.js" ] || die "$src is not a portflip checkout (use --source DIR)"
 if [ -z "$prefix" ] && [ "$(id -u)" -ne 0 ]; then die "run it as root (sudo), or with --prefix DIR to install somewhere else"; fi
 
-# 1. System packages: Node.js >= 20 from the distro, iptables, iproute2, conntrack.
+# 0. The executable built for this machine's arch, unless --build (read without node: there may be none)
+if ((!build)) && [ -z "$exe" ]; then
+  version=$(sed -n 's/^  "version": "\(.*\)",$/\1/p' "$src/package.json")
+  case "$(uname -m)" in x86_64) arch=x64 ;; aarch64) arch=arm64 ;; *) arch=none ;; esac
+  candidate="$src/dist/package/portflip-$version-linux-$arch"
+  if [ -x "$candidate" ]; then exe="$candidate"; else build=1; say "no $candidate (npm run package): building from source"; fi
+fi
+[ -z "$exe" ] || [ -x "$exe" ] || die "--executable $exe: no such executable file"
+
+# 1. System packages: iptables, iproute2, conntrack; Node.js >= 20 and npm from the distro to build from source,
+# and Node.js for the sample app (a Node app).
 node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
-declare -A need=([iptables]=iptables [iptables-restore]=iptables [ip]=iproute2 [conntrack]=conntrack [npm]=npm)
+declare -A need=([iptables]=iptables [iptables-restore]=iptables [ip]=iproute2 [conntrack]=conntrack)
+if ((build)); then need[npm]=npm; fi
+if ((sample)); then need[node]=nodejs; fi
 missing=()
 for cmd in "${!need[@]}"; do command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}"); done
-if [ "$(node_major)" -lt 20 ]; then missing+=(nodejs); fi
+if ((build)) && [ "$(node_major)" -lt 20 ]; then missing+=(nodejs); fi
 if ((${#missing[@]})); then
   pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
   ((apt)) || die "missing: $pkgs(and --no-apt was given)"
@@ -63,12 +82,20 @@ if ((${#missing[@]})); then
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >&2
 fi
-if [ "$(node_major)" -lt 20 ]; then
+if ((build)) && [ "$(node_major)" -lt 20 ]; then
   die "Node.js >= 20 is needed, and this distro's nodejs is $(node --version 2>/dev/null || echo missing) (Debian 13 and Ubuntu 25.04 ship 20). Install Node.js 20 or later another way, then run this again."
 fi
-say "node $(node --version), $(iptables --version)"
+say "$(iptables --version)$( ((build)) && echo ", node $(node --version)")"
 
-# 2. portflip itself: a clean copy of the source in OPT, built there, dev dependencies pruned, linked on PATH.
+# 2. portflip itself: the executable copied in place (a running portflip keeps the file it started from), or a
+# clean copy of the source in OPT, built there, dev dependencies pruned, linked on PATH.
+if [ -n "$exe" ]; then
+  mkdir -p "$(dirname "$BIN")"
+  install -m 0755 "$exe" "$BIN.new"
+  mv -f "$BIN.new" "$BIN"
+  "$BIN" --version >/dev/null || die "$BIN does not run"
+  say "installed $BIN from $exe ($("$BIN" --version))"
+else
 say "installing portflip from $src into $OPT"
 stage="$OPT.new"
 rm -rf "$stage"
@@ -89,6 +116,7 @@ mkdir -p "$(dirname "$BIN")"
 ln -sfn "$OPT/dist/src/main.cjs" "$BIN"
 "$BIN" --version >/dev/null || die "$BIN does not run"
 say "installed $BIN -> $OPT/dist/src/main.cjs ($("$BIN" --version))"
+fi
 
 if ((!sample)); then
   say "--no-sample: portflip is installed; no sample app"

@@ -1,4 +1,5 @@
-// portflip's own cost, beside `node -e 0` in the same run: status, a deploy's overhead, the switch commit.
+// portflip's own cost, beside `node -e 0` in the same run: status, a deploy's overhead, the switch commit; the same
+// for the single executable (npm run package), built for this machine's arch by the tests' helper when needed.
 //
 // A deploy's overhead is its wall time minus its ready and drain steps (the app's start and the old
 // instance's exit are the app's, not portflip's). Everything runs in a namespace made for it, with no
@@ -60,7 +61,25 @@ export async function runOwnCost({ withNetns, h, log }) {
         (cold ? uncached : overhead).push(wall - ms('ready') - ms('drain'));
         if (!cold) switches.push(ms('switch'));
       }
+      // the single executable: its own Node.js and the bundle's code cache from its build, nothing written beside it
+      log('  own cost: the single executable (building it if needed)');
+      const { builtExecutable } = await import(path.join(h.repoRoot, 'dist', 'test', 'helpers', 'executable.js'));
+      const { exe } = await builtExecutable();
+      const exeDeploy = (v) => [exe, ...deployArgv(v).slice(2)];
+      await timeIt(ns, exeDeploy('x0'), env, 1);
+      const exeStatus = await timeIt(ns, [exe, 'status'], env);
+      const exeOverhead = [];
+      for (let i = 0; i < REPS; i++) {
+        const t0 = performance.now();
+        const out = await $({ env: { ...process.env, ...env }, quiet: true, timeout: '60s' })`nsenter -t ${ns.pid} -n -- ${exeDeploy(`x${i + 1}`)}`;
+        const wall = performance.now() - t0;
+        const steps = out.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l)).filter((e) => e.kind === 'step');
+        const ms = (name) => steps.find((e) => e.step === name)?.durationMs ?? 0;
+        exeOverhead.push(wall - ms('ready') - ms('drain'));
+      }
       const res = {
+        exeStatus: spread(exeStatus),
+        exeDeployOverhead: spread(exeOverhead),
         node: spread(node),
         nodeNoCa: nodeNoCa && spread(nodeNoCa),
         status: spread(status),
@@ -100,6 +119,12 @@ export function ownCostMarkdown(r) {
     row('deploy overhead (wall - ready - drain)', r.deployOverhead, `${BUDGETS.deployOverheadMs}: ${ok(r.pass.deploy)}`),
     ...(r.deployUncached ? [row('the same, first run after a build (no code cache yet; context only)', r.deployUncached, '')] : []),
     row('switch step (one nat commit per family, side by side; it only adds)', r.switch, `${BUDGETS.switchMs}: ${ok(r.pass.switch)}`),
+    ...(r.exeStatus
+      ? [
+          row('the single executable: `portflip status` (one app)', r.exeStatus, `npm build: ${f(r.status.median)}`),
+          row('the single executable: deploy overhead', r.exeDeployOverhead, `npm build: ${f(r.deployOverhead.median)}`),
+        ]
+      : []),
     '',
   ].join('\n');
 }

@@ -264,6 +264,12 @@ export class FakeSys implements Sys {
     return null; // no holder runs under the fake
   }
 
+  async openQueue(queue: number): Promise<never> {
+    this.alive(`bind queue ${queue}`);
+    await this.yieldNow();
+    throw new Error('no nfnetlink_queue under the fake');
+  }
+
   async httpOk(url: string): Promise<boolean> {
     this.alive(`GET ${url}`);
     await this.yieldNow();

@@ -11,6 +11,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, 
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { hideNodeScript, type NoNodeFiles } from './executable.js';
 import {
   createNetns,
   repoRoot,
@@ -47,6 +48,8 @@ export interface Fleet {
   haproxySocket: string;
   key: string; // the throwaway ssh private key
   haproxy(cmd: string): Promise<string>;
+  /** As the README's reload does: save the runtime state of the servers (unless save is false), then reload. */
+  reloadHaproxy(opts?: { save?: boolean }): Promise<void>;
   serverStats(): Promise<Record<string, Record<string, string>>>;
   destroy(): Promise<void>;
 }
@@ -78,8 +81,11 @@ export function haproxyConfig(base: string, hosts: { name: string; addr: string 
   return [
     'global',
     `  stats socket ${base}/haproxy.sock mode 600 level admin`,
+    // a reload keeps drain and maint set through the runtime API: README, "Fleets" (reloadHaproxy saves the file)
+    `  server-state-file ${base}/haproxy.state`,
     'defaults',
     '  mode http',
+    '  load-server-state-from-file global',
     '  timeout connect 2s',
     '  timeout client 10s',
     '  timeout server 10s',
@@ -97,7 +103,7 @@ export function haproxyConfig(base: string, hosts: { name: string; addr: string 
 }
 
 /** Builds the whole fleet; on any failure it tears down what it made and rethrows. */
-export async function createFleet(n = 3): Promise<Fleet> {
+export async function createFleet(n = 3, opts: { noNode?: NoNodeFiles } = {}): Promise<Fleet> {
   const base = mkdtempSync(path.join(tmpdir(), 'portflip-fleet-'));
   const made: Netns[] = [];
   const hosts: Host[] = [];
@@ -172,7 +178,12 @@ export async function createFleet(n = 3): Promise<Fleet> {
       made.push(ns);
       await join(ns, `v-${name}`, addr);
       const dirs = tmpDirs();
-      const env = { PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir };
+      // the drain module's dir too: the executable writes it there, not to the machine's /var/lib/portflip-node
+      const env = {
+        PORTFLIP_STATE_DIR: dirs.stateDir,
+        PORTFLIP_RUN_DIR: dirs.runDir,
+        PORTFLIP_PRELOAD_DIR: dirs.preloadDir,
+      };
       const dir = path.join(base, name);
       mkdirSync(dir);
       await must(ns, 'ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', `${dir}/host_ed25519_key`]);
@@ -186,7 +197,14 @@ export async function createFleet(n = 3): Promise<Fleet> {
         pf: (args, timeoutMs = 60_000) => ns.exec(process.execPath, [MAIN, ...args], { env, timeoutMs }),
       };
       hosts.push(h);
-      h.sshd = ns.spawn(SSHD, ['-D', '-e', '-f', `${dir}/sshd_config`], { stdio: ['ignore', 'ignore', 'pipe'] });
+      const sshd = [SSHD, '-D', '-e', '-f', `${dir}/sshd_config`];
+      // noNode: sshd, and so everything ansible runs on the host, sees no node or npm (executable.ts)
+      h.sshd = opts.noNode
+        ? ns.spawn('unshare', ['-m', 'sh', '-c', hideNodeScript(), 'sh', ...sshd], {
+            stdio: ['ignore', 'ignore', 'pipe'],
+            env: { PF_APP_NODE: opts.noNode.appNode, PF_EMPTY: opts.noNode.empty },
+          })
+        : ns.spawn(sshd[0], sshd.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });
       let sshdErr = '';
       h.sshd.stderr!.on('data', (d) => (sshdErr = (sshdErr + d).slice(-4000)));
       await waitForPort(ns, 22, { host: addr, timeoutMs: 10_000 }).catch((err) => {
@@ -197,7 +215,8 @@ export async function createFleet(n = 3): Promise<Fleet> {
     writeFileSync(path.join(base, 'haproxy.cfg'), haproxyConfig(base, hosts));
     const haproxySocket = path.join(base, 'haproxy.sock');
     // -db: in the foreground, so the harness holds its pid and kills it; no pid file in /run.
-    haproxy = lb.spawn('haproxy', ['-db', '-f', path.join(base, 'haproxy.cfg')], {
+    // master-worker (-W): SIGUSR2 reloads, as systemctl reload haproxy does
+    haproxy = lb.spawn('haproxy', ['-W', '-db', '-f', path.join(base, 'haproxy.cfg')], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
     let haproxyErr = '';
@@ -223,7 +242,21 @@ export async function createFleet(n = 3): Promise<Fleet> {
       }
       return out;
     };
-    return { base, hosts, lb, client, haproxySocket, key, haproxy: haproxyCmd, serverStats, destroy };
+    const workerPid = async () => /^Pid: (\d+)$/m.exec(await haproxyCmd('show info').catch(() => ''))?.[1];
+    const reloadHaproxy = async ({ save = true } = {}) => {
+      if (save) writeFileSync(path.join(base, 'haproxy.state'), await haproxyCmd('show servers state'));
+      const before = await workerPid();
+      process.kill(haproxy!.pid!, 'SIGUSR2');
+      await waitFor(
+        async () => {
+          const now = await workerPid();
+          return !!now && now !== before;
+        },
+        10_000,
+        `a new HAProxy worker after the reload: ${haproxyErr}`,
+      );
+    };
+    return { base, hosts, lb, client, haproxySocket, key, haproxy: haproxyCmd, reloadHaproxy, serverStats, destroy };
   } catch (err) {
     await destroy();
     throw err;

@@ -74,6 +74,48 @@ testUnless(
 
 testUnless(
   fleetSkip,
+  'HAProxy reloaded while the play has h2 in maint: h2 stays out (server-state-file) until the play puts it back; 0 failed',
+  async () => {
+    const status = async (h: string) => (await fleet.serverStats())[h]?.status ?? '';
+    const {
+      value: { r, out, seen },
+      load,
+    } = await underLoad(fleet, async () => {
+      const play = playbook(fleet, {
+        app_version: 'v6',
+        portflip_lb: true,
+        portflip_work: 'sleep 6',
+        portflip_hosts: 'h2',
+      });
+      await waitFor(async () => (await status('h2')).startsWith('MAINT'), 60_000, 'the play to put h2 in maint');
+      await fleet.reloadHaproxy();
+      const seen: string[] = [];
+      for (let i = 0; i < 10; i++) {
+        seen.push(await status('h2'));
+        await new Promise((res) => setTimeout(res, 200));
+      }
+      return { ...(await play), seen };
+    });
+    assert.is(r.code, 0, out);
+    assert.ok(
+      seen.every((s) => s.startsWith('MAINT')),
+      `h2 stayed in maint after the reload: ${seen.join(', ')}`,
+    );
+    assert.is(load.failed, 0, JSON.stringify(load));
+    assert.is(await status('h2'), 'UP', 'the play put h2 back');
+    assert.is(await served(fleet.hosts[1]), 'v6');
+
+    // what the saved file prevents: a reload with a state file older than the maint brings the server back
+    await fleet.haproxy('set server web/h3 state maint');
+    await waitFor(async () => (await status('h3')).startsWith('MAINT'), 5000, 'h3 in maint');
+    await fleet.reloadHaproxy({ save: false });
+    await waitFor(async () => (await status('h3')) === 'UP', 10_000, 'h3 back UP from the stale file');
+  },
+  test,
+);
+
+testUnless(
+  fleetSkip,
   'portflip agent drives HAProxy: drain, maint, ready from the host, and down when the app is gone',
   async () => {
     const h3 = fleet.hosts[2];

@@ -60,7 +60,7 @@ const runSync = (
 // provision.sh starts at once and runs while the first test checks the files; the second test awaits it.
 const prefix = mkdtempSync(path.join(tmpdir(), 'portflip-provision-'));
 // No systemd and a prefix: nothing outside it is written. apt-get runs only if something is missing.
-const provisioned = runAsync('bash', [PROVISION, '--prefix', prefix, '--no-systemd'], {
+const provisioned = runAsync('bash', [PROVISION, '--prefix', prefix, '--no-systemd', '--build'], {
   env: { npm_config_prefer_offline: 'true' },
   timeoutMs: 150_000,
 });
@@ -98,7 +98,7 @@ test('the Vagrantfile validates (vagrant validate, or ruby -c without vagrant) a
   assert.is(n.code, 0, `bash -n provision.sh: ${n.stderr}`);
   const help = runSync('bash', [PROVISION, '--help']);
   assert.is(help.code, 0, help.stderr);
-  for (const flag of ['--prefix', '--no-systemd', '--source'])
+  for (const flag of ['--prefix', '--no-systemd', '--source', '--executable', '--build'])
     assert.ok(help.stdout.includes(flag), `--help names ${flag}`);
 });
 

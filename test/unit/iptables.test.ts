@@ -10,6 +10,8 @@ import {
   checkApp,
   cleanupText,
   filterRules,
+  markRules,
+  markText,
   parseSave,
   removeAppText,
   wouldDrop,
@@ -326,6 +328,69 @@ test('a foreign rule that jumps to an app chain keeps it from being deleted, and
   assert.not.ok(text.includes('-X PF-web'), 'not deleted');
   assert.not.ok(text.includes('udp'), 'the foreign rule is not touched');
   assert.not.ok(cleanupText(v)!.includes('-X PF-web'));
+});
+
+test('marking: both directions of a draining port to its queue, tagged with the app; other apps and rules untouched', () => {
+  const foreign = [
+    '-A INPUT -p tcp -m tcp --dport 22 -j MARK --set-xmark 0x1/0xffffffff',
+    '-A PREROUTING -j CONNMARK --restore-mark',
+  ];
+  const mangle = (rules: string[], chains: string[] = []) =>
+    parseSave(
+      [
+        '*mangle',
+        ':PREROUTING ACCEPT [0:0]',
+        ':INPUT ACCEPT [0:0]',
+        ':OUTPUT ACCEPT [0:0]',
+        ...chains.map((c) => `:${c} - [0:0]`),
+        ...foreign,
+        ...rules,
+        'COMMIT',
+      ].join('\n'),
+    );
+  const web = spec('web', 80, 8002, { mark: [{ port: 8001, queue: 40007 }] });
+  const text = appText(mangle([]), web, 'ipv4', 'mangle')!;
+  assert.is(
+    text,
+    [
+      '*mangle',
+      ':PF-MARK-IN - [0:0]',
+      ':PF-MARK-OUT - [0:0]',
+      '-I INPUT 1 -j PF-MARK-IN',
+      '-I OUTPUT 1 -j PF-MARK-OUT',
+      '-A PF-MARK-IN -p tcp -m tcp --dport 8001 -m comment --comment PF-web -j NFQUEUE --queue-num 40007 --queue-bypass',
+      '-A PF-MARK-OUT -p tcp -m tcp --sport 8001 -m comment --comment PF-web -j NFQUEUE --queue-num 40007 --queue-bypass',
+      'COMMIT',
+      '',
+    ].join('\n'),
+  );
+  // as iptables-save prints it back: nothing left to do, and the check agrees
+  const hooks = ['-A INPUT -j PF-MARK-IN', '-A OUTPUT -j PF-MARK-OUT'];
+  const both = mangle(
+    [...hooks, ...markRules('web', { port: 8001, queue: 40007 }), ...markRules('api', { port: 9001, queue: 40007 })],
+    ['PF-MARK-IN', 'PF-MARK-OUT'],
+  );
+  assert.is(appText(both, web, 'ipv4', 'mangle'), null);
+  // web's drain ends: only its two rules go, api's stay, and so do the chains and hooks
+  const done = spec('web', 80, 8002);
+  assert.is(
+    appText(both, done, 'ipv4', 'mangle'),
+    ['*mangle', ...markRules('web', { port: 8001, queue: 40007 }).map((r) => r.replace('-A', '-D')), 'COMMIT', ''].join(
+      '\n',
+    ),
+  );
+  // the last app's: rules, hooks and chains all go; the foreign rules are never named
+  const last = mangle([...hooks, ...markRules('web', { port: 8001, queue: 40007 })], ['PF-MARK-IN', 'PF-MARK-OUT']);
+  const gone = markText(last, done)!;
+  assert.match(gone, /-D INPUT -j PF-MARK-IN\n-D OUTPUT -j PF-MARK-OUT\n-X PF-MARK-IN\n-X PF-MARK-OUT\nCOMMIT/);
+  for (const f of foreign) assert.not.ok(gone.includes(f.slice(3)), f);
+  // no other commit touches the marking (its chains are shared: ops.ts syncMarks changes them one at a time)
+  for (const only of ['nat', 'filter', undefined] as const)
+    assert.not.ok((appText(last, done, 'ipv4', only) ?? '').includes('PF-MARK'));
+  const clean = cleanupText(last)!;
+  assert.match(clean, /-D INPUT -j PF-MARK-IN/);
+  assert.match(clean, /-X PF-MARK-OUT/);
+  for (const f of foreign) assert.not.ok(clean.includes(f.slice(3)), f);
 });
 
 test('checkApp names what is missing', () => {

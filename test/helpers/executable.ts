@@ -1,0 +1,115 @@
+// The single executable for tests: built by scripts/package.mjs for this machine's arch, once per set of inputs.
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  readdirSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { repoRoot } from './netns.js';
+
+export interface Built {
+  dir: string; // holds the executable, the .deb and SHA256SUMS
+  exe: string;
+  deb: string;
+  version: string;
+}
+
+/**
+ * What the artifacts are made from: the built dist/src, the packaging scripts, package.json and the lock. The same
+ * inputs give the same artifacts, so a later test file reuses them instead of building again (some 30 s).
+ */
+function inputsHash(): string {
+  const h = createHash('sha256').update(`arch=${process.arch}\n`);
+  const dist = path.join(repoRoot, 'dist', 'src');
+  const files = [
+    ...readdirSync(dist)
+      .filter((f) => /\.(c?js)$/.test(f))
+      .sort()
+      .map((f) => path.join(dist, f)),
+    ...['package.mjs', 'manpage.mjs', 'build-info.mjs'].map((f) => path.join(repoRoot, 'scripts', f)),
+    path.join(repoRoot, 'package.json'),
+    path.join(repoRoot, 'package-lock.json'),
+  ];
+  for (const f of files) h.update(f).update(readFileSync(f));
+  return h.digest('hex').slice(0, 16);
+}
+
+/** Builds (or finds built) the x64 or arm64 executable of this machine and its .deb. */
+export async function builtExecutable(): Promise<Built> {
+  const { version } = JSON.parse(readFileSync(path.join(repoRoot, 'package.json'), 'utf8'));
+  const base = path.join(repoRoot, 'dist', 'test-package');
+  const dir = path.join(base, inputsHash());
+  const exe = path.join(dir, `portflip-${version}-linux-${process.arch}`);
+  const debArch = process.arch === 'x64' ? 'amd64' : process.arch;
+  const built: Built = { dir, exe, version, deb: path.join(dir, `portflip_${version}_${debArch}.deb`) };
+  if (existsSync(path.join(dir, 'SHA256SUMS'))) return built;
+  // older builds of other inputs go: each is some 100 MB
+  rmSync(base, { recursive: true, force: true });
+  mkdirSync(base, { recursive: true });
+  const tmp = `${dir}.${process.pid}`;
+  const args = [path.join(repoRoot, 'scripts', 'package.mjs'), '--arch', process.arch, '--out', tmp];
+  await new Promise<void>((resolve, reject) =>
+    execFile(process.execPath, args, { cwd: repoRoot, timeout: 240_000, maxBuffer: 1 << 24 }, (err, _out, stderr) =>
+      err ? reject(new Error(`scripts/package.mjs failed: ${err.message}\n${stderr}`)) : resolve(),
+    ),
+  );
+  renameSync(tmp, dir);
+  return built;
+}
+
+/**
+ * Every path on this machine that runs node, npm, npx or corepack: what a mount namespace hides to play a host
+ * with no Node.js. Symlinks are hidden by their targets (a bind mount follows them).
+ */
+export function nodePaths(): { files: string[]; dirs: string[] } {
+  const files = new Set<string>([process.execPath]);
+  for (const dir of (process.env.PATH ?? '').split(':').filter(Boolean))
+    for (const name of ['node', 'nodejs', 'npm', 'npx', 'corepack'])
+      if (existsSync(path.join(dir, name))) files.add(path.join(dir, name));
+  const dirs = ['/usr/lib/node_modules', '/usr/local/lib/node_modules'].filter((d) => existsSync(d));
+  return { files: [...files], dirs };
+}
+
+/**
+ * `sh -c` text for `unshare -m sh -c TEXT sh CMD ARGS...`: binds $PF_APP_NODE (an empty file) to node first, so a
+ * Node app can still be started by that absolute path, then hides every node and npm, checks that none runs,
+ * and execs CMD. Exit 97 when the hiding did not work (the test must fail, not pass with node there).
+ */
+export function hideNodeScript(): string {
+  const { files, dirs } = nodePaths();
+  const q = (s: string) => `'${s.replaceAll("'", "'\\''")}'`;
+  return [
+    'set -e',
+    `mount --bind ${q(process.execPath)} "$PF_APP_NODE"`,
+    ...files.map((f) => `mount --bind "$PF_EMPTY" ${q(f)}`),
+    ...dirs.map((d) => `mount -t tmpfs none ${q(d)}`),
+    'for c in node nodejs npm npx corepack; do if "$c" --version >/dev/null 2>&1; then echo "$c still runs" >&2; exit 97; fi; done',
+    'exec "$@"',
+  ].join('\n');
+}
+
+export interface NoNodeFiles {
+  base: string; // remove when done
+  appNode: string; // an empty file named node that hideNodeScript binds the real node to, for the app
+  empty: string; // what hides each node and npm
+}
+
+export function noNodeFiles(): NoNodeFiles {
+  const base = mkdtempSync(path.join(tmpdir(), 'portflip-nonode-'));
+  chmodSync(base, 0o755);
+  mkdirSync(path.join(base, 'bin'));
+  const appNode = path.join(base, 'bin', 'node'); // named node: portflip recognises a Node process by that name
+  const empty = path.join(base, 'empty');
+  writeFileSync(appNode, '', { mode: 0o755 });
+  writeFileSync(empty, '', { mode: 0o644 });
+  return { base, appNode, empty };
+}
