@@ -48,7 +48,7 @@ export interface Fleet {
   haproxySocket: string;
   key: string; // the throwaway ssh private key
   haproxy(cmd: string): Promise<string>;
-  /** As the README's reload does: save the runtime state of the servers (unless save is false), then reload. */
+  /** As the reload in docs/install.md does: save the servers' runtime state (unless save is false), then reload. */
   reloadHaproxy(opts?: { save?: boolean }): Promise<void>;
   serverStats(): Promise<Record<string, Record<string, string>>>;
   destroy(): Promise<void>;
@@ -81,7 +81,7 @@ export function haproxyConfig(base: string, hosts: { name: string; addr: string 
   return [
     'global',
     `  stats socket ${base}/haproxy.sock mode 600 level admin`,
-    // a reload keeps drain and maint set through the runtime API: README, "Fleets" (reloadHaproxy saves the file)
+    // a reload keeps drain and maint set through the runtime API (docs/install.md, "HAProxy reloads"; reloadHaproxy saves the file)
     `  server-state-file ${base}/haproxy.state`,
     'defaults',
     '  mode http',
