@@ -81,7 +81,8 @@ export function haproxyConfig(base: string, hosts: { name: string; addr: string 
   return [
     'global',
     `  stats socket ${base}/haproxy.sock mode 600 level admin`,
-    // a reload keeps drain and maint set through the runtime API (docs/install.md, "HAProxy reloads"; reloadHaproxy saves the file)
+    // a reload keeps drain and maint set through the runtime API (docs/install.md, "HAProxy reloads");
+    // reloadHaproxy saves the file
     `  server-state-file ${base}/haproxy.state`,
     'defaults',
     '  mode http',
