@@ -131,7 +131,7 @@ stop_signal = "SIGTERM"
 kill_after = "10s"
 # keep_old = "5m"    # keep the previous instance for an instant "portflip rollback"
 # ipv6 = "auto"
-# node_drain = "on"  # Node.js apps: make server.close() drain keep-alive connections (docs/drain.md: The Node drain module)
+# node_drain = "on"  # Node.js apps: make server.close() drain keep-alive connections (docs/drain.md)
 # mark_close = "on"  # any HTTP/1.x app: one answer per keep-alive connection says Connection: close while it drains
 
 # Firewall: "auto" accepts the connections portflip redirected in its own filter chain, so a default-deny
