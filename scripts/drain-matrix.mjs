@@ -1,4 +1,4 @@
-// Measures which drain mode fails fewest requests, per kind of app and load: the numbers behind README's drain table.
+// Measures which drain mode fails fewest requests, per kind of app and load: the numbers behind the drain table in docs/drain.md.
 //
 // For each app x load x drain mode: a fresh server/client namespace pair joined by veth, the app deployed under
 // portflip, a closed-loop load from the client namespace (16 connections, each sending its next request as soon as

@@ -1,6 +1,8 @@
 // Test runner for `npm test`: runs each built dist/test/**/*.test.js in its own process and sums uvu's summaries.
 // Usage: node scripts/test.mjs [substring ...]   (runs only files whose path contains one of the substrings)
 // PORTFLIP_TEST_ONLY=a,b filters the same way, on top of argv: the fresh-clone test runs `npm test` with it set to unit.
+// A test skips through test/helpers/skip.ts, which prints a line this runner counts and lists with why. The last line
+// is `N passed, N failed`, or `N passed, N failed, N skipped` when something skipped (.ci/run fails on that).
 import { spawn } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import path from 'node:path';
@@ -25,13 +27,19 @@ function findTests(dir) {
   });
 }
 
+const SKIP_LINE = 'portflip-test-skip '; // test/helpers/skip.ts writes it, then JSON: { name, why }
+
 // uvu prints "Total: N", "Passed: N", "Skipped: N" once per process; colours are stripped first.
 function parseSummary(text) {
   const plain = text.replace(/\x1b\[[0-9;]*m/g, '');
   const grab = (label) => [...plain.matchAll(new RegExp(`^\\s*${label}:\\s+(\\d+)`, 'gm'))].reduce((n, m) => n + Number(m[1]), 0);
   const found = /^\s*Total:\s+\d+/m.test(plain);
   const failures = [...plain.matchAll(/^\s*FAIL\s+(?:"(.*)"|(.*))$/gm)].map((m) => m[1] ?? m[2]);
-  return { found, total: grab('Total'), passed: grab('Passed'), skipped: grab('Skipped'), failures };
+  const skips = plain
+    .split('\n')
+    .filter((l) => l.startsWith(SKIP_LINE))
+    .map((l) => JSON.parse(l.slice(SKIP_LINE.length)));
+  return { found, total: grab('Total'), passed: grab('Passed'), skipped: grab('Skipped'), failures, skips };
 }
 
 function runFile(file) {
@@ -70,14 +78,19 @@ const files = findTests(testDir)
   .filter((f) => matches(argvFilters, f) && matches(envFilters, f))
   .sort();
 
+const seconds = (ms) => `${(ms / 1000).toFixed(1)} s`;
 let passed = 0;
 let failed = 0;
 let skipped = 0;
 const broken = [];
+const skips = [];
+const startedAll = performance.now();
 for (const file of files) {
   const rel = path.relative(root, file);
   process.stdout.write(`\n# ${rel}\n`);
+  const started = performance.now();
   const r = await runFile(file);
+  process.stdout.write(`# ${rel}: ${seconds(performance.now() - started)}\n`);
   const s = r.summary;
   let fileFailed = s.total - s.passed;
   // A crash, a timeout or a non-zero exit is a failure even when uvu's own count says otherwise.
@@ -88,12 +101,17 @@ for (const file of files) {
   for (const name of s.failures) broken.push(`${rel}: FAIL "${name}"`);
   passed += s.passed;
   failed += fileFailed;
-  skipped += s.skipped;
+  // uvu's own test.skip has no name to show; ours (skip.ts) come with one and a reason
+  skipped += s.skipped + s.skips.length;
+  for (const k of s.skips) skips.push(`${rel}: "${k.name}": ${k.why}`);
+  if (s.skipped) skips.push(`${rel}: ${s.skipped} test.skip without a reason`);
 }
 
 if (files.length === 0) process.stdout.write(`no test files under ${path.relative(root, testDir)}${filters.length ? ` matching ${filters.join(', ')}` : ''}\n`);
+if (files.length) process.stdout.write(`\n${files.length} files in ${seconds(performance.now() - startedAll)}\n`);
+if (skips.length) process.stdout.write(`\nskipped:\n${skips.map((l) => `  ${l}`).join('\n')}\n`);
 // the names of what failed, last, where a CI log shows them without scrolling
 if (broken.length) process.stdout.write(`\nfailed:\n${broken.map((l) => `  ${l}`).join('\n')}\n`);
 const ran = passed + failed;
 process.stdout.write(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}\n`);
-process.exitCode = failed > 0 || ran === 0 ? 1 : 0;
+process.exitCode = failed > 0 || ran + skipped === 0 ? 1 : 0; // skips alone are no failure here; .ci/run fails on them

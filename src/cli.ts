@@ -7,7 +7,7 @@ import { parseDuration } from './duration.js';
 import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './config.js';
 import { ExitCode, PortflipError, fail, fromSystemError } from './errors.js';
 import { canonicalCidr } from './iptables.js';
-import { makeEmitter } from './events.js';
+import { type Event, formatHuman, makeEmitter } from './events.js';
 import type { Ctx } from './ops.js';
 import { isExecutable, versionText } from './self.js';
 import { paths } from './state.js';
@@ -116,7 +116,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
       : String(a.ports)
           .split(',')
           .map((p) => port(p.trim(), '--ports'));
-  // one port is allowed: an in-place restart (README "Hold")
+  // one port is allowed: an in-place restart (docs/hold.md)
   return {
     app: String(a.app),
     listen: port(a.listen, '--listen'),
@@ -204,7 +204,7 @@ const deployFlags = (y: Argv) =>
     })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 
-/** deploy only: a canary is one deploy's choice, so `portflip run` and config files do not take it (README). */
+/** deploy only: a canary is one deploy's choice, so `portflip run` and config files do not take it (docs/canary.md). */
 const canaryFlags = (y: Argv) =>
   y
     .option('canary', {
@@ -517,11 +517,9 @@ export async function main(argv: string[]): Promise<number> {
   } catch (caught) {
     const err = fromSystemError(caught) ?? caught;
     if (err instanceof PortflipError) {
-      if (json)
-        process.stdout.write(
-          JSON.stringify({ kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message }) + '\n',
-        );
-      process.stderr.write(`portflip: ${err.message}\n`);
+      const failed: Event = { kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message };
+      ctx.emit(failed);
+      if (json) process.stderr.write(formatHuman(failed) + '\n'); // people read stderr in JSON mode too
       return err.exitCode;
     }
     process.stderr.write(`portflip: internal error: ${(err as Error)?.stack ?? err}\n`);

@@ -102,7 +102,7 @@ export const appFromFile = (file: string) => basename(file).replace(/\.toml$/, '
 
 export function starterConfig(app: string): string {
   return `# portflip config for "${app}": every key is also a deploy flag (snake_case here, --kebab-case there).
-# Flags given on the command line win over this file. Docs: README.md, "Config files".
+# Flags given on the command line win over this file. Docs: docs/reference.md, "Config files".
 
 # The public port clients connect to. The app never binds it: an iptables redirect points it at an instance.
 listen = 80
@@ -131,7 +131,7 @@ stop_signal = "SIGTERM"
 kill_after = "10s"
 # keep_old = "5m"    # keep the previous instance for an instant "portflip rollback"
 # ipv6 = "auto"
-# node_drain = "on"  # Node.js apps: make server.close() drain keep-alive connections (README: The Node drain module)
+# node_drain = "on"  # Node.js apps: make server.close() drain keep-alive connections (docs/drain.md)
 # mark_close = "on"  # any HTTP/1.x app: one answer per keep-alive connection says Connection: close while it drains
 
 # Firewall: "auto" accepts the connections portflip redirected in its own filter chain, so a default-deny

@@ -5,6 +5,7 @@
 // is undone; a failure or Ctrl-C undoes the completed steps in reverse, once.
 
 import { join } from 'node:path';
+import { checkUserReach } from './access.js';
 import { HOOKS, type HookName } from './config.js';
 import { move } from './lifecycle.js';
 import { fail, PortflipError } from './errors.js';
@@ -191,7 +192,7 @@ const DEPLOY: Step<DeployRun>[] = [
         await writeState(ctx.sys, ctx.paths, st);
       });
       await writeState(ctx.sys, ctx.paths, st);
-      // Node apps get the drain preload; other programs ignore NODE_OPTIONS (README: "The Node drain module")
+      // Node apps get the drain preload; other programs ignore NODE_OPTIONS (docs/drain.md: "The Node drain module")
       r.preload = o.nodeDrain ? await placePreload(ctx.sys, ctx.env, r.pre.user) : null;
       if (r.preload && r.preload.path === null)
         ctx.emit({ kind: 'notice', app: o.app, message: `node-drain off for this instance: ${r.preload.why}` });
@@ -573,7 +574,8 @@ async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
   for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES', 'PORTFLIP_PRELOAD_DIR'])
     delete env[k];
   if (user) Object.assign(env, { HOME: user.home, USER: user.name, LOGNAME: user.name });
-  await resolveCommand(sys, o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
+  const executable = await resolveCommand(sys, o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
+  if (user) await checkUserReach(sys, user, o, executable); // else the instance dies at start, its log the only word
 
   if (o.dryRun) {
     // no lock and no change: the live rules are read where that is allowed, to show the exact commit

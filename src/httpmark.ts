@@ -135,7 +135,13 @@ function headLines(head: string): { first: string; headers: HeadLine[] } {
   let at = lines[0].length + 2;
   for (const line of lines.slice(1)) {
     const colon = line.indexOf(':');
-    if (colon > 0) headers.push({ name: line.slice(0, colon).toLowerCase(), value: line.slice(colon + 1).trim(), at, len: line.length });
+    if (colon > 0)
+      headers.push({
+        name: line.slice(0, colon).toLowerCase(),
+        value: line.slice(colon + 1).trim(),
+        at,
+        len: line.length,
+      });
     at += line.length + 2;
   }
   return { first: lines[0], headers };
@@ -150,10 +156,17 @@ const MIN_LINE = 'Connection: close'.length;
  * The same-length edit that makes an answer's head say the connection closes after it, or why there is none.
  * `head` is latin1 text from the status line up to (without) the blank line.
  */
-export function closeEdit(head: string): { at: number; text: string; how: Rewrite } | { none: 'closing' | 'no-rewrite' } {
+export function closeEdit(
+  head: string,
+): { at: number; text: string; how: Rewrite } | { none: 'closing' | 'no-rewrite' } {
   const { first, headers } = headLines(head);
   const conn = headers.filter((h) => h.name === 'connection');
-  const tokens = conn.flatMap((h) => h.value.toLowerCase().split(',').map((t) => t.trim()));
+  const tokens = conn.flatMap((h) =>
+    h.value
+      .toLowerCase()
+      .split(',')
+      .map((t) => t.trim()),
+  );
   if (tokens.includes('close')) return { none: 'closing' };
   const ka = conn.length === 1 && tokens.length === 1 && tokens[0] === 'keep-alive' ? conn[0] : null;
   if (ka && ka.len >= MIN_LINE) return { at: ka.at, text: closeLine(ka.len), how: 'connection' };
@@ -213,7 +226,13 @@ export class Marker {
 
   addPort(port: number, now: number): void {
     this.ports.set(port, now);
-    this.counts.set(port, { seen: 0, marked: 0, closed: 0, rewrites: { connection: 0, date: 0, version: 0 }, untouched: {} });
+    this.counts.set(port, {
+      seen: 0,
+      marked: 0,
+      closed: 0,
+      rewrites: { connection: 0, date: 0, version: 0 },
+      untouched: {},
+    });
   }
 
   /** What marking did on one port so far. */
@@ -254,7 +273,16 @@ export class Marker {
         return null;
       }
       stats.seen++;
-      c = { stats, lastAt: now, closed: false, marked: false, req: null, answered: false, answerEnd: null, srvNext: null };
+      c = {
+        stats,
+        lastAt: now,
+        closed: false,
+        marked: false,
+        req: null,
+        answered: false,
+        answerEnd: null,
+        srvNext: null,
+      };
       this.conns.set(key, c);
     }
     return c ?? null;
@@ -291,7 +319,7 @@ export class Marker {
       const early =
         (c.srvNext !== null && seqDiff(s.ack, c.srvNext) < 0) ||
         (c.answered && c.answerEnd !== null && seqDiff(s.ack, c.answerEnd) < 0);
-      if (early) return this.untouch(c, 'pipelined'), null;
+      if (early) return (this.untouch(c, 'pipelined'), null);
       if (c.req) this.dropHead(c.req);
       r = c.req = { next: s.seq, anchor: s.ack, head: [], headBytes: 0, bodyLeft: null, method: '', unknown: false };
       [c.answered, c.answerEnd] = [false, null];
@@ -362,7 +390,7 @@ export class Marker {
       if (at < 0) c.answered = true;
       return null;
     }
-    if (at > 0 || r.unknown || r.bodyLeft !== 0) return (c.answered = true), null;
+    if (at > 0 || r.unknown || r.bodyLeft !== 0) return ((c.answered = true), null);
     return this.answer(p, s, c, r, truncated);
   }
 
@@ -396,7 +424,7 @@ export class Marker {
       }
       const code = Number(status[1]);
       const headLen = end + HEAD_END.length;
-      if (code === 101) return this.untouch(c, 'upgraded'), null;
+      if (code === 101) return (this.untouch(c, 'upgraded'), null);
       if (code >= 100 && code < 200) {
         // an interim answer (100 Continue): the final one follows it
         r.anchor = seqAdd(r.anchor, headLen);

@@ -213,7 +213,11 @@ export async function drainAndStop(
         reason = 'drained';
         break;
       }
-      if (watch && policy.drain === 'auto' && watch.quiet(socks.map((s) => ({ addr: s.remoteAddr, port: s.remotePort })))) {
+      if (
+        watch &&
+        policy.drain === 'auto' &&
+        watch.quiet(socks.map((s) => ({ addr: s.remoteAddr, port: s.remotePort })))
+      ) {
         reason = `drained; the ${open} connection${open === 1 ? '' : 's'} left ${open === 1 ? 'is' : 'are'} quiet`;
         break;
       }

@@ -81,7 +81,10 @@ export interface MarkSpec {
 /** Both directions of one draining instance port, to the queue that marks its answers. */
 export function markRules(app: string, m: MarkSpec): string[] {
   const tail = `-m comment --comment ${appChain(app)} -j NFQUEUE --queue-num ${m.queue} --queue-bypass`;
-  return [`-A ${MARK_IN} -p tcp -m tcp --dport ${m.port} ${tail}`, `-A ${MARK_OUT} -p tcp -m tcp --sport ${m.port} ${tail}`];
+  return [
+    `-A ${MARK_IN} -p tcp -m tcp --dport ${m.port} ${tail}`,
+    `-A ${MARK_OUT} -p tcp -m tcp --sport ${m.port} ${tail}`,
+  ];
 }
 
 const isMark = (r: string) => r.startsWith(`-A ${MARK_IN} `) || r.startsWith(`-A ${MARK_OUT} `);
@@ -290,7 +293,9 @@ export function appRules(view: RulesView, app: string): AppRules {
 
 /** Rules outside portflip's own chains and hooks that jump to one of its chains: they keep it from being deleted. */
 export function foreignJumps(t: TableView, chain: string): string[] {
-  return t.rules.filter((r) => r.endsWith(` -j ${chain}`) && !r.startsWith(`-A ${ROOT_CHAIN} `) && !MARK_HOOKS.includes(r));
+  return t.rules.filter(
+    (r) => r.endsWith(` -j ${chain}`) && !r.startsWith(`-A ${ROOT_CHAIN} `) && !MARK_HOOKS.includes(r),
+  );
 }
 
 export type Verdict = 'ok' | 'missing' | 'mismatch';
@@ -433,7 +438,7 @@ export function appText(view: RulesView, spec: AppSpec, family: Family, only?: T
     check.filter === 'ok' || only === 'nat'
       ? []
       : spec.firewall && spec.open.length
-        ? ((check.filter === 'mismatch' && filterOpen(view, spec, family)) || filterEnsure(view, spec, family))
+        ? (check.filter === 'mismatch' && filterOpen(view, spec, family)) || filterEnsure(view, spec, family)
         : filterRemoval(view, spec.app);
   const held = spec.hold !== undefined && spec.hold !== null;
   const mangle = check.mangle === 'ok' ? [] : held ? holdEnsure(view.mangle, spec) : removal(view.mangle, spec.app);
@@ -528,7 +533,8 @@ function filterOpen(view: RulesView, spec: AppSpec, family: Family): string[] | 
   let kept = 0; // live rules met so far, in the wanted order
   filterRules(spec, family).forEach((rule, k) => {
     if (live[kept] === rule) kept++;
-    else if (kept === live.length) lines.push(rule); // after the last live rule: appended
+    else if (kept === live.length)
+      lines.push(rule); // after the last live rule: appended
     else lines.push(rule.replace(`-A ${chain} `, `-I ${chain} ${k + 1} `)); // rules 1..k are in place by now
   });
   return kept === live.length && lines.length ? lines : null;

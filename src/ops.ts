@@ -198,7 +198,7 @@ export function conntrackWarning(fill: { count: number; max: number; percent: nu
     `the connection-tracking table is ${fill.percent}% full (${fill.count} of ${fill.max}); ` +
     'when it is full new connections are dropped. ' +
     'Raise net.netfilter.nf_conntrack_max (and net.netfilter.nf_conntrack_buckets), ' +
-    'or shorten net.netfilter.nf_conntrack_tcp_timeout_time_wait; see README "Firewalls"'
+    'or shorten net.netfilter.nf_conntrack_tcp_timeout_time_wait; see docs/firewalls.md'
   );
 }
 
@@ -482,7 +482,9 @@ export async function syncMarks(ctx: Ctx, ipt: Iptables, st: AppState): Promise<
   let lock;
   for (;;) {
     try {
-      lock = await takeLock(ctx.sys, ctx.paths, MARK_LOCK, 'marking rules', (m) => ctx.emit({ kind: 'notice', message: m }));
+      lock = await takeLock(ctx.sys, ctx.paths, MARK_LOCK, 'marking rules', (m) =>
+        ctx.emit({ kind: 'notice', message: m }),
+      );
       break;
     } catch (err) {
       if (!(err instanceof PortflipError && err.kind === 'lockHeld') || ctx.sys.now() > until) throw err;
@@ -520,7 +522,7 @@ async function startMarking(
   try {
     handle = await markPort(ctx.sys, inst.port);
   } catch (err) {
-    return without(`no packet queue: ${(err as Error).message}`), null;
+    return (without(`no packet queue: ${(err as Error).message}`), null);
   }
   try {
     const ipt = given ?? (await openIptables(ctx, st.backend));
@@ -532,7 +534,7 @@ async function startMarking(
     return { handle, ipt };
   } catch (err) {
     await endMarking(ctx, st, inst, { handle, ipt: given }).catch(() => {});
-    return without((err as Error).message), null;
+    return (without((err as Error).message), null);
   }
 }
 

@@ -1,7 +1,8 @@
 // The Node drain preload (node-drain.cjs): where it is read from, how it joins NODE_OPTIONS, and proof it loaded.
 
-import { basename, dirname, join, parse } from 'node:path';
+import { basename, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { whatBlocks } from './access.js';
 import { groupMembers, listenersOn, tcpListeners } from './proc.js';
 import { drainModulePath } from './self.js';
 import type { Sys } from './sys.js';
@@ -18,20 +19,7 @@ export const preloadDir = (env: NodeJS.ProcessEnv) => env.PORTFLIP_PRELOAD_DIR |
 
 /** True when uid:gid can traverse every directory up to `path` and read it (supplementary groups ignored). */
 export async function readableBy(sys: Sys, path: string, uid: number, gid: number): Promise<boolean> {
-  if (uid === 0) return true;
-  const bit = (mode: number, owner: number, group: number, want: number) =>
-    uid === owner ? (mode >> 6) & want : gid === group ? (mode >> 3) & want : mode & want;
-  try {
-    const f = await sys.fs.stat(path);
-    if (!bit(f.mode, f.uid, f.gid, 4)) return false;
-    for (let dir = dirname(path); ; dir = dirname(dir)) {
-      const d = await sys.fs.stat(dir);
-      if (!bit(d.mode, d.uid, d.gid, 1)) return false;
-      if (dir === parse(dir).root) return true;
-    }
-  } catch {
-    return false;
-  }
+  return (await whatBlocks(sys, path, uid, gid, 'read')) === null;
 }
 
 export type PreloadPlace = { path: string; copied: boolean } | { path: null; why: string };

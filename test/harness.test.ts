@@ -19,7 +19,10 @@ import {
 } from './helpers/netns.js';
 
 // Runs body with fresh namespaces and apps, and tears all of it down even when an assertion fails.
-async function withNetns(opts: { peer?: boolean }, body: (ns: Netns, apps: AppHandle[]) => Promise<void>): Promise<void> {
+async function withNetns(
+  opts: { peer?: boolean },
+  body: (ns: Netns, apps: AppHandle[]) => Promise<void>,
+): Promise<void> {
   const ns = await createNetns(opts);
   const apps: AppHandle[] = [];
   try {
@@ -43,12 +46,30 @@ test('netns: loopback is up and iptables nat works inside, without touching the 
   const hostBefore = process.getuid?.() === 0 ? readHostNat() : '';
   await withNetns({}, async (ns) => {
     assert.match(await mustExec(ns, 'ip', ['-br', 'link', 'show', 'lo']), /UP|UNKNOWN/);
-    await mustExec(ns, 'iptables', ['-t', 'nat', '-A', 'OUTPUT', '-p', 'tcp', '--dport', '80', '-j', 'REDIRECT', '--to-ports', String(port)]);
+    await mustExec(ns, 'iptables', [
+      '-t',
+      'nat',
+      '-A',
+      'OUTPUT',
+      '-p',
+      'tcp',
+      '--dport',
+      '80',
+      '-j',
+      'REDIRECT',
+      '--to-ports',
+      String(port),
+    ]);
     assert.match(await mustExec(ns, 'iptables', ['-t', 'nat', '-S', 'OUTPUT']), `--to-ports ${port}`);
     // Local clients reach a redirected port through OUTPUT.
     const app = await startApp(ns, port, ['--version', 'v1']);
     try {
-      const load = await startLoad(ns, 'server', { url: 'http://127.0.0.1:80/', mode: 'new', durationMs: 3000, maxRequests: 20 });
+      const load = await startLoad(ns, 'server', {
+        url: 'http://127.0.0.1:80/',
+        mode: 'new',
+        durationMs: 3000,
+        maxRequests: 20,
+      });
       const r = await load.done();
       assert.is(r.total, 20);
       assert.is(r.failed, 0, JSON.stringify(r));
@@ -92,7 +113,20 @@ test('load: from the client namespace over veth through a PREROUTING REDIRECT, I
     const [port] = await freePorts(1);
     apps.push(await startApp(ns, port, ['--version', 'v1']));
     for (const ipt of ['iptables', 'ip6tables']) {
-      await mustExec(ns, ipt, ['-t', 'nat', '-A', 'PREROUTING', '-p', 'tcp', '--dport', '80', '-j', 'REDIRECT', '--to-ports', String(port)]);
+      await mustExec(ns, ipt, [
+        '-t',
+        'nat',
+        '-A',
+        'PREROUTING',
+        '-p',
+        'tcp',
+        '--dport',
+        '80',
+        '-j',
+        'REDIRECT',
+        '--to-ports',
+        String(port),
+      ]);
     }
     for (const url of [`http://${ns.serverAddr}:80/`, `http://[${ns.serverAddr6}]:80/`]) {
       const loads = await Promise.all([
@@ -114,7 +148,20 @@ test('contract: switch the redirect under load, let the old listener settle, SIG
     const v1 = await startApp(ns, p1, ['--version', 'v1']);
     const v2 = await startApp(ns, p2, ['--version', 'v2']);
     apps.push(v1, v2);
-    await mustExec(ns, 'iptables', ['-t', 'nat', '-A', 'PREROUTING', '-p', 'tcp', '--dport', '80', '-j', 'REDIRECT', '--to-ports', String(p1)]);
+    await mustExec(ns, 'iptables', [
+      '-t',
+      'nat',
+      '-A',
+      'PREROUTING',
+      '-p',
+      'tcp',
+      '--dport',
+      '80',
+      '-j',
+      'REDIRECT',
+      '--to-ports',
+      String(p1),
+    ]);
     const url = `http://${ns.serverAddr}:80/`;
     const loads = await Promise.all([
       startLoad(ns, 'client', { url, mode: 'new', durationMs: 15_000, concurrency: 8 }),
@@ -122,12 +169,30 @@ test('contract: switch the redirect under load, let the old listener settle, SIG
       startLoad(ns, 'client', { url, mode: 'new', durationMs: 15_000, concurrency: 1 }),
     ]);
     await sleep(500);
-    await mustExec(ns, 'iptables', ['-t', 'nat', '-R', 'PREROUTING', '1', '-p', 'tcp', '--dport', '80', '-j', 'REDIRECT', '--to-ports', String(p2)]);
+    await mustExec(ns, 'iptables', [
+      '-t',
+      'nat',
+      '-R',
+      'PREROUTING',
+      '1',
+      '-p',
+      'tcp',
+      '--dport',
+      '80',
+      '-j',
+      'REDIRECT',
+      '--to-ports',
+      String(p2),
+    ]);
     // Handshakes NAT'd to p1 just before the switch still sit in its queues; closing the listener would reset them.
-    await waitFor(() => {
-      const c = tcpCounts(ns, p1);
-      return c.acceptQueue === 0 && c.synRecv === 0;
-    }, 2000, `old listener ${p1} to accept its last connections`);
+    await waitFor(
+      () => {
+        const c = tcpCounts(ns, p1);
+        return c.acceptQueue === 0 && c.synRecv === 0;
+      },
+      2000,
+      `old listener ${p1} to accept its last connections`,
+    );
     const t0 = performance.now();
     const exit = await v1.stop({ signal: 'SIGTERM', timeoutMs: 10_000 });
     const drainMs = performance.now() - t0;
@@ -184,7 +249,9 @@ test('contract: on SIGTERM the next keep-alive request gets Connection: close, a
     const [port] = await freePorts(1);
     const app = await startApp(ns, port, ['--version', 'v1']);
     apps.push(app);
-    const r = await ns.exec(process.execPath, ['-e', KEEPALIVE_CLIENT, String(port), String(app.pid)], { timeoutMs: 10_000 });
+    const r = await ns.exec(process.execPath, ['-e', KEEPALIVE_CLIENT, String(port), String(app.pid)], {
+      timeoutMs: 10_000,
+    });
     assert.is(r.code, 0, r.stderr);
     const out = JSON.parse(r.stdout);
     assert.is(out.second.status, 200);
@@ -236,7 +303,11 @@ test('fixture app: --on-term ignore survives SIGTERM, --on-term exit exits at on
     assert.equal(await quick.exited, { code: 0, signal: null });
     await sleep(700);
     assert.is(stubborn.child.exitCode, null, 'ignoring app exited');
-    const load = await startLoad(ns, 'server', { url: `http://127.0.0.1:${p1}/health`, durationMs: 2000, maxRequests: 10 });
+    const load = await startLoad(ns, 'server', {
+      url: `http://127.0.0.1:${p1}/health`,
+      durationMs: 2000,
+      maxRequests: 10,
+    });
     assert.is((await load.done()).ok, 10);
     assert.match(stubborn.output(), /SIGTERM: ignored/);
   });
@@ -245,14 +316,20 @@ test('fixture app: --on-term ignore survives SIGTERM, --on-term exit exits at on
 test('fixture app: --exit-at-once, --never-listen and --start-delay', async () => {
   await withNetns({}, async (ns) => {
     const [p1, p2, p3] = await freePorts(3);
-    const err = await startApp(ns, p1, ['--exit-at-once']).then(() => undefined, (e: Error) => e);
+    const err = await startApp(ns, p1, ['--exit-at-once']).then(
+      () => undefined,
+      (e: Error) => e,
+    );
     assert.ok(err, 'startApp should reject');
     assert.match(err!.message, /exited \(3\)/);
     const direct = await ns.exec(process.execPath, [fixture('app.mjs'), '--port', String(p1), '--exit-at-once']);
     assert.is(direct.code, 3);
     assert.match(direct.stderr, /exiting at once/);
 
-    const never = await startApp(ns, p2, ['--never-listen'], { timeoutMs: 700 }).then(() => undefined, (e: Error) => e);
+    const never = await startApp(ns, p2, ['--never-listen'], { timeoutMs: 700 }).then(
+      () => undefined,
+      (e: Error) => e,
+    );
     assert.match(never?.message ?? '', /nothing accepted TCP/);
 
     const t0 = performance.now();
@@ -273,7 +350,10 @@ test('load: bounded by --max-requests; counts refused connections; startLoad rej
     const r = await (await startLoad(ns, 'server', { url: `http://127.0.0.1:${port}/`, maxRequests: 37 })).done();
     assert.is(r.total, 37);
     assert.is(r.ok, 37);
-    const err = await startLoad(ns, 'server', { url: `http://127.0.0.1:${closed}/`, durationMs: 500 }).then(() => undefined, (e: Error) => e);
+    const err = await startLoad(ns, 'server', { url: `http://127.0.0.1:${closed}/`, durationMs: 500 }).then(
+      () => undefined,
+      (e: Error) => e,
+    );
     assert.match(err?.message ?? '', /ECONNREFUSED/);
   });
 });

@@ -1,7 +1,17 @@
 // The single executable for tests: built by scripts/package.mjs for this machine's arch, once per set of inputs.
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  readdirSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { repoRoot } from './netns.js';
@@ -21,7 +31,10 @@ function inputsHash(): string {
   const h = createHash('sha256').update(`arch=${process.arch}\n`);
   const dist = path.join(repoRoot, 'dist', 'src');
   const files = [
-    ...readdirSync(dist).filter((f) => /\.(c?js)$/.test(f)).sort().map((f) => path.join(dist, f)),
+    ...readdirSync(dist)
+      .filter((f) => /\.(c?js)$/.test(f))
+      .sort()
+      .map((f) => path.join(dist, f)),
     ...['package.mjs', 'manpage.mjs', 'build-info.mjs'].map((f) => path.join(repoRoot, 'scripts', f)),
     path.join(repoRoot, 'package.json'),
     path.join(repoRoot, 'package-lock.json'),

@@ -57,7 +57,18 @@ const BUILTIN: Record<'nat' | 'filter', string[]> = {
   nat: ['PREROUTING', 'INPUT', 'OUTPUT', 'POSTROUTING'],
   filter: ['INPUT', 'FORWARD', 'OUTPUT'],
 };
-const TARGETS = new Set(['ACCEPT', 'DROP', 'REJECT', 'REDIRECT', 'RETURN', 'DNAT', 'SNAT', 'MASQUERADE', 'LOG', 'HMARK']);
+const TARGETS = new Set([
+  'ACCEPT',
+  'DROP',
+  'REJECT',
+  'REDIRECT',
+  'RETURN',
+  'DNAT',
+  'SNAT',
+  'MASQUERADE',
+  'LOG',
+  'HMARK',
+]);
 const TOOLS = ['iptables-nft-save', 'iptables-nft-restore', 'ip6tables-nft-save', 'ip6tables-nft-restore', 'nft', 'sh'];
 const SYSTEM_PATH = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin'];
 const exe = (): Node => ({ kind: 'file', data: '', mode: 0o755, uid: 0, gid: 0 });
@@ -170,7 +181,8 @@ export class FakeSys implements Sys {
       return err ? { code: 1, stdout: '', stderr: `${name}: ${err}` } : { code: 0, stdout: '', stderr: '' };
     }
     // an empty ruleset: no native chain drops by default, so the guard has nothing to do
-    if (name === 'nft') return { code: 0, stdout: args[0] === '-j' ? '{"nftables":[{"metainfo":{}}]}' : '', stderr: '' };
+    if (name === 'nft')
+      return { code: 0, stdout: args[0] === '-j' ? '{"nftables":[{"metainfo":{}}]}' : '', stderr: '' };
     if (name === 'getent') return { code: 2, stdout: '', stderr: '' };
     if (name === 'sh' && args[0] === '-c') return { code: this.shell(args[1]), stdout: '', stderr: '' };
     return { code: 127, stdout: '', stderr: `${cmd}: not found`, error: `spawn ${cmd} ENOENT` };
@@ -183,7 +195,13 @@ export class FakeSys implements Sys {
     const found = dirs.some((d) => this.files.get(posix.join(d, cmd))?.mode! & 0o111);
     if (!found && cmd !== process.execPath) throw errno('ENOENT', `spawn ${cmd}`, cmd);
     if (opts.log) {
-      this.files.set(opts.log, { kind: 'file', data: `${cmd} started\n`, mode: 0o640, uid: opts.uid ?? 0, gid: opts.gid ?? 0 });
+      this.files.set(opts.log, {
+        kind: 'file',
+        data: `${cmd} started\n`,
+        mode: 0o640,
+        uid: opts.uid ?? 0,
+        gid: opts.gid ?? 0,
+      });
     }
     const port = opts.env.PORT ? Number(opts.env.PORT) : null;
     const p = this.newProc([cmd, ...args], opts.env, port);
@@ -297,7 +315,8 @@ export class FakeSys implements Sys {
       this.parentDir(path, 'open');
       if (exclusive && this.files.has(path)) throw errno('EEXIST', 'open', path);
       const old = this.files.get(path);
-      if (old?.kind === 'file') old.data = text; // the same inode: a hard link sees it
+      if (old?.kind === 'file')
+        old.data = text; // the same inode: a hard link sees it
       else this.files.set(path, { kind: 'file', data: text, mode, uid: 0, gid: 0 });
     },
     writeAtomic: async (path, text, mode) => {
@@ -362,7 +381,15 @@ export class FakeSys implements Sys {
       await this.yieldNow();
       const n = this.node(path, 'stat');
       const size = n.kind === 'file' ? Buffer.byteLength(n.data) : 4096;
-      return { isFile: n.kind === 'file', isDirectory: n.kind === 'dir', mode: n.mode, uid: n.uid, gid: n.gid, size, mtimeMs: this.wallNow() };
+      return {
+        isFile: n.kind === 'file',
+        isDirectory: n.kind === 'dir',
+        mode: n.mode,
+        uid: n.uid,
+        gid: n.gid,
+        size,
+        mtimeMs: this.wallNow(),
+      };
     },
     canExec: async (path) => {
       this.alive(`access ${path}`);
@@ -434,8 +461,17 @@ export class FakeSys implements Sys {
     let exit!: (e: Exit) => void;
     const exited = new Promise<Exit>((r) => (exit = r));
     const p: FakeProc = {
-      pid, pgid: pid, startTime: String(10_000 + pid), command, env, port, listening: false, inode: this.nextInode++,
-      connections: 0, signals: [], exited,
+      pid,
+      pgid: pid,
+      startTime: String(10_000 + pid),
+      command,
+      env,
+      port,
+      listening: false,
+      inode: this.nextInode++,
+      connections: 0,
+      signals: [],
+      exited,
       exit: (e) => {
         if (!this.procs.has(pid)) return;
         this.procs.delete(pid);
@@ -486,7 +522,10 @@ export class FakeSys implements Sys {
     if (!p) return null;
     const comm = posix.basename(p.command[0]).slice(0, 15);
     if (m[2] === 'comm') return `${comm}\n`;
-    if (m[2] === 'environ') return Object.entries(p.env).map(([k, v]) => `${k}=${v}\0`).join('');
+    if (m[2] === 'environ')
+      return Object.entries(p.env)
+        .map(([k, v]) => `${k}=${v}\0`)
+        .join('');
     // fields after the name: state ppid pgrp session ... with starttime the 20th of them
     const fields = ['S', '1', String(p.pgid), String(p.pgid), ...Array(15).fill('0'), p.startTime, '0', '0'];
     return `${p.pid} (${comm}) ${fields.join(' ')}\n`;
@@ -548,7 +587,8 @@ export class FakeSys implements Sys {
       if (line.startsWith(':')) {
         const chain = words[0].slice(1);
         const c = work.get(chain);
-        if (c) c.rules = []; // declaring an existing chain in --noflush mode empties it
+        if (c)
+          c.rules = []; // declaring an existing chain in --noflush mode empties it
         else work.set(chain, { policy: BUILTIN[name].includes(chain) ? words[1] : null, rules: [] });
         continue;
       }
@@ -591,10 +631,18 @@ export function fakeCtx(sys: FakeSys, abort = new AbortController().signal): { c
 /** Deploy options for the fake app: `fakeapp` on port 80, tcp readiness, a plain stop signal. */
 export function fakeDeploy(over: Partial<DeployOptions> = {}): DeployOptions {
   return {
-    app: 'web', listen: 80, command: ['fakeapp'], cwd: '/srv/app', env: {},
-    ready: { kind: 'tcp' }, readyTimeoutMs: 5000,
+    app: 'web',
+    listen: 80,
+    command: ['fakeapp'],
+    cwd: '/srv/app',
+    env: {},
+    ready: { kind: 'tcp' },
+    readyTimeoutMs: 5000,
     stop: { drain: 'signal', drainTimeoutMs: 3000, stopSignal: 'SIGTERM', killAfterMs: 2000 },
-    ipv6: 'auto', dryRun: false, firewall: { mode: 'auto', exposePorts: false, allowFrom: [] }, nodeDrain: false,
+    ipv6: 'auto',
+    dryRun: false,
+    firewall: { mode: 'auto', exposePorts: false, allowFrom: [] },
+    nodeDrain: false,
     ...over,
   };
 }

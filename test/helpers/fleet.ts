@@ -12,7 +12,16 @@ import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { hideNodeScript, type NoNodeFiles } from './executable.js';
-import { createNetns, repoRoot, tmpDirs, waitFor, waitForPort, type ExecResult, type Netns, type TmpDirs } from './netns.js';
+import {
+  createNetns,
+  repoRoot,
+  tmpDirs,
+  waitFor,
+  waitForPort,
+  type ExecResult,
+  type Netns,
+  type TmpDirs,
+} from './netns.js';
 
 export const MAIN = path.join(repoRoot, 'dist', 'src', 'main.cjs');
 export const LB_ADDR = '10.233.0.10';
@@ -39,7 +48,7 @@ export interface Fleet {
   haproxySocket: string;
   key: string; // the throwaway ssh private key
   haproxy(cmd: string): Promise<string>;
-  /** As the README's reload does: save the runtime state of the servers (unless save is false), then reload. */
+  /** As the reload in docs/install.md does: save the servers' runtime state (unless save is false), then reload. */
   reloadHaproxy(opts?: { save?: boolean }): Promise<void>;
   serverStats(): Promise<Record<string, Record<string, string>>>;
   destroy(): Promise<void>;
@@ -72,7 +81,8 @@ export function haproxyConfig(base: string, hosts: { name: string; addr: string 
   return [
     'global',
     `  stats socket ${base}/haproxy.sock mode 600 level admin`,
-    // a reload keeps drain and maint set through the runtime API: README, "Fleets" (reloadHaproxy saves the file)
+    // a reload keeps drain and maint set through the runtime API (docs/install.md, "HAProxy reloads");
+    // reloadHaproxy saves the file
     `  server-state-file ${base}/haproxy.state`,
     'defaults',
     '  mode http',
@@ -134,7 +144,12 @@ export async function createFleet(n = 3, opts: { noNode?: NoNodeFiles } = {}): P
     made.push(lb);
     const client = await createNetns();
     made.push(client);
-    await must(lb, 'ip', ['-batch', '-'], [`link add br0 type bridge`, `addr add ${LB_ADDR}/24 dev br0`, 'link set br0 up', ''].join('\n'));
+    await must(
+      lb,
+      'ip',
+      ['-batch', '-'],
+      [`link add br0 type bridge`, `addr add ${LB_ADDR}/24 dev br0`, 'link set br0 up', ''].join('\n'),
+    );
 
     const key = path.join(base, 'id_ed25519');
     await must(lb, 'ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'portflip-fleet-test', '-f', key]);
@@ -142,12 +157,17 @@ export async function createFleet(n = 3, opts: { noNode?: NoNodeFiles } = {}): P
     writeFileSync(authorized, readFileSync(`${key}.pub`), { mode: 0o600 });
 
     const join = async (ns: Netns, name: string, addr: string) => {
-      await must(lb, 'ip', ['-batch', '-'], [
-        `link add ${name} type veth peer name eth0 netns ${ns.pid}`,
-        `link set ${name} master br0`,
-        `link set ${name} up`,
-        '',
-      ].join('\n'));
+      await must(
+        lb,
+        'ip',
+        ['-batch', '-'],
+        [
+          `link add ${name} type veth peer name eth0 netns ${ns.pid}`,
+          `link set ${name} master br0`,
+          `link set ${name} up`,
+          '',
+        ].join('\n'),
+      );
       await must(ns, 'ip', ['-batch', '-'], [`addr add ${addr}/24 dev eth0`, 'link set eth0 up', ''].join('\n'));
     };
     await join(client, 'v-client', CLIENT_ADDR);
@@ -160,13 +180,21 @@ export async function createFleet(n = 3, opts: { noNode?: NoNodeFiles } = {}): P
       await join(ns, `v-${name}`, addr);
       const dirs = tmpDirs();
       // the drain module's dir too: the executable writes it there, not to the machine's /var/lib/portflip-node
-      const env = { PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir, PORTFLIP_PRELOAD_DIR: dirs.preloadDir };
+      const env = {
+        PORTFLIP_STATE_DIR: dirs.stateDir,
+        PORTFLIP_RUN_DIR: dirs.runDir,
+        PORTFLIP_PRELOAD_DIR: dirs.preloadDir,
+      };
       const dir = path.join(base, name);
       mkdirSync(dir);
       await must(ns, 'ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', `${dir}/host_ed25519_key`]);
       writeFileSync(`${dir}/sshd_config`, sshdConfig({ addr, dir }, authorized));
       const h: Host = {
-        name, addr, ns, dirs, env,
+        name,
+        addr,
+        ns,
+        dirs,
+        env,
         pf: (args, timeoutMs = 60_000) => ns.exec(process.execPath, [MAIN, ...args], { env, timeoutMs }),
       };
       hosts.push(h);
@@ -174,8 +202,9 @@ export async function createFleet(n = 3, opts: { noNode?: NoNodeFiles } = {}): P
       // noNode: sshd, and so everything ansible runs on the host, sees no node or npm (executable.ts)
       h.sshd = opts.noNode
         ? ns.spawn('unshare', ['-m', 'sh', '-c', hideNodeScript(), 'sh', ...sshd], {
-          stdio: ['ignore', 'ignore', 'pipe'], env: { PF_APP_NODE: opts.noNode.appNode, PF_EMPTY: opts.noNode.empty },
-        })
+            stdio: ['ignore', 'ignore', 'pipe'],
+            env: { PF_APP_NODE: opts.noNode.appNode, PF_EMPTY: opts.noNode.empty },
+          })
         : ns.spawn(sshd[0], sshd.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });
       let sshdErr = '';
       h.sshd.stderr!.on('data', (d) => (sshdErr = (sshdErr + d).slice(-4000)));
@@ -188,7 +217,9 @@ export async function createFleet(n = 3, opts: { noNode?: NoNodeFiles } = {}): P
     const haproxySocket = path.join(base, 'haproxy.sock');
     // -db: in the foreground, so the harness holds its pid and kills it; no pid file in /run.
     // master-worker (-W): SIGUSR2 reloads, as systemctl reload haproxy does
-    haproxy = lb.spawn('haproxy', ['-W', '-db', '-f', path.join(base, 'haproxy.cfg')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    haproxy = lb.spawn('haproxy', ['-W', '-db', '-f', path.join(base, 'haproxy.cfg')], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     let haproxyErr = '';
     haproxy.stderr!.on('data', (d) => (haproxyErr = (haproxyErr + d).slice(-4000)));
     await waitFor(() => existsSync(haproxySocket), 10_000, `HAProxy's socket (${haproxyErr})`);
@@ -217,10 +248,14 @@ export async function createFleet(n = 3, opts: { noNode?: NoNodeFiles } = {}): P
       if (save) writeFileSync(path.join(base, 'haproxy.state'), await haproxyCmd('show servers state'));
       const before = await workerPid();
       process.kill(haproxy!.pid!, 'SIGUSR2');
-      await waitFor(async () => {
-        const now = await workerPid();
-        return !!now && now !== before;
-      }, 10_000, `a new HAProxy worker after the reload: ${haproxyErr}`);
+      await waitFor(
+        async () => {
+          const now = await workerPid();
+          return !!now && now !== before;
+        },
+        10_000,
+        `a new HAProxy worker after the reload: ${haproxyErr}`,
+      );
     };
     return { base, hosts, lb, client, haproxySocket, key, haproxy: haproxyCmd, reloadHaproxy, serverStats, destroy };
   } catch (err) {

@@ -110,8 +110,14 @@ async function execIn(nsPid: number, cmd: string, args: string[], opts: ExecOpti
   const timeoutMs = opts.timeoutMs ?? EXEC_TIMEOUT_MS;
   const started = performance.now();
   const p = $({
-    env: { ...process.env, ...opts.env }, input: opts.input ?? '', signal: opts.signal, detached: true,
-    timeout: timeoutMs, timeoutSignal: 'SIGKILL', nothrow: true, quiet: true,
+    env: { ...process.env, ...opts.env },
+    input: opts.input ?? '',
+    signal: opts.signal,
+    detached: true,
+    timeout: timeoutMs,
+    timeoutSignal: 'SIGKILL',
+    nothrow: true,
+    quiet: true,
   })`exec nsenter ${nsenterArgs(nsPid)} ${cmd} ${args}`;
   const pid = p.pid;
   if (pid !== undefined) live.groups.add(pid);
@@ -144,10 +150,14 @@ async function startHolder(argv: string[]): Promise<number> {
     live.holders.delete(pid);
     exited = `${argv.join(' ')} exited (${signal ?? code}): ${stderr.trim()}`;
   });
-  await waitFor(() => {
-    if (exited) throw new Error(exited);
-    return readComm(pid) === 'sleep';
-  }, 5000, `namespace holder ${argv.join(' ')}`);
+  await waitFor(
+    () => {
+      if (exited) throw new Error(exited);
+      return readComm(pid) === 'sleep';
+    },
+    5000,
+    `namespace holder ${argv.join(' ')}`,
+  );
   child.stderr!.destroy();
   child.unref(); // a forgotten destroy() must not keep the test process alive for an hour
   return pid;
@@ -155,7 +165,8 @@ async function startHolder(argv: string[]): Promise<number> {
 
 async function mustExec(nsPid: number, cmd: string, args: string[], input?: string): Promise<void> {
   const r = await execIn(nsPid, cmd, args, { input });
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} in netns ${nsPid} failed (${r.code}): ${r.stderr.trim()}`);
+  if (r.code !== 0)
+    throw new Error(`${cmd} ${args.join(' ')} in netns ${nsPid} failed (${r.code}): ${r.stderr.trim()}`);
 }
 
 async function waitGone(pid: number, timeoutMs: number): Promise<void> {
@@ -205,20 +216,30 @@ export async function createNetns(opts: { peer?: boolean } = {}): Promise<Netns>
       ...HOLDER,
     ]);
     holders.push(clientPid);
-    await mustExec(pid, 'ip', ['-batch', '-'], [
-      `link add pf-s type veth peer name pf-c netns ${clientPid}`,
-      `addr add ${SERVER_ADDR}/24 dev pf-s`,
-      `addr add ${SERVER_ADDR6}/64 dev pf-s nodad`,
-      'link set pf-s up',
-      '',
-    ].join('\n'));
-    await mustExec(clientPid, 'ip', ['-batch', '-'], [
-      'link set lo up',
-      `addr add ${CLIENT_ADDR}/24 dev pf-c`,
-      `addr add ${CLIENT_ADDR6}/64 dev pf-c nodad`,
-      'link set pf-c up',
-      '',
-    ].join('\n'));
+    await mustExec(
+      pid,
+      'ip',
+      ['-batch', '-'],
+      [
+        `link add pf-s type veth peer name pf-c netns ${clientPid}`,
+        `addr add ${SERVER_ADDR}/24 dev pf-s`,
+        `addr add ${SERVER_ADDR6}/64 dev pf-s nodad`,
+        'link set pf-s up',
+        '',
+      ].join('\n'),
+    );
+    await mustExec(
+      clientPid,
+      'ip',
+      ['-batch', '-'],
+      [
+        'link set lo up',
+        `addr add ${CLIENT_ADDR}/24 dev pf-c`,
+        `addr add ${CLIENT_ADDR6}/64 dev pf-c nodad`,
+        'link set pf-c up',
+        '',
+      ].join('\n'),
+    );
     return Object.assign(ns, {
       clientPid,
       serverAddr: SERVER_ADDR,
@@ -291,12 +312,18 @@ export async function startLoad(ns: Netns, where: Where, args: LoadArgs): Promis
   const a = { mode: 'new', concurrency: 4, durationMs: 10_000, maxRequests: 100_000, timeoutMs: 5000, ...args };
   const child = spawnWhere(ns, where, process.execPath, [
     fixture('load.mjs'),
-    '--url', a.url,
-    '--mode', a.mode,
-    '--concurrency', String(a.concurrency),
-    '--duration', String(a.durationMs),
-    '--max-requests', String(a.maxRequests),
-    '--timeout', String(a.timeoutMs),
+    '--url',
+    a.url,
+    '--mode',
+    a.mode,
+    '--concurrency',
+    String(a.concurrency),
+    '--duration',
+    String(a.durationMs),
+    '--max-requests',
+    String(a.maxRequests),
+    '--timeout',
+    String(a.timeoutMs),
     ...(a.method ? ['--method', a.method] : []),
     ...(a.pauseMs ? ['--pause', String(a.pauseMs)] : []),
   ]);
@@ -338,13 +365,17 @@ export async function startLoad(ns: Netns, where: Where, args: LoadArgs): Promis
   };
 
   try {
-    await waitFor(() => {
-      if (stderr.split('\n').includes('ready')) return true;
-      if (child.exitCode !== null || child.signalCode !== null) {
-        throw new Error(`load exited before its first good answer: ${stdout.trim()} ${stderr.trim()}`);
-      }
-      return false;
-    }, 10_000, `first good answer from ${a.url}`);
+    await waitFor(
+      () => {
+        if (stderr.split('\n').includes('ready')) return true;
+        if (child.exitCode !== null || child.signalCode !== null) {
+          throw new Error(`load exited before its first good answer: ${stdout.trim()} ${stderr.trim()}`);
+        }
+        return false;
+      },
+      10_000,
+      `first good answer from ${a.url}`,
+    );
   } catch (err) {
     const last = await stop().catch(() => undefined);
     throw new Error(`${(err as Error).message}${last ? `; summary: ${JSON.stringify(last)}` : ''}`);
@@ -358,7 +389,10 @@ export interface AppHandle {
   output(): string; // stdout and stderr so far, interleaved
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   // Sends the signal (SIGTERM by default), waits, then SIGKILLs the group; resolves with how it ended.
-  stop(opts?: { signal?: NodeJS.Signals; timeoutMs?: number }): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  stop(opts?: {
+    signal?: NodeJS.Signals;
+    timeoutMs?: number;
+  }): Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
 
 export async function startApp(
@@ -422,11 +456,18 @@ export async function waitForPort(
 ): Promise<void> {
   const host = opts.host ?? '127.0.0.1';
   const timeoutMs = opts.timeoutMs ?? 10_000;
-  const r = await execWhere(ns, opts.where ?? 'server', process.execPath, ['-e', PROBE, host, String(port), String(timeoutMs)], {
-    timeoutMs: timeoutMs + 5000,
-    signal: opts.signal,
-  });
-  if (r.code !== 0) throw new Error(`nothing accepted TCP on ${host}:${port} within ${timeoutMs} ms ${r.stderr.trim()}`);
+  const r = await execWhere(
+    ns,
+    opts.where ?? 'server',
+    process.execPath,
+    ['-e', PROBE, host, String(port), String(timeoutMs)],
+    {
+      timeoutMs: timeoutMs + 5000,
+      signal: opts.signal,
+    },
+  );
+  if (r.code !== 0)
+    throw new Error(`nothing accepted TCP on ${host}:${port} within ${timeoutMs} ms ${r.stderr.trim()}`);
 }
 
 export interface TcpCounts {
@@ -538,7 +579,10 @@ export async function freePorts(n: number): Promise<number[]> {
 
 const MAIN = path.join(repoRoot, 'dist', 'src', 'main.cjs');
 
-function portflipEnv(dirs: { stateDir: string; runDir: string; preloadDir?: string }, env?: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+function portflipEnv(
+  dirs: { stateDir: string; runDir: string; preloadDir?: string },
+  env?: NodeJS.ProcessEnv,
+): NodeJS.ProcessEnv {
   const preload = dirs.preloadDir ? { PORTFLIP_PRELOAD_DIR: dirs.preloadDir } : {};
   return { ...preload, ...env, PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir };
 }

@@ -18,7 +18,12 @@ export function goBuild(name: string): string {
     execFileSync('go', ['build', '-o', bin, `${name}.go`], {
       cwd: SERVERS_DIR,
       stdio: 'pipe',
-      env: { ...process.env, GOCACHE: path.join(tmpdir(), 'portflip-go-cache'), GOTOOLCHAIN: 'local', GO111MODULE: 'off' },
+      env: {
+        ...process.env,
+        GOCACHE: path.join(tmpdir(), 'portflip-go-cache'),
+        GOTOOLCHAIN: 'local',
+        GO111MODULE: 'off',
+      },
     });
   }
   return bin;
@@ -34,13 +39,34 @@ export const SERVERS: Server[] = [
   { name: 'Go net/http, no signal handling', cmd: () => [goBuild('go-plain')] },
   {
     name: 'gunicorn, gthread workers, --keep-alive 5',
-    cmd: () => ['/usr/bin/gunicorn', '--worker-class', 'gthread', '--threads', '4', '--keep-alive', '5', '--bind', '0.0.0.0:{port}', 'wsgi_hello:app'],
+    cmd: () => [
+      '/usr/bin/gunicorn',
+      '--worker-class',
+      'gthread',
+      '--threads',
+      '4',
+      '--keep-alive',
+      '5',
+      '--bind',
+      '0.0.0.0:{port}',
+      'wsgi_hello:app',
+    ],
   },
-  { name: 'uvicorn', cmd: () => ['/usr/bin/python3', '-m', 'uvicorn', 'asgi_hello:app', '--host', '0.0.0.0', '--port', '{port}'] },
+  {
+    name: 'uvicorn',
+    cmd: () => ['/usr/bin/python3', '-m', 'uvicorn', 'asgi_hello:app', '--host', '0.0.0.0', '--port', '{port}'],
+  },
   { name: 'aiohttp, web.run_app', cmd: () => ['/usr/bin/python3', 'aiohttp_hello.py'] },
   { name: 'puma (Rack)', cmd: () => ['/usr/bin/puma', '--bind', 'tcp://0.0.0.0:{port}', 'config.ru'] },
   { name: 'caddy respond', cmd: () => ['/usr/bin/caddy', 'run', '--config', 'Caddyfile', '--adapter', 'caddyfile'] },
 ];
 
 /** The flags a deploy of one of them needs besides its command: its directory, version and HOME. */
-export const serverFlags = (version: string) => ['--cwd', SERVERS_DIR, '--env', `APP_VERSION=${version}`, '--env', `HOME=${serversHome}`];
+export const serverFlags = (version: string) => [
+  '--cwd',
+  SERVERS_DIR,
+  '--env',
+  `APP_VERSION=${version}`,
+  '--env',
+  `HOME=${serversHome}`,
+];

@@ -9,7 +9,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { freePorts, startLoad, type LoadResult } from '../helpers/netns.js';
 import { SERVERS, serverFlags } from '../helpers/servers.js';
-import { events, inWorld, show, type World } from './lib.js';
+import { events } from '../helpers/events.js';
+import { inWorld, show, type World } from '../helpers/world.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -22,13 +23,43 @@ const IDLE_PAUSE_MS = 7000; // idle connections ask once in this long: most depl
 export async function threeDeploys(w: World, cmd: string[], extra: string[] = []) {
   const ports = await freePorts(2);
   const deploy = (v: string) =>
-    w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), ...serverFlags(v), '--json', ...extra, '--', ...cmd]);
+    w.pf([
+      'deploy',
+      'web',
+      '--listen',
+      '80',
+      '--ports',
+      ports.join(','),
+      ...serverFlags(v),
+      '--json',
+      ...extra,
+      '--',
+      ...cmd,
+    ]);
   const first = await deploy('v1');
   assert.is(first.code, 0, show(first));
   const loads = await Promise.all(
-    ([['client', w.ns.serverAddr, 16, 100], ['server', '127.0.0.1', 4, 20]] as const).flatMap(([where, host, busy, idle]) => [
-      startLoad(w.ns, where, { url: `http://${host}:80/`, mode: 'keepalive', concurrency: busy, durationMs: 90_000, maxRequests: 5_000_000 }),
-      startLoad(w.ns, where, { url: `http://${host}:80/`, mode: 'keepalive', concurrency: idle, durationMs: 90_000, maxRequests: 100_000, pauseMs: IDLE_PAUSE_MS }),
+    (
+      [
+        ['client', w.ns.serverAddr, 16, 100],
+        ['server', '127.0.0.1', 4, 20],
+      ] as const
+    ).flatMap(([where, host, busy, idle]) => [
+      startLoad(w.ns, where, {
+        url: `http://${host}:80/`,
+        mode: 'keepalive',
+        concurrency: busy,
+        durationMs: 90_000,
+        maxRequests: 5_000_000,
+      }),
+      startLoad(w.ns, where, {
+        url: `http://${host}:80/`,
+        mode: 'keepalive',
+        concurrency: idle,
+        durationMs: 90_000,
+        maxRequests: 100_000,
+        pauseMs: IDLE_PAUSE_MS,
+      }),
     ]),
   );
   const runs: Record<string, any>[][] = [];
@@ -51,28 +82,31 @@ export async function threeDeploys(w: World, cmd: string[], extra: string[] = []
   return { loads: { busyVeth, idleVeth, busyLo, idleLo }, runs, took };
 }
 
+// PF_SERVER=NAME runs only the servers whose name begins with NAME
 for (const s of SERVERS.filter((s) => !process.env.PF_SERVER || s.name.startsWith(process.env.PF_SERVER))) {
   test(`${s.name}: 3 deploys with default flags, busy and idle keep-alive clients over veth and loopback, 0 failed`, async () => {
-    await inWorld(async (w) => {
-      const { loads, runs } = await threeDeploys(w, s.cmd());
-      if (process.env.PF_DEBUG) console.log(JSON.stringify(runs.map((ev) => ev.filter((e) => e.kind === "marking" || e.kind === "signal" || e.step === "drain"))));
-      for (const [name, res] of Object.entries(loads)) {
-        assert.is(res.failed, 0, `${name}: ${JSON.stringify(res)}`);
-        if (name.startsWith('busy')) {
-          assert.ok(res.ok > 200, `${name}: enough requests ran: ${res.ok}`);
-          assert.equal([...new Set(res.versions)], ['v1', 'v2', 'v3', 'v4'], `${name}: ${res.versions.join(',')}`);
+    await inWorld(
+      async (w) => {
+        const { loads, runs } = await threeDeploys(w, s.cmd());
+        for (const [name, res] of Object.entries(loads)) {
+          assert.is(res.failed, 0, `${name}: ${JSON.stringify(res)}`);
+          if (name.startsWith('busy')) {
+            assert.ok(res.ok > 200, `${name}: enough requests ran: ${res.ok}`);
+            assert.equal([...new Set(res.versions)], ['v1', 'v2', 'v3', 'v4'], `${name}: ${res.versions.join(',')}`);
+          }
         }
-      }
-      for (const [k, ev] of runs.entries()) {
-        const marking = ev.find((e) => e.kind === 'marking');
-        assert.ok(marking, `deploy ${k + 2} reports its marking: ${JSON.stringify(ev)}`);
-        assert.ok(marking.marked >= 1, `busy connections were marked: ${JSON.stringify(marking)}`);
-        assert.match(ev.find((e) => e.step === 'drain')!.detail, /answers? marked Connection: close/);
-        // the drain ends on its own, never by --drain-timeout (how long deploys take is the benchmark's: npm run bench)
-        const signal = ev.find((e) => e.kind === 'signal')!;
-        assert.match(signal.reason, /^drained/, JSON.stringify(ev.filter((e) => e.kind !== 'connections')));
-      }
-    }, { peer: true });
+        for (const [k, ev] of runs.entries()) {
+          const marking = ev.find((e) => e.kind === 'marking');
+          assert.ok(marking, `deploy ${k + 2} reports its marking: ${JSON.stringify(ev)}`);
+          assert.ok(marking.marked >= 1, `busy connections were marked: ${JSON.stringify(marking)}`);
+          assert.match(ev.find((e) => e.step === 'drain')!.detail, /answers? marked Connection: close/);
+          // the drain ends on its own, never by --drain-timeout (how long deploys take is the benchmark's: npm run bench)
+          const signal = ev.find((e) => e.kind === 'signal')!;
+          assert.match(signal.reason, /^drained/, JSON.stringify(ev.filter((e) => e.kind !== 'connections')));
+        }
+      },
+      { peer: true },
+    );
   });
 }
 

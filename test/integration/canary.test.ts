@@ -5,18 +5,27 @@ import * as assert from 'uvu/assert';
 import type { ChildProcess } from 'node:child_process';
 import { natRules, parseSave, type AppSpec, type Family } from '../../src/iptables.js';
 import { SERVER_ADDR, SERVER_ADDR6, fixture, freePorts, startLoad, waitFor, type Netns } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, alive, type World } from './lib.js';
+import { inWorld, deployArgs, show, get, alive, type World } from '../helpers/world.js';
+import { events, waitEvent } from '../helpers/events.js';
 
 type Counts = { byFrom: Record<string, Record<string, number>>; failed: number; firstErrors: string[]; done: number };
 
 /** `count` new connections from the client namespace (from each of `from`, if given), counted by answer. */
 async function count(ns: Netns, url: string, n: number, from: string[] = []): Promise<Counts> {
-  const args = [fixture('count.mjs'), '--url', url, '--count', String(n), ...(from.length ? ['--from', from.join(',')] : [])];
+  const args = [
+    fixture('count.mjs'),
+    '--url',
+    url,
+    '--count',
+    String(n),
+    ...(from.length ? ['--from', from.join(',')] : []),
+  ];
   const r = await ns.execClient(process.execPath, args);
   return JSON.parse(r.stdout.trim().split('\n').pop()!) as Counts;
 }
 
-const share = (c: Record<string, number>, v: string) => (100 * (c[v] ?? 0)) / Object.values(c).reduce((a, b) => a + b, 0);
+const share = (c: Record<string, number>, v: string) =>
+  (100 * (c[v] ?? 0)) / Object.values(c).reduce((a, b) => a + b, 0);
 const status = async (w: World) => JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0];
 
 test('iptables-save prints every split exactly as portflip writes it (1-99%, by conn and ip, both families)', async () => {
@@ -27,16 +36,27 @@ test('iptables-save prints every split exactly as portflip writes it (1-99%, by 
       for (const by of ['conn', 'ip'] as const) {
         // one app chain per share (PF-s1 ... PF-s99), all in one restore and one save
         const specs: AppSpec[] = Array.from({ length: 99 }, (_, i) => ({
-          app: `s${i + 1}`, listen: 80, target: 20000, open: [], firewall: null,
+          app: `s${i + 1}`,
+          listen: 80,
+          target: 20000,
+          open: [],
+          firewall: null,
           canary: { port: 20001, percent: i + 1, by, rnd: 0x9e3779b9 },
         }));
-        const text = ['*nat', ...specs.map((x) => `:PF-${x.app} - [0:0]`), ...specs.flatMap((x) => natRules(x, family)), 'COMMIT', ''];
+        const text = [
+          '*nat',
+          ...specs.map((x) => `:PF-${x.app} - [0:0]`),
+          ...specs.flatMap((x) => natRules(x, family)),
+          'COMMIT',
+          '',
+        ];
         const r = await w.ns.exec(`${tool}-restore`, ['--noflush'], { input: text.join('\n') });
         assert.is(r.code, 0, r.stderr);
         const live = parseSave((await w.ns.exec(`${tool}-save`, ['-t', 'nat'])).stdout);
         for (const x of specs) {
           const got = live.nat.rules.filter((l) => l.startsWith(`-A PF-${x.app} `));
-          if (got.join('\n') !== natRules(x, family).join('\n')) bad.push(`${family} ${by} ${x.canary!.percent}: ${got.join(' | ')}`);
+          if (got.join('\n') !== natRules(x, family).join('\n'))
+            bad.push(`${family} ${by} ${x.canary!.percent}: ${got.join(' | ')}`);
         }
         await w.ns.exec(`${tool}-restore`, [], { input: '*nat\nCOMMIT\n' }); // empty the table for the next round
       }
@@ -59,7 +79,10 @@ test('--canary 10% then 50%: measured shares over 2000 new connections each; pro
       const rulesBefore = await w.save();
       const refused = await w.pf(deployArgs(ports, [], ['--version', 'v3']));
       assert.is(refused.code, 12, show(refused));
-      assert.match(refused.stderr.trim(), /^portflip: web has a live canary on port \d+ \(pid \d+\) \(10% of new connections\); finish it first: portflip promote web, or portflip abort web$/);
+      assert.match(
+        refused.stderr.trim(),
+        /^portflip: web has a live canary on port \d+ \(pid \d+\) \(10% of new connections\); finish it first: portflip promote web, or portflip abort web$/,
+      );
       assert.is(await w.save(), rulesBefore);
 
       const url = `http://${SERVER_ADDR}:80/`;
@@ -69,7 +92,13 @@ test('--canary 10% then 50%: measured shares over 2000 new connections each; pro
       assert.ok(Math.abs(s10 - 10) <= 5, `10%: measured ${s10.toFixed(1)}% (${JSON.stringify(ten.byFrom)})`);
 
       // status: the share and each side's open connections (held open by a keep-alive load)
-      const hold = await startLoad(w.ns, 'client', { url, mode: 'keepalive', concurrency: 20, durationMs: 30_000, pauseMs: 20 });
+      const hold = await startLoad(w.ns, 'client', {
+        url,
+        mode: 'keepalive',
+        concurrency: 20,
+        durationMs: 30_000,
+        pauseMs: 20,
+      });
       const st = await status(w);
       assert.equal([st.canary.percent, st.canary.by], [10, 'conn']);
       assert.is(st.others.find((i: { state: string }) => i.state === 'canary').pid, canaryPid);
@@ -92,7 +121,12 @@ test('--canary 10% then 50%: measured shares over 2000 new connections each; pro
       const nc = await startLoad(w.ns, 'client', { url, mode: 'new', concurrency: 4, durationMs: 30_000 });
       const p = await w.pf(['promote', 'web', '--json']);
       assert.is(p.code, 0, show(p));
-      assert.equal(events(p.stdout).filter((e) => e.kind === 'step').map((e) => e.step), ['promote', 'drain']);
+      assert.equal(
+        events(p.stdout)
+          .filter((e) => e.kind === 'step')
+          .map((e) => e.step),
+        ['promote', 'drain'],
+      );
       await new Promise((res) => setTimeout(res, 1000));
       const [kr, nr] = [await ka.stop(), await nc.stop()];
       assert.is(kr.failed + nr.failed, 0, JSON.stringify({ kr, nr }));
@@ -112,7 +146,9 @@ test('--canary-by ip: 40 client addresses each see one version on every request,
     async (w) => {
       const ports = await freePorts(3);
       const addrs = Array.from({ length: 40 }, (_, i) => `10.231.0.${100 + i}`);
-      const add = await w.ns.execClient('ip', ['-batch', '-'], { input: addrs.map((a) => `addr add ${a}/24 dev pf-c`).join('\n') + '\n' });
+      const add = await w.ns.execClient('ip', ['-batch', '-'], {
+        input: addrs.map((a) => `addr add ${a}/24 dev pf-c`).join('\n') + '\n',
+      });
       assert.is(add.code, 0, add.stderr);
       assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v1']))).code, 0);
       const r = await w.pf(deployArgs(ports, ['--canary', '30%', '--canary-by', 'ip', '--json'], ['--version', 'v2']));
@@ -122,7 +158,11 @@ test('--canary-by ip: 40 client addresses each see one version on every request,
       const c = await count(w.ns, url, 12, addrs);
       assert.is(c.failed, 0, JSON.stringify(c));
       const mixed = addrs.filter((a) => Object.keys(c.byFrom[a] ?? {}).length !== 1);
-      assert.equal(mixed, [], `addresses that saw both versions: ${mixed.map((a) => `${a} ${JSON.stringify(c.byFrom[a])}`)}`);
+      assert.equal(
+        mixed,
+        [],
+        `addresses that saw both versions: ${mixed.map((a) => `${a} ${JSON.stringify(c.byFrom[a])}`)}`,
+      );
       const onCanary = addrs.filter((a) => c.byFrom[a]?.v2).length;
       assert.ok(onCanary >= 1 && onCanary <= 39, `${onCanary} of 40 addresses on the canary`);
       assert.is((await status(w)).canary.by, 'ip');
@@ -159,9 +199,13 @@ test('--canary-for promotes on its own after passing checks, and aborts on its o
     async (w) => {
       const ports = await freePorts(3);
       assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v1']))).code, 0);
-      const ok = await w.pf(deployArgs(ports, ['--canary', '50%', '--canary-for', '2s', '--json'], ['--version', 'v2']));
+      const ok = await w.pf(
+        deployArgs(ports, ['--canary', '50%', '--canary-for', '2s', '--json'], ['--version', 'v2']),
+      );
       assert.is(ok.code, 0, show(ok));
-      const steps = events(ok.stdout).filter((e) => e.kind === 'step').map((e) => e.step);
+      const steps = events(ok.stdout)
+        .filter((e) => e.kind === 'step')
+        .map((e) => e.step);
       assert.equal(steps.slice(-5), ['canary', 'promote', 'drain', 'canary-for', 'done']);
       assert.is(await get(w.ns, `http://${SERVER_ADDR}:80/`, 'client'), 'v2');
       assert.is((await status(w)).others.length, 0);
@@ -171,11 +215,15 @@ test('--canary-for promotes on its own after passing checks, and aborts on its o
       child.stderr!.on('data', (d) => (stderr += d));
       const exited = new Promise<number | null>((res) => child.on('exit', (code) => res(code)));
       let canaryPid = 0;
-      await waitFor(async () => {
-        const st = await status(w).catch(() => null);
-        canaryPid = st?.canary ? st.others.find((i: { state: string }) => i.state === 'canary').pid : 0;
-        return !!canaryPid;
-      }, 20_000, 'the canary to get its share');
+      await waitFor(
+        async () => {
+          const st = await status(w).catch(() => null);
+          canaryPid = st?.canary ? st.others.find((i: { state: string }) => i.state === 'canary').pid : 0;
+          return !!canaryPid;
+        },
+        20_000,
+        'the canary to get its share',
+      );
       process.kill(canaryPid, 'SIGKILL');
       const code = await exited;
       assert.is(code, 1, stderr);
@@ -188,26 +236,6 @@ test('--canary-for promotes on its own after passing checks, and aborts on its o
   );
 });
 
-/** Resolves with the first JSON event the process prints that matches. */
-function waitEvent(child: ChildProcess, match: (e: Record<string, any>) => boolean, timeoutMs = 20_000): Promise<Record<string, any>> {
-  return new Promise((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error(`no matching event in ${timeoutMs}ms: ${buf}`)), timeoutMs);
-    child.stdout!.on('data', (d) => {
-      buf += d;
-      for (const line of buf.split('\n').slice(0, -1)) {
-        const e = JSON.parse(line);
-        if (match(e)) {
-          clearTimeout(timer);
-          resolve(e);
-        }
-      }
-      buf = buf.slice(buf.lastIndexOf('\n') + 1);
-    });
-    child.once('exit', () => reject(new Error('portflip exited before the event')));
-  });
-}
-
 test('SIGKILL during a canary deploy and during promote: 0 failed under load, the next runs repair', async () => {
   await inWorld(
     async (w) => {
@@ -219,7 +247,9 @@ test('SIGKILL during a canary deploy and during promote: 0 failed under load, th
         startLoad(w.ns, 'client', { url, mode: 'new', durationMs: 60_000 }),
         startLoad(w.ns, 'client', { url, mode: 'keepalive', durationMs: 60_000 }),
       ]);
-      const dep = w.pfSpawn(deployArgs(ports, ['--canary', '50%', '--canary-for', '60s', '--json'], ['--version', 'v2']));
+      const dep = w.pfSpawn(
+        deployArgs(ports, ['--canary', '50%', '--canary-for', '60s', '--json'], ['--version', 'v2']),
+      );
       const v2 = (await waitEvent(dep, (e) => e.step === 'canary' && e.status === 'ok')).pid as number;
       dep.kill('SIGKILL');
       const st = await status(w);
@@ -260,7 +290,11 @@ test('IPv6: the split works the same way over [fd31::1], by connection and by cl
       const s = share(c.byFrom.any, 'v2');
       assert.ok(Math.abs(s - 50) <= 5, `IPv6 50%: measured ${s.toFixed(1)}%`);
       const before = await w.save();
-      assert.is(before.match(/-m statistic --mode random --probability 0\.50000000000 -j REDIRECT/g)?.length, 2, 'the split in both families');
+      assert.is(
+        before.match(/-m statistic --mode random --probability 0\.50000000000 -j REDIRECT/g)?.length,
+        2,
+        'the split in both families',
+      );
       await w.sh('iptables -t nat -F PF-web; ip6tables -t nat -F PF-web');
       const rs = await w.pf(['restore']);
       assert.is(rs.code, 0, show(rs));
@@ -269,9 +303,13 @@ test('IPv6: the split works the same way over [fd31::1], by connection and by cl
       // by client address over IPv6: 16 addresses on the client end, each on one side every time
       assert.is((await w.pf(['abort', 'web'])).code, 0);
       const addrs = Array.from({ length: 16 }, (_, i) => `fd31::${(0x100 + i).toString(16)}`);
-      const add = await w.ns.execClient('ip', ['-batch', '-'], { input: addrs.map((a) => `addr add ${a}/64 dev pf-c nodad`).join('\n') + '\n' });
+      const add = await w.ns.execClient('ip', ['-batch', '-'], {
+        input: addrs.map((a) => `addr add ${a}/64 dev pf-c nodad`).join('\n') + '\n',
+      });
       assert.is(add.code, 0, add.stderr);
-      const ip = await w.pf(deployArgs(ports, ['--ipv6', 'on', '--canary', '50%', '--canary-by', 'ip'], ['--version', 'v3']));
+      const ip = await w.pf(
+        deployArgs(ports, ['--ipv6', 'on', '--canary', '50%', '--canary-by', 'ip'], ['--version', 'v3']),
+      );
       assert.is(ip.code, 0, show(ip));
       assert.match(await w.save(), /HMARK --hmark-src-prefix 128 /);
       const c6 = await count(w.ns, `http://[${SERVER_ADDR6}]:80/`, 6, addrs);

@@ -6,10 +6,18 @@ import { mkdtempSync, writeFileSync, readFileSync, existsSync, rmSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePorts, fixture } from '../helpers/netns.js';
-import { inWorld, show, get, events } from './lib.js';
+import { inWorld, show, get } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
-const appCommand = (v: string) => JSON.stringify([process.execPath, fixture('app.mjs'), '--port', '{port}', '--version', v]);
-const envFile = (text: string) => Object.fromEntries(text.trim().split('\n').map((l) => l.split(/=(.*)/s).slice(0, 2)));
+const appCommand = (v: string) =>
+  JSON.stringify([process.execPath, fixture('app.mjs'), '--port', '{port}', '--version', v]);
+const envFile = (text: string) =>
+  Object.fromEntries(
+    text
+      .trim()
+      .split('\n')
+      .map((l) => l.split(/=(.*)/s).slice(0, 2)),
+  );
 
 test('deploy from a config file; flags win over it; init writes a starter and never overwrites', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'pf-cfg-'));
@@ -23,13 +31,30 @@ test('deploy from a config file; flags win over it; init writes a starter and ne
       assert.is(again.code, 2);
       assert.match(again.stderr, /already exists/);
 
-      writeFileSync(join(dir, 'web.toml'), `listen = 80\nports = [${a}, ${b}]\ncommand = ${appCommand('v1')}\nready = "http://127.0.0.1:{port}/health"\ndrain_timeout = "5s"\nkill_after = 3\n`);
+      writeFileSync(
+        join(dir, 'web.toml'),
+        `listen = 80\nports = [${a}, ${b}]\ncommand = ${appCommand('v1')}\nready = "http://127.0.0.1:{port}/health"\ndrain_timeout = "5s"\nkill_after = 3\n`,
+      );
       const r = await w.pf(['deploy', 'web', '--json'], { PORTFLIP_CONFIG_DIR: dir });
       assert.is(r.code, 0, show(r));
       assert.ok([a, b].includes(events(r.stdout).find((e) => e.step === 'switch')!.port));
       assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
       // -c FILE, with flags winning: other ports, another command
-      const r2 = await w.pf(['deploy', '-c', join(dir, 'web.toml'), '--ports', `${c},${d}`, '--json', '--', process.execPath, fixture('app.mjs'), '--port', '{port}', '--version', 'v2']);
+      const r2 = await w.pf([
+        'deploy',
+        '-c',
+        join(dir, 'web.toml'),
+        '--ports',
+        `${c},${d}`,
+        '--json',
+        '--',
+        process.execPath,
+        fixture('app.mjs'),
+        '--port',
+        '{port}',
+        '--version',
+        'v2',
+      ]);
       assert.is(r2.code, 0, show(r2));
       assert.ok([c, d].includes(events(r2.stdout).find((e) => e.step === 'switch')!.port));
       assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v2');
@@ -78,26 +103,59 @@ test('hooks run at their steps with the app environment and PORTFLIP_APP/PORT/PR
   try {
     await inWorld(async (w) => {
       const [a, b] = await freePorts(2);
-      const dump = (name: string) => `env | grep -E '^(PORTFLIP_|GREETING=)' | sort > ${dir}/${name}.env; echo ${name} >> ${dir}/order`;
+      const dump = (name: string) =>
+        `env | grep -E '^(PORTFLIP_|GREETING=)' | sort > ${dir}/${name}.env; echo ${name} >> ${dir}/order`;
       const config = (v: string, extra = '') =>
         `listen = 80\nports = [${a}, ${b}]\ncommand = ${appCommand(v)}\nenv = { GREETING = "hi" }\n` +
-        ['before_start', 'after_ready', 'after_switch', 'after_drain', 'on_failure'].map((h) => `${h} = "${dump(h)}"`).join('\n') + '\n' + extra;
+        ['before_start', 'after_ready', 'after_switch', 'after_drain', 'on_failure']
+          .map((h) => `${h} = "${dump(h)}"`)
+          .join('\n') +
+        '\n' +
+        extra;
       writeFileSync(join(dir, 'web.toml'), config('v1'));
       assert.is((await w.pf(['deploy', '-c', join(dir, 'web.toml')])).code, 0);
       rmSync(join(dir, 'order'));
-      const r = await w.pf(['deploy', '-c', join(dir, 'web.toml'), '--json', '--', process.execPath, fixture('app.mjs'), '--port', '{port}', '--version', 'v2']);
+      const r = await w.pf([
+        'deploy',
+        '-c',
+        join(dir, 'web.toml'),
+        '--json',
+        '--',
+        process.execPath,
+        fixture('app.mjs'),
+        '--port',
+        '{port}',
+        '--version',
+        'v2',
+      ]);
       assert.is(r.code, 0, show(r));
-      assert.equal(readFileSync(join(dir, 'order'), 'utf8').trim().split('\n'), ['before_start', 'after_ready', 'after_switch', 'after_drain']);
+      assert.equal(readFileSync(join(dir, 'order'), 'utf8').trim().split('\n'), [
+        'before_start',
+        'after_ready',
+        'after_switch',
+        'after_drain',
+      ]);
       const to = events(r.stdout).find((e) => e.step === 'switch')!.port;
       const from = to === a ? b : a;
       for (const h of ['before_start', 'after_ready', 'after_switch', 'after_drain']) {
-        assert.equal(envFile(readFileSync(join(dir, `${h}.env`), 'utf8')), {
-          GREETING: 'hi', PORTFLIP_APP: 'web', PORTFLIP_PORT: String(to), PORTFLIP_PREVIOUS_PORT: String(from), PORTFLIP_STEP: h,
-        }, h);
+        assert.equal(
+          envFile(readFileSync(join(dir, `${h}.env`), 'utf8')),
+          {
+            GREETING: 'hi',
+            PORTFLIP_APP: 'web',
+            PORTFLIP_PORT: String(to),
+            PORTFLIP_PREVIOUS_PORT: String(from),
+            PORTFLIP_STEP: h,
+          },
+          h,
+        );
       }
 
       // a failing before_start: nothing starts, nothing switches, on_failure is told the step
-      for (const [failing, startsCandidate] of [['before_start', false], ['after_ready', true]] as const) {
+      for (const [failing, startsCandidate] of [
+        ['before_start', false],
+        ['after_ready', true],
+      ] as const) {
         rmSync(join(dir, 'order'), { force: true });
         writeFileSync(join(dir, 'web.toml'), config('v3').replace(`${failing} = "`, `${failing} = "exit 3; `));
         const before = await w.save();
@@ -106,7 +164,10 @@ test('hooks run at their steps with the app environment and PORTFLIP_APP/PORT/PR
         assert.match(bad.stderr, new RegExp(`${failing} hook failed \\(exit 3\\)`));
         assert.is(await w.save(), before, 'nothing switched');
         assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v2');
-        assert.is(events(bad.stdout).some((e) => e.step === 'start'), startsCandidate);
+        assert.is(
+          events(bad.stdout).some((e) => e.step === 'start'),
+          startsCandidate,
+        );
         assert.is(JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0].others.length, 0, 'no candidate left');
         assert.is(envFile(readFileSync(join(dir, 'on_failure.env'), 'utf8')).PORTFLIP_STEP, failing);
       }

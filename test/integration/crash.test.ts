@@ -6,29 +6,10 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { startLoad, freePorts } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, alive } from './lib.js';
+import { inWorld, deployArgs, show, get, alive } from '../helpers/world.js';
+import { events, waitEvent, type JsonEvent } from '../helpers/events.js';
 
-/** Resolves with the first JSON event the process prints that matches. */
-function waitEvent(child: ChildProcess, match: (e: Record<string, any>) => boolean, timeoutMs = 20_000): Promise<Record<string, any>> {
-  return new Promise((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error(`no matching event in ${timeoutMs}ms: ${buf}`)), timeoutMs);
-    child.stdout!.on('data', (d) => {
-      buf += d;
-      for (const line of buf.split('\n').slice(0, -1)) {
-        const e = JSON.parse(line);
-        if (match(e)) {
-          clearTimeout(timer);
-          resolve(e);
-        }
-      }
-      buf = buf.slice(buf.lastIndexOf('\n') + 1);
-    });
-    child.once('exit', () => reject(new Error('portflip exited before the event')));
-  });
-}
-
-const killPoints: [string, string[], (e: Record<string, any>) => boolean][] = [
+const killPoints: [string, string[], (e: JsonEvent) => boolean][] = [
   ['right after start', [], (e) => e.step === 'start'],
   ['right after the switch', [], (e) => e.step === 'switch'],
   ['during the drain', ['--drain', 'idle', '--drain-timeout', '2s'], (e) => e.kind === 'connections'],
@@ -54,7 +35,10 @@ for (const [when, flags, match] of killPoints) {
 
       const next = await w.pf(deployArgs(ports, ['--json'], ['--version', 'v3']));
       assert.is(next.code, 0, show(next));
-      const notes = events(next.stdout).filter((e) => e.kind === 'notice').map((e) => e.message).join('\n');
+      const notes = events(next.stdout)
+        .filter((e) => e.kind === 'notice')
+        .map((e) => e.message)
+        .join('\n');
       if (when === 'right after start') {
         assert.match(notes, /stopping the candidate/);
         assert.not.ok(alive(candidate), 'the orphan candidate was stopped');
@@ -113,7 +97,10 @@ test('a concurrent deploy fails at once naming the holder; a stale lock is taken
     assert.ok(Date.now() - t < 5000, 'fails at once');
     assert.is(await exited, 0);
 
-    writeFileSync(join(w.dirs.runDir, 'web.lock'), JSON.stringify({ pid: 999999, startTime: '1', command: 'deploy web' }));
+    writeFileSync(
+      join(w.dirs.runDir, 'web.lock'),
+      JSON.stringify({ pid: 999999, startTime: '1', command: 'deploy web' }),
+    );
     const third = await w.pf(deployArgs(ports, [], ['--version', 'v3']));
     assert.is(third.code, 0, show(third));
     assert.match(third.stderr, /took over a stale lock.*pid 999999/);

@@ -3,45 +3,67 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { startLoad, freePorts, type LoadResult } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get } from './lib.js';
+import { inWorld, deployArgs, show, get } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 const firstSeen = (r: LoadResult) => [...new Set(r.versions)];
 
 for (const where of ['server', 'client'] as const) {
   const path = where === 'server' ? 'loopback clients (OUTPUT)' : 'clients in another namespace over veth (PREROUTING)';
   test(`three deploys under load, zero failed requests: ${path}`, async () => {
-    await inWorld(async (w) => {
-      const ports = await freePorts(2);
-      const first = await w.pf(deployArgs(ports, ['--ready', 'http://127.0.0.1:{port}/health'], ['--version', 'v1', '--start-delay', '1000']));
-      assert.is(first.code, 0, show(first));
-      const url = where === 'server' ? 'http://127.0.0.1:80/' : `http://${w.ns.serverAddr}:80/`;
-      assert.is(await get(w.ns, url, where), 'v1');
+    await inWorld(
+      async (w) => {
+        const ports = await freePorts(2);
+        const first = await w.pf(
+          deployArgs(
+            ports,
+            ['--ready', 'http://127.0.0.1:{port}/health'],
+            ['--version', 'v1', '--start-delay', '1000'],
+          ),
+        );
+        assert.is(first.code, 0, show(first));
+        const url = where === 'server' ? 'http://127.0.0.1:80/' : `http://${w.ns.serverAddr}:80/`;
+        assert.is(await get(w.ns, url, where), 'v1');
 
-      const loads = await Promise.all([
-        startLoad(w.ns, where, { url, mode: 'new', concurrency: 4, durationMs: 60_000, maxRequests: 200_000 }),
-        startLoad(w.ns, where, { url, mode: 'keepalive', concurrency: 4, durationMs: 60_000, maxRequests: 200_000 }),
-      ]);
-      for (const v of ['v2', 'v3']) {
-        const r = await w.pf([...deployArgs(ports, ['--ready', 'http://127.0.0.1:{port}/health', '--json'], ['--version', v, '--start-delay', '1000'])]);
-        assert.is(r.code, 0, show(r));
-        const steps = events(r.stdout).filter((e) => e.kind === 'step');
-        assert.equal(steps.map((e) => e.step), ['preflight', 'start', 'ready', 'bind-check', 'open', 'switch', 'drain', 'done']);
-        for (const e of steps) {
-          assert.is(e.app, 'web');
-          assert.type(e.durationMs, 'number');
-          if (e.step !== 'preflight') assert.ok(ports.includes(e.port), `${e.step} names the port`);
+        const loads = await Promise.all([
+          startLoad(w.ns, where, { url, mode: 'new', concurrency: 4, durationMs: 60_000, maxRequests: 200_000 }),
+          startLoad(w.ns, where, { url, mode: 'keepalive', concurrency: 4, durationMs: 60_000, maxRequests: 200_000 }),
+        ]);
+        for (const v of ['v2', 'v3']) {
+          const r = await w.pf([
+            ...deployArgs(
+              ports,
+              ['--ready', 'http://127.0.0.1:{port}/health', '--json'],
+              ['--version', v, '--start-delay', '1000'],
+            ),
+          ]);
+          assert.is(r.code, 0, show(r));
+          const steps = events(r.stdout).filter((e) => e.kind === 'step');
+          assert.equal(
+            steps.map((e) => e.step),
+            ['preflight', 'start', 'ready', 'bind-check', 'open', 'switch', 'drain', 'done'],
+          );
+          for (const e of steps) {
+            assert.is(e.app, 'web');
+            assert.type(e.durationMs, 'number');
+            if (e.step !== 'preflight') assert.ok(ports.includes(e.port!), `${e.step} names the port`);
+          }
+          assert.ok(steps.find((e) => e.step === 'start')!.pid! > 0);
         }
-        assert.ok(steps.find((e) => e.step === 'start')!.pid > 0);
-      }
-      const [fresh, kept] = await Promise.all(loads.map((l) => l.stop()));
-      for (const [mode, res] of [['new connection per request', fresh], ['keep-alive', kept]] as const) {
-        assert.is(res.failed, 0, `${mode}: ${JSON.stringify(res)}`);
-        assert.ok(res.ok > 50, `${mode}: enough requests ran (${res.ok})`);
-        assert.equal(firstSeen(res), ['v1', 'v2', 'v3'], `${mode}: ${res.versions}`);
-        assert.is(res.versions.at(-1), 'v3');
-      }
-      assert.is(await get(w.ns, url, where), 'v3');
-    }, { peer: where === 'client' });
+        const [fresh, kept] = await Promise.all(loads.map((l) => l.stop()));
+        for (const [mode, res] of [
+          ['new connection per request', fresh],
+          ['keep-alive', kept],
+        ] as const) {
+          assert.is(res.failed, 0, `${mode}: ${JSON.stringify(res)}`);
+          assert.ok(res.ok > 50, `${mode}: enough requests ran (${res.ok})`);
+          assert.equal(firstSeen(res), ['v1', 'v2', 'v3'], `${mode}: ${res.versions}`);
+          assert.is(res.versions.at(-1), 'v3');
+        }
+        assert.is(await get(w.ns, url, where), 'v3');
+      },
+      { peer: where === 'client' },
+    );
   });
 }
 

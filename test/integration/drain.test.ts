@@ -4,8 +4,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { readFileSync } from 'node:fs';
 import { freePorts, fixture, waitFor } from '../helpers/netns.js';
-import { inWorld, alive, deployArgs, events, show, type World } from './lib.js';
-
+import { inWorld, alive, deployArgs, show, type World } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 /** A request that takes `ms` on the server, started now; resolves with "STATUS BODY". */
 function slowRequest(w: World, ms: number): Promise<string> {
@@ -13,7 +13,11 @@ function slowRequest(w: World, ms: number): Promise<string> {
   return w.ns.exec(process.execPath, ['-e', script]).then((r) => r.stdout.trim());
 }
 
-for (const [mode, onTerm] of [['signal', 'graceful'], ['idle', 'graceful'], ['idle', 'exit']] as const) {
+for (const [mode, onTerm] of [
+  ['signal', 'graceful'],
+  ['idle', 'graceful'],
+  ['idle', 'exit'],
+] as const) {
   test(`a 3 s request started before the switch completes with 200 on the old instance (--drain ${mode}, app ${onTerm} on SIGTERM)`, async () => {
     await inWorld(async (w) => {
       const ports = await freePorts(2);
@@ -42,7 +46,12 @@ test('an old instance that ignores SIGTERM is SIGKILLed after --kill-after, proc
   await inWorld(async (w) => {
     const ports = await freePorts(2);
     // a tree: sh (exec'd into node) plus a background sleep that ignores SIGTERM too
-    const cmd = (v: string) => ['--', 'sh', '-c', `trap "" TERM; sleep 120 & echo child $! ; exec ${process.execPath} ${fixture('app.mjs')} --port $PORT --version ${v} --on-term ignore`];
+    const cmd = (v: string) => [
+      '--',
+      'sh',
+      '-c',
+      `trap "" TERM; sleep 120 & echo child $! ; exec ${process.execPath} ${fixture('app.mjs')} --port $PORT --version ${v} --on-term ignore`,
+    ];
     const first = await w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--json', ...cmd('v1')]);
     assert.is(first.code, 0, show(first));
     const oldPid = events(first.stdout).find((e) => e.step === 'start')!.pid as number;
@@ -51,9 +60,22 @@ test('an old instance that ignores SIGTERM is SIGKILLed after --kill-after, proc
     const childPid = Number(/child (\d+)/.exec(readFileSync(log, 'utf8'))![1]);
     assert.ok(alive(childPid));
     const started = Date.now();
-    const r = await w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--kill-after', '1500ms', '--json', ...cmd('v2')]);
+    const r = await w.pf([
+      'deploy',
+      'web',
+      '--listen',
+      '80',
+      '--ports',
+      ports.join(','),
+      '--kill-after',
+      '1500ms',
+      '--json',
+      ...cmd('v2'),
+    ]);
     assert.is(r.code, 0, show(r));
-    const signals = events(r.stdout).filter((e) => e.kind === 'signal').map((e) => e.signal);
+    const signals = events(r.stdout)
+      .filter((e) => e.kind === 'signal')
+      .map((e) => e.signal);
     assert.equal(signals, ['SIGTERM', 'SIGKILL']);
     assert.ok(Date.now() - started >= 1500, 'waited --kill-after before SIGKILL');
     assert.not.ok(alive(oldPid), 'old instance gone');

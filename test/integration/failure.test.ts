@@ -3,14 +3,25 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { startLoad, freePorts } from '../helpers/netns.js';
-import { inWorld, alive, deployArgs, events, show, get, type World } from './lib.js';
+import { inWorld, alive, deployArgs, show, get, type World } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 const redirectTarget = async (w: World) => /-A PF-web -p tcp -j REDIRECT --to-ports (\d+)/.exec(await w.save())?.[1];
 
 const cases: [string, string[], string[], RegExp][] = [
   ['exits at once', [], ['--exit-at-once'], /exited \(code 3\) before it was ready/],
-  ['is never ready before --ready-timeout', ['--ready-timeout', '2s'], ['--never-listen'], /not ready on port \d+ after 2s/],
-  ['answers the readiness URL with 404', ['--ready', 'http://127.0.0.1:{port}/missing', '--ready-timeout', '2s'], [], /not ready/],
+  [
+    'is never ready before --ready-timeout',
+    ['--ready-timeout', '2s'],
+    ['--never-listen'],
+    /not ready on port \d+ after 2s/,
+  ],
+  [
+    'answers the readiness URL with 404',
+    ['--ready', 'http://127.0.0.1:{port}/missing', '--ready-timeout', '2s'],
+    [],
+    /not ready/,
+  ],
   ['listens on 127.0.0.1 only', [], ['--host', '127.0.0.1'], /listens on 127\.0\.0\.1 only.*bind to 0\.0\.0\.0/],
 ];
 
@@ -30,7 +41,11 @@ for (const [what, flags, appArgs, message] of cases) {
       assert.not.ok(alive(pid), `candidate pid ${pid} is gone`);
       const tail = ev.find((e) => e.kind === 'log-tail');
       assert.ok(tail, 'the log tail is printed');
-      if (what === 'exits at once') assert.ok(tail!.lines.some((l: string) => l.includes('exiting at once')), tail!.lines.join('\n'));
+      if (what === 'exits at once')
+        assert.ok(
+          tail!.lines.some((l: string) => l.includes('exiting at once')),
+          tail!.lines.join('\n'),
+        );
       assert.is(await redirectTarget(w), before, 'the redirect did not move');
       assert.is(res.failed, 0, JSON.stringify(res));
       assert.equal([...new Set(res.versions)], ['v1']);
@@ -48,7 +63,11 @@ test('the first deploy that fails leaves no rule at all', async () => {
     const r = await w.pf(deployArgs(await freePorts(2), ['--ready-timeout', '1s'], ['--never-listen']));
     assert.is(r.code, 1, show(r));
     assert.is(await w.save(), before);
-    assert.equal(JSON.parse((await w.pf(['status', '--json'])).stdout).apps, [], 'no state is left for an app that never ran');
+    assert.equal(
+      JSON.parse((await w.pf(['status', '--json'])).stdout).apps,
+      [],
+      'no state is left for an app that never ran',
+    );
   });
 });
 

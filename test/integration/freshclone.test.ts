@@ -7,6 +7,7 @@ import path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { repoRoot } from '../helpers/netns.js';
+import { testUnless } from '../helpers/skip.js';
 
 // The inner `npm test` runs with this set, so it runs the unit tests only and never this file again.
 const INNER = { PORTFLIP_TEST_ONLY: 'unit' };
@@ -18,10 +19,17 @@ function tryItCommands(readme: string): string[] {
   assert.ok(section, 'README has a "## Try it" section');
   const block = section!.match(/```\w*\n([\s\S]*?)```/);
   assert.ok(block, '"Try it" has a code block');
-  return block![1].split('\n').map((l) => l.replace(/\s+#.*$/, '').trim()).filter(Boolean);
+  return block![1]
+    .split('\n')
+    .map((l) => l.replace(/\s+#.*$/, '').trim())
+    .filter(Boolean);
 }
 
-interface Run { code: number; out: string; ms: number }
+interface Run {
+  code: number;
+  out: string;
+  ms: number;
+}
 
 // Runs one command line in its own process group, output kept (and echoed on failure), killed by group at the deadline.
 function run(line: string, cwd: string, timeoutMs: number): Promise<Run> {
@@ -40,7 +48,11 @@ function run(line: string, cwd: string, timeoutMs: number): Promise<Run> {
       out += `\n[killed after ${timeoutMs} ms]\n`;
       try {
         process.kill(-child.pid!, 'SIGTERM');
-        setTimeout(() => { try { process.kill(-child.pid!, 'SIGKILL'); } catch {} }, 5000).unref();
+        setTimeout(() => {
+          try {
+            process.kill(-child.pid!, 'SIGKILL');
+          } catch {}
+        }, 5000).unref();
       } catch {}
     }, timeoutMs);
     child.on('close', (code, signal) => {
@@ -50,20 +62,28 @@ function run(line: string, cwd: string, timeoutMs: number): Promise<Run> {
   });
 }
 
-test('the README\'s two commands work from a fresh clone: the demo, then the tests', async () => {
-  if (process.env.PORTFLIP_TEST_ONLY) {
-    console.log('  skipped: already inside a fresh-clone test run');
-    return;
-  }
-  if (!isRoot && spawnSync('sudo', ['-n', 'true']).status !== 0) {
-    console.log('  skipped: `sudo npm run demo` needs root, and sudo here asks for a password');
-    return;
-  }
+const whyNot =
+  (process.env.PORTFLIP_TEST_ONLY && 'already inside a fresh-clone test run') ||
+  (!isRoot &&
+    spawnSync('sudo', ['-n', 'true']).status !== 0 &&
+    '`sudo npm run demo` needs root, and sudo here asks for a password');
+
+testUnless(whyNot, "the README's two commands work from a fresh clone: the demo, then the tests", async () => {
   const dirty = spawnSync('git', ['-C', repoRoot, 'status', '--porcelain'], { encoding: 'utf8' }).stdout.trim();
-  if (dirty) console.log(`  note: the clone sees only committed files; uncommitted here:\n${dirty.split('\n').map((l) => `    ${l}`).join('\n')}`);
+  if (dirty)
+    console.log(
+      `  note: the clone sees only committed files; uncommitted here:\n${dirty
+        .split('\n')
+        .map((l) => `    ${l}`)
+        .join('\n')}`,
+    );
 
   const commands = tryItCommands(readFileSync(path.join(repoRoot, 'README.md'), 'utf8'));
-  assert.equal(commands.map((c) => c.replace(/^sudo /, '')), ['npm run demo', 'npm test'], `Try it: ${commands.join(' | ')}`);
+  assert.equal(
+    commands.map((c) => c.replace(/^sudo /, '')),
+    ['npm run demo', 'npm test'],
+    `Try it: ${commands.join(' | ')}`,
+  );
 
   const tmp = mkdtempSync(path.join(tmpdir(), 'portflip-clone-'));
   try {
@@ -83,7 +103,9 @@ test('the README\'s two commands work from a fresh clone: the demo, then the tes
     assert.match(demo.out, /\d+ requests, 0 failed/);
 
     const tests = await run(asHere(testLine), dir, 180_000);
-    console.log(`  ${testLine} (unit tests only, PORTFLIP_TEST_ONLY=unit): exit ${tests.code} in ${(tests.ms / 1000).toFixed(1)} s`);
+    console.log(
+      `  ${testLine} (unit tests only, PORTFLIP_TEST_ONLY=unit): exit ${tests.code} in ${(tests.ms / 1000).toFixed(1)} s`,
+    );
     assert.is(tests.code, 0, `${testLine}:\n${tests.out}`);
     const tally = [...tests.out.matchAll(/^(\d+) passed, (\d+) failed/gm)].at(-1);
     assert.ok(tally, `a tally line:\n${tests.out}`);

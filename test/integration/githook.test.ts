@@ -6,7 +6,7 @@ import { mkdtempSync, writeFileSync, copyFileSync, rmSync, readdirSync, chmodSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePorts, fixture, repoRoot, startLoad } from '../helpers/netns.js';
-import { inWorld, show, get } from './lib.js';
+import { inWorld, show, get } from '../helpers/world.js';
 
 test('git push deploys the new revision under load, zero failed requests', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'pf-git-'));
@@ -16,17 +16,24 @@ test('git push deploys the new revision under load, zero failed requests', async
       const bare = join(dir, 'web.git');
       const work = join(dir, 'work');
       const git = async (cwd: string, ...args: string[]) => {
-        const r = await w.ns.exec('git', ['-C', cwd, '-c', 'user.name=t', '-c', 'user.email=t@example.invalid', ...args], {
-          env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir },
-        });
+        const r = await w.ns.exec(
+          'git',
+          ['-C', cwd, '-c', 'user.name=t', '-c', 'user.email=t@example.invalid', ...args],
+          {
+            env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir },
+          },
+        );
         assert.is(r.code, 0, `git ${args.join(' ')}\n${show(r)}`);
         return r;
       };
       await git(dir, 'init', '-q', '--bare', '-b', 'main', bare);
       copyFileSync(join(repoRoot, 'scripts', 'post-receive'), join(bare, 'hooks', 'post-receive'));
       chmodSync(join(bare, 'hooks', 'post-receive'), 0o755);
-      writeFileSync(join(dir, 'web.toml'), `listen = 80\nports = [${a}, ${b}]\nready = "http://127.0.0.1:{port}/health"\n` +
-        `command = ["sh", "-c", "exec ${process.execPath} app.mjs --port $PORT --version $(cat VERSION)"]\n`);
+      writeFileSync(
+        join(dir, 'web.toml'),
+        `listen = 80\nports = [${a}, ${b}]\nready = "http://127.0.0.1:{port}/health"\n` +
+          `command = ["sh", "-c", "exec ${process.execPath} app.mjs --port $PORT --version $(cat VERSION)"]\n`,
+      );
       await git(bare, 'config', 'portflip.app', 'web');
       await git(bare, 'config', 'portflip.config', join(dir, 'web.toml'));
       await git(bare, 'config', 'portflip.releases', join(dir, 'releases'));

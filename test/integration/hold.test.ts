@@ -6,7 +6,8 @@ import * as assert from 'uvu/assert';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fixture, freePorts, startLoad, waitFor, type Netns, type Where } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, alive, type World } from './lib.js';
+import { inWorld, deployArgs, show, get, alive, type World } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 interface HoldLoad {
   total: number;
@@ -19,13 +20,22 @@ interface HoldLoad {
 }
 
 /** The hold client in a namespace; stop() ends it and returns its summary. */
-async function holdLoad(ns: Netns, where: Where, host: string, opts: { concurrency?: number; durationMs?: number } = {}) {
+async function holdLoad(
+  ns: Netns,
+  where: Where,
+  host: string,
+  opts: { concurrency?: number; durationMs?: number } = {},
+) {
   const args = [
     fixture('hold-client.mjs'),
-    '--host', host,
-    '--port', '80',
-    '--concurrency', String(opts.concurrency ?? 4),
-    '--duration', String(opts.durationMs ?? 40_000),
+    '--host',
+    host,
+    '--port',
+    '80',
+    '--concurrency',
+    String(opts.concurrency ?? 4),
+    '--duration',
+    String(opts.durationMs ?? 40_000),
   ];
   const child = where === 'client' ? ns.spawnClient(process.execPath, args) : ns.spawn(process.execPath, args);
   let out = '';
@@ -87,19 +97,30 @@ test('pause holds new connections under load, resume lets them all in at once; 0
     assert.is(first.code, 0, show(first));
     const load = await holdLoad(w.ns, 'server', '127.0.0.1');
     // open connections keep flowing during a pause: keep-alive requests on them are not held
-    const kept = await startLoad(w.ns, 'server', { url: 'http://127.0.0.1:80/', mode: 'keepalive', concurrency: 2, durationMs: 40_000 });
+    const kept = await startLoad(w.ns, 'server', {
+      url: 'http://127.0.0.1:80/',
+      mode: 'keepalive',
+      concurrency: 2,
+      durationMs: 40_000,
+    });
     await sleep(500);
     const p = await w.pf(['pause', 'web', '--timeout', '30s']);
     assert.is(p.code, 0, show(p));
     const saved = await w.save();
-    assert.match(saved, /-A PF-web -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3\d{4} --queue-bypass/);
+    assert.match(
+      saved,
+      /-A PF-web -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3\d{4} --queue-bypass/,
+    );
     await sleep(2500);
     const s = await w.pf(['status', '--json']);
     assert.is(s.code, 0, show(s));
     const hold = JSON.parse(s.stdout).apps[0].hold;
     assert.is(hold.reason, 'pause');
     assert.ok(hold.alive, JSON.stringify(hold));
-    assert.ok(hold.waiting >= 1 && hold.waiting <= 64, `the 4 clients wait (with their SYN retransmits): ${hold.waiting}`);
+    assert.ok(
+      hold.waiting >= 1 && hold.waiting <= 64,
+      `the 4 clients wait (with their SYN retransmits): ${hold.waiting}`,
+    );
     const human = await w.pf(['status']);
     assert.match(human.stderr + human.stdout, /web: paused, \d+ new connections? waiting/);
     const holder = holderPid(w)!;
@@ -178,41 +199,68 @@ test('a SIGKILLed holder black-holes nothing: SYNs pass (--queue-bypass), the ne
   });
 });
 
-
-const IN_PLACE_STEPS = ['preflight', 'hold', 'stop-old', 'start', 'ready', 'bind-check', 'open', 'switch', 'release', 'done'];
+const IN_PLACE_STEPS = [
+  'preflight',
+  'hold',
+  'stop-old',
+  'start',
+  'ready',
+  'bind-check',
+  'open',
+  'switch',
+  'release',
+  'done',
+];
 
 for (const where of ['server', 'client'] as const) {
   const path = where === 'server' ? 'loopback clients (OUTPUT)' : 'clients over veth (PREROUTING)';
   test(`in-place deploy (one port) under load, 0 failed, held requests answered together: ${path}`, async () => {
-    await inWorld(async (w) => {
-      const [port] = await freePorts(1);
-      const host = where === 'server' ? '127.0.0.1' : w.ns.serverAddr!;
-      const first = await w.pf(deployArgs([port], [], ['--version', 'v1']));
-      assert.is(first.code, 0, show(first));
-      const load = await holdLoad(w.ns, where, host);
-      const kept = await startLoad(w.ns, where, { url: `http://${host}:80/`, mode: 'keepalive', concurrency: 2, durationMs: 40_000 });
-      await sleep(500);
-      const r = await w.pf(deployArgs([port], ['--json'], ['--version', 'v2', '--start-delay', '1000']));
-      assert.is(r.code, 0, show(r));
-      const steps = events(r.stdout).filter((e) => e.kind === 'step');
-      assert.equal(steps.map((e) => e.step), IN_PLACE_STEPS);
-      assert.ok(steps.every((e) => e.step === 'preflight' || e.step === 'hold' || e.port === port), 'one port throughout');
-      await sleep(500);
-      const res = await load.stop();
-      assert.is(res.failed, 0, JSON.stringify(res));
-      assert.equal(res.versions, ['v1', 'v2']);
-      const { n, spread } = heldSpread(res, 900);
-      assert.ok(n >= 1, `some requests waited for the restart: ${JSON.stringify(res.slow)}`);
-      assert.ok(spread < 400, `held requests answered together (spread ${spread} ms): ${JSON.stringify(res.slow)}`);
-      assert.ok(res.maxMs < 6000, `no request waited for a late SYN retransmit: max ${res.maxMs} ms`);
-      const ka = await kept.stop();
-      assert.is(ka.failed, 0, `keep-alive: ${JSON.stringify(ka)}`);
-      assert.equal([...new Set(ka.versions)], ['v1', 'v2'], 'keep-alive clients moved to the new version');
-      assert.not.match(await w.save(), /NFQUEUE/);
-      const st = state(w);
-      assert.not.ok(st.hold);
-      assert.equal(st.instances.map((i: any) => [i.port, i.state]), [[port, 'active']]);
-    }, { peer: where === 'client' });
+    await inWorld(
+      async (w) => {
+        const [port] = await freePorts(1);
+        const host = where === 'server' ? '127.0.0.1' : w.ns.serverAddr!;
+        const first = await w.pf(deployArgs([port], [], ['--version', 'v1']));
+        assert.is(first.code, 0, show(first));
+        const load = await holdLoad(w.ns, where, host);
+        const kept = await startLoad(w.ns, where, {
+          url: `http://${host}:80/`,
+          mode: 'keepalive',
+          concurrency: 2,
+          durationMs: 40_000,
+        });
+        await sleep(500);
+        const r = await w.pf(deployArgs([port], ['--json'], ['--version', 'v2', '--start-delay', '1000']));
+        assert.is(r.code, 0, show(r));
+        const steps = events(r.stdout).filter((e) => e.kind === 'step');
+        assert.equal(
+          steps.map((e) => e.step),
+          IN_PLACE_STEPS,
+        );
+        assert.ok(
+          steps.every((e) => e.step === 'preflight' || e.step === 'hold' || e.port === port),
+          'one port throughout',
+        );
+        await sleep(500);
+        const res = await load.stop();
+        assert.is(res.failed, 0, JSON.stringify(res));
+        assert.equal(res.versions, ['v1', 'v2']);
+        const { n, spread } = heldSpread(res, 900);
+        assert.ok(n >= 1, `some requests waited for the restart: ${JSON.stringify(res.slow)}`);
+        assert.ok(spread < 400, `held requests answered together (spread ${spread} ms): ${JSON.stringify(res.slow)}`);
+        assert.ok(res.maxMs < 6000, `no request waited for a late SYN retransmit: max ${res.maxMs} ms`);
+        const ka = await kept.stop();
+        assert.is(ka.failed, 0, `keep-alive: ${JSON.stringify(ka)}`);
+        assert.equal([...new Set(ka.versions)], ['v1', 'v2'], 'keep-alive clients moved to the new version');
+        assert.not.match(await w.save(), /NFQUEUE/);
+        const st = state(w);
+        assert.not.ok(st.hold);
+        assert.equal(
+          st.instances.map((i: any) => [i.port, i.state]),
+          [[port, 'active']],
+        );
+      },
+      { peer: where === 'client' },
+    );
   });
 }
 
@@ -243,25 +291,32 @@ test('in-place deploy whose new version never gets ready: the previous command c
 });
 
 test('in-place deploy over IPv6 from another namespace: 0 failed, the hold rule in ip6tables too', async () => {
-  await inWorld(async (w) => {
-    const [port] = await freePorts(1);
-    const first = await w.pf(deployArgs([port], ['--ipv6', 'on'], ['--version', 'v1']));
-    assert.is(first.code, 0, show(first));
-    const load = await holdLoad(w.ns, 'client', w.ns.serverAddr6!);
-    await sleep(300);
-    const dep = pfBackground(w, deployArgs([port], ['--ipv6', 'on'], ['--version', 'v2', '--start-delay', '1500']));
-    // the hold rule goes into both families, ip6tables too
-    const six = async () => (await w.ns.exec('ip6tables-save', ['-t', 'mangle'])).stdout;
-    await waitFor(async () => /-j NFQUEUE --queue-num 3\d{4} --queue-bypass/.test(await six()), 10_000, 'the IPv6 hold');
-    const done = await dep.done;
-    assert.is(done.code, 0, done.stderr);
-    await sleep(500);
-    const res = await load.stop();
-    assert.is(res.failed, 0, JSON.stringify(res));
-    assert.equal(res.versions, ['v1', 'v2']);
-    const { n, spread } = heldSpread(res, 1200);
-    assert.ok(n >= 1 && spread < 400, `held and answered together: ${JSON.stringify(res.slow)}`);
-  }, { peer: true });
+  await inWorld(
+    async (w) => {
+      const [port] = await freePorts(1);
+      const first = await w.pf(deployArgs([port], ['--ipv6', 'on'], ['--version', 'v1']));
+      assert.is(first.code, 0, show(first));
+      const load = await holdLoad(w.ns, 'client', w.ns.serverAddr6!);
+      await sleep(300);
+      const dep = pfBackground(w, deployArgs([port], ['--ipv6', 'on'], ['--version', 'v2', '--start-delay', '1500']));
+      // the hold rule goes into both families, ip6tables too
+      const six = async () => (await w.ns.exec('ip6tables-save', ['-t', 'mangle'])).stdout;
+      await waitFor(
+        async () => /-j NFQUEUE --queue-num 3\d{4} --queue-bypass/.test(await six()),
+        10_000,
+        'the IPv6 hold',
+      );
+      const done = await dep.done;
+      assert.is(done.code, 0, done.stderr);
+      await sleep(500);
+      const res = await load.stop();
+      assert.is(res.failed, 0, JSON.stringify(res));
+      assert.equal(res.versions, ['v1', 'v2']);
+      const { n, spread } = heldSpread(res, 1200);
+      assert.ok(n >= 1 && spread < 400, `held and answered together: ${JSON.stringify(res.slow)}`);
+    },
+    { peer: true },
+  );
 });
 
 test('portflip SIGKILLed mid-hold: the holder lets go at once, the next command removes the rule and deploys', async () => {
@@ -301,8 +356,12 @@ test('portflip watch puts a flushed hold rule back while paused, and removes it 
       await sleep(300);
       await w.sh('iptables -t mangle -F PF-web');
       // the watcher may put it back before we look: its repair event says it did
-      await waitFor(async () => /"step":"repair"/.test(out) && (await queued()), 5000, `the hold rule back
-${out}`);
+      await waitFor(
+        async () => /"step":"repair"/.test(out) && (await queued()),
+        5000,
+        `the hold rule back
+${out}`,
+      );
       assert.match(out, /mangle: hold new connections in queue 3\d{4}/);
       process.kill(holderPid(w)!, 'SIGKILL');
       await waitFor(async () => !(await queued()), 5000, `the stale hold rule removed\n${out}`);
@@ -328,7 +387,11 @@ test("an in-place deploy leaves another app's pause alone, and the mangle hooks 
     assert.match(mangle, /-A PORTFLIP -p tcp -m tcp --dport 81 -j PF-api/, mangle);
     assert.not.match(mangle, /PF-web/, mangle);
     for (const hook of ['PREROUTING', 'OUTPUT'])
-      assert.is(mangle.split('\n').filter((l) => l === `-A ${hook} -m addrtype --dst-type LOCAL -j PORTFLIP`).length, 1, mangle);
+      assert.is(
+        mangle.split('\n').filter((l) => l === `-A ${hook} -m addrtype --dst-type LOCAL -j PORTFLIP`).length,
+        1,
+        mangle,
+      );
     assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v2');
     assert.is((await w.pf(['resume', 'api'])).code, 0);
     assert.not.match((await w.ns.exec('iptables-save', ['-t', 'mangle'])).stdout, /PORTFLIP/);

@@ -7,18 +7,31 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { freePorts, startApp, fixture, repoRoot } from '../helpers/netns.js';
-import { inWorld, app, show, type World } from './lib.js';
+import { inWorld, app, show, type World } from '../helpers/world.js';
 
 /** Every file under the state and run dirs: a refused command must leave none. */
 const leftovers = (w: World) =>
-  [w.dirs.stateDir, w.dirs.runDir].flatMap((d) => (existsSync(d) ? readdirSync(d, { recursive: true }).map(String) : [])).filter((f) => f !== 'logs');
+  [w.dirs.stateDir, w.dirs.runDir]
+    .flatMap((d) => (existsSync(d) ? readdirSync(d, { recursive: true }).map(String) : []))
+    .filter((f) => f !== 'logs');
 
-async function refused(w: World, args: string[], code: number, message: RegExp, wrap: string[] = [], env?: NodeJS.ProcessEnv) {
+async function refused(
+  w: World,
+  args: string[],
+  code: number,
+  message: RegExp,
+  wrap: string[] = [],
+  env?: NodeJS.ProcessEnv,
+) {
   const before = await w.save();
   const r = wrap.length
-    ? await w.ns.exec(wrap[0], [...wrap.slice(1), process.execPath, join(repoRoot, 'dist', 'src', 'main.cjs'), ...args], {
-        env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir, ...env },
-      })
+    ? await w.ns.exec(
+        wrap[0],
+        [...wrap.slice(1), process.execPath, join(repoRoot, 'dist', 'src', 'main.cjs'), ...args],
+        {
+          env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir, ...env },
+        },
+      )
     : await w.pf(args, env);
   assert.is(r.code, code, `${args.join(' ')}\n${show(r)}`);
   const lines = r.stderr.trim().split('\n');
@@ -32,10 +45,34 @@ async function refused(w: World, args: string[], code: number, message: RegExp, 
 test('bad input: each error has its own exit code and message, and changes nothing', async () => {
   await inWorld(async (w) => {
     const [a, b] = await freePorts(2);
-    const deploy = (extra: string[], cmd = app('--version', 'v1')) => ['deploy', 'web', '--listen', '80', '--ports', `${a},${b}`, ...extra, ...cmd];
-    await refused(w, ['deploy', 'web', '--listen', '70000', ...app()], 2, /--listen 70000: a port is a whole number from 1 to 65535/);
-    await refused(w, ['deploy', 'web', '--listen', '80', '--ports', `80,${b}`, ...app()], 2, /instance ports must differ from --listen/);
-    await refused(w, ['deploy', 'web', '--listen', '80', '--ports', `${a}`, '--keep-old', '5s', ...app()], 2, /is an in-place restart/);
+    const deploy = (extra: string[], cmd = app('--version', 'v1')) => [
+      'deploy',
+      'web',
+      '--listen',
+      '80',
+      '--ports',
+      `${a},${b}`,
+      ...extra,
+      ...cmd,
+    ];
+    await refused(
+      w,
+      ['deploy', 'web', '--listen', '70000', ...app()],
+      2,
+      /--listen 70000: a port is a whole number from 1 to 65535/,
+    );
+    await refused(
+      w,
+      ['deploy', 'web', '--listen', '80', '--ports', `80,${b}`, ...app()],
+      2,
+      /instance ports must differ from --listen/,
+    );
+    await refused(
+      w,
+      ['deploy', 'web', '--listen', '80', '--ports', `${a}`, '--keep-old', '5s', ...app()],
+      2,
+      /is an in-place restart/,
+    );
     await refused(w, deploy(['--ready-timeout', '5x']), 2, /--ready-timeout: "5x" is not a duration/);
     await refused(w, deploy(['--kill-after', 'soon']), 2, /--kill-after: "soon" is not a duration/);
     await refused(w, deploy(['--drain', 'later']), 2, /--drain later: use auto, signal or idle/);
@@ -51,16 +88,30 @@ test('bad input: each error has its own exit code and message, and changes nothi
     await refused(w, ['rollback', 'web'], 9, /no app named "web"/);
     await refused(w, ['stop', 'web'], 9, /no app named "web"/);
     // the OS refuses: a state dir that cannot be made is one line and exit 11, not a stack trace
-    await refused(w, deploy([]), 11, /^portflip: mkdir \/dev\/null\/state: a part of the path is not a directory \(ENOTDIR\)$/, ['env', 'PORTFLIP_STATE_DIR=/dev/null/state']);
+    await refused(
+      w,
+      deploy([]),
+      11,
+      /^portflip: mkdir \/dev\/null\/state: a part of the path is not a directory \(ENOTDIR\)$/,
+      ['env', 'PORTFLIP_STATE_DIR=/dev/null/state'],
+    );
   });
 });
 
 test('instance ports in use by another process: exit 6, nothing started', async () => {
   await inWorld(async (w) => {
     const [a, b] = await freePorts(2);
-    const squatters = [await startApp(w.ns, a, ['--version', 'other']), await startApp(w.ns, b, ['--version', 'other'])];
+    const squatters = [
+      await startApp(w.ns, a, ['--version', 'other']),
+      await startApp(w.ns, b, ['--version', 'other']),
+    ];
     try {
-      await refused(w, ['deploy', 'web', '--listen', '80', '--ports', `${a},${b}`, ...app()], 6, /every port is in use/);
+      await refused(
+        w,
+        ['deploy', 'web', '--listen', '80', '--ports', `${a},${b}`, ...app()],
+        6,
+        /every port is in use/,
+      );
       await squatters[1].stop();
       // one free port is enough: the deploy uses it
       const r = await w.pf(['deploy', 'web', '--listen', '80', '--ports', `${a},${b}`, ...app()]);
@@ -76,16 +127,29 @@ test('not root (no CAP_NET_ADMIN): exit 4; no iptables: exit 5', async () => {
     const [a, b] = await freePorts(2);
     const head = ['deploy', 'web', '--listen', '80', '--ports', `${a},${b}`];
     const args = [...head, ...app()];
-    await refused(w, args, 4, /needs root \(or CAP_NET_ADMIN\); run it with sudo/, ['setpriv', '--bounding-set=-all', '--inh-caps=-all', '--']);
+    await refused(w, args, 4, /needs root \(or CAP_NET_ADMIN\); run it with sudo/, [
+      'setpriv',
+      '--bounding-set=-all',
+      '--inh-caps=-all',
+      '--',
+    ]);
     // a PATH with everything but iptables
     const bin = mkdtempSync(join(tmpdir(), 'pf-noipt-'));
     try {
       for (const tool of ['sh', 'bash', 'getent', 'cat', 'env']) {
-        const real = execFileSync('sh', ['-c', `command -v ${tool}`]).toString().trim();
+        const real = execFileSync('sh', ['-c', `command -v ${tool}`])
+          .toString()
+          .trim();
         symlinkSync(real, join(bin, tool));
       }
       symlinkSync(process.execPath, join(bin, 'node'));
-      await refused(w, [...head, '--', 'node', fixture('app.mjs'), '--port', '{port}'], 5, /iptables is not installed; install it/, ['env', `PATH=${bin}`]);
+      await refused(
+        w,
+        [...head, '--', 'node', fixture('app.mjs'), '--port', '{port}'],
+        5,
+        /iptables is not installed; install it/,
+        ['env', `PATH=${bin}`],
+      );
     } finally {
       rmSync(bin, { recursive: true, force: true });
     }

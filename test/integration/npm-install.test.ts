@@ -12,8 +12,12 @@ import { repoRoot } from '../helpers/netns.js';
 
 function run(cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: number } = {}) {
   return new Promise<{ code: number; stdout: string; stderr: string }>((resolve) =>
-    execFile(cmd, args, { cwd: opts.cwd ?? '/', timeout: opts.timeoutMs ?? 120_000, maxBuffer: 1 << 24 }, (err, stdout, stderr) =>
-      resolve({ code: err ? Number((err as NodeJS.ErrnoException).code) || 1 : 0, stdout, stderr }),
+    execFile(
+      cmd,
+      args,
+      { cwd: opts.cwd ?? '/', timeout: opts.timeoutMs ?? 120_000, maxBuffer: 1 << 24 },
+      (err, stdout, stderr) =>
+        resolve({ code: err ? Number((err as NodeJS.ErrnoException).code) || 1 : 0, stdout, stderr }),
     ),
   );
 }
@@ -29,10 +33,16 @@ test('npm pack (prepare builds it), npm install -g --prefix: portflip --version 
     const names = (files as { path: string }[]).map((f) => f.path);
     for (const f of ['dist/src/main.cjs', 'dist/src/cli.cjs', 'dist/src/holder.js', 'dist/src/node-drain.cjs'])
       assert.ok(names.includes(f), `${f} in the tarball`);
-    assert.not.ok(names.some((f) => f.endsWith('.cache')), 'no code cache of a local run in the tarball');
+    assert.not.ok(
+      names.some((f) => f.endsWith('.cache')),
+      'no code cache of a local run in the tarball',
+    );
     const prefix = path.join(tmp, 'prefix');
-    const inst = await run('npm', ['install', '-g', '--prefix', prefix, '--prefer-offline', '--no-audit', '--no-fund',
-      path.join(tmp, filename)], { timeoutMs: 180_000 });
+    const inst = await run(
+      'npm',
+      ['install', '-g', '--prefix', prefix, '--prefer-offline', '--no-audit', '--no-fund', path.join(tmp, filename)],
+      { timeoutMs: 180_000 },
+    );
     assert.is(inst.code, 0, inst.stderr);
     const bin = path.join(prefix, 'bin', 'portflip');
     assert.ok(existsSync(bin));

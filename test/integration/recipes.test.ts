@@ -1,4 +1,4 @@
-// README's recipes (examples/): Go, gunicorn and uvicorn apps, 3 deploys each under keep-alive load over veth, 0 failed.
+// The recipes in docs/drain.md (examples/): Go, gunicorn and uvicorn apps, 3 deploys each under keep-alive load over veth, 0 failed.
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -7,7 +7,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { freePorts, repoRoot, startLoad, type LoadResult } from '../helpers/netns.js';
-import { inWorld, show, type World } from './lib.js';
+import { inWorld, show, type World } from '../helpers/world.js';
 
 const examples = path.join(repoRoot, 'examples');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -18,7 +18,13 @@ async function threeDeploys(w: World, args: (v: string) => string[]): Promise<Lo
   const deploy = (v: string) => w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), ...args(v)]);
   const first = await deploy('v1');
   assert.is(first.code, 0, show(first));
-  const load = await startLoad(w.ns, 'client', { url: `http://${w.ns.serverAddr}:80/`, mode: 'keepalive', concurrency: 16, durationMs: 120_000, maxRequests: 5_000_000 });
+  const load = await startLoad(w.ns, 'client', {
+    url: `http://${w.ns.serverAddr}:80/`,
+    mode: 'keepalive',
+    concurrency: 16,
+    durationMs: 120_000,
+    maxRequests: 5_000_000,
+  });
   let res: LoadResult | undefined;
   try {
     for (const v of ['v2', 'v3', 'v4']) {
@@ -36,10 +42,13 @@ async function threeDeploys(w: World, args: (v: string) => string[]): Promise<Lo
   return res;
 }
 
-test('README shows each recipe exactly as examples/ holds it', () => {
-  const readme = readFileSync(path.join(repoRoot, 'README.md'), 'utf8');
+test('docs/drain.md shows each recipe exactly as examples/ holds it', () => {
+  const readme = readFileSync(path.join(repoRoot, 'docs/drain.md'), 'utf8');
   for (const f of ['go/server.go', 'python/wsgi.py', 'python/asgi.py']) {
-    assert.ok(readme.includes(readFileSync(path.join(examples, f), 'utf8').trimEnd()), `README holds examples/${f} verbatim`);
+    assert.ok(
+      readme.includes(readFileSync(path.join(examples, f), 'utf8').trimEnd()),
+      `docs/drain.md holds examples/${f} verbatim`,
+    );
   }
 });
 
@@ -48,8 +57,14 @@ test('Go recipe (net/http: Connection: close, then SetKeepAlivesEnabled(false) a
   try {
     const bin = path.join(dir, 'server');
     execFileSync('go', ['build', '-o', bin, '.'], {
-      cwd: path.join(examples, 'go'), stdio: 'pipe',
-      env: { ...process.env, GOCACHE: path.join(tmpdir(), 'portflip-go-cache'), GOFLAGS: '-mod=mod', GOTOOLCHAIN: 'local' },
+      cwd: path.join(examples, 'go'),
+      stdio: 'pipe',
+      env: {
+        ...process.env,
+        GOCACHE: path.join(tmpdir(), 'portflip-go-cache'),
+        GOFLAGS: '-mod=mod',
+        GOTOOLCHAIN: 'local',
+      },
     });
     await inWorld((w) => threeDeploys(w, (v) => ['--drain', 'signal', '--', bin, v]).then(() => {}), { peer: true });
   } finally {
@@ -58,13 +73,51 @@ test('Go recipe (net/http: Connection: close, then SetKeepAlivesEnabled(false) a
 });
 
 test('gunicorn recipe (sync workers, SIGTERM): 0 failed', async () => {
-  await inWorld((w) => threeDeploys(w, (v) => ['--cwd', path.join(examples, 'python'), '--env', `APP_VERSION=${v}`, '--',
-    '/usr/bin/gunicorn', '--bind', '0.0.0.0:{port}', '--workers', '2', '--timeout', '6', 'wsgi:app']).then(() => {}), { peer: true });
+  await inWorld(
+    (w) =>
+      threeDeploys(w, (v) => [
+        '--cwd',
+        path.join(examples, 'python'),
+        '--env',
+        `APP_VERSION=${v}`,
+        '--',
+        '/usr/bin/gunicorn',
+        '--bind',
+        '0.0.0.0:{port}',
+        '--workers',
+        '2',
+        '--timeout',
+        '6',
+        'wsgi:app',
+      ]).then(() => {}),
+    { peer: true },
+  );
 });
 
 test('uvicorn recipe (SIGUSR1: Connection: close, then uvicorn stops itself after 2 s): 0 failed', async () => {
-  await inWorld((w) => threeDeploys(w, (v) => ['--cwd', path.join(examples, 'python'), '--env', `APP_VERSION=${v}`, '--stop-signal', 'SIGUSR1', '--drain', 'signal', '--',
-    '/usr/bin/python3', '-m', 'uvicorn', 'asgi:app', '--host', '0.0.0.0', '--port', '{port}']).then(() => {}), { peer: true });
+  await inWorld(
+    (w) =>
+      threeDeploys(w, (v) => [
+        '--cwd',
+        path.join(examples, 'python'),
+        '--env',
+        `APP_VERSION=${v}`,
+        '--stop-signal',
+        'SIGUSR1',
+        '--drain',
+        'signal',
+        '--',
+        '/usr/bin/python3',
+        '-m',
+        'uvicorn',
+        'asgi:app',
+        '--host',
+        '0.0.0.0',
+        '--port',
+        '{port}',
+      ]).then(() => {}),
+    { peer: true },
+  );
 });
 
 test.run();

@@ -3,7 +3,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { freePorts, startLoad, waitFor, fixture } from '../helpers/netns.js';
-import { inWorld, deployArgs, events, show, get, alive } from './lib.js';
+import { inWorld, deployArgs, show, get, alive } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 test('rollback under load points back at the kept instance with zero failed requests', async () => {
   await inWorld(async (w) => {
@@ -12,7 +13,10 @@ test('rollback under load points back at the kept instance with zero failed requ
     const load = await startLoad(w.ns, 'server', { url: 'http://127.0.0.1:80/', mode: 'new', durationMs: 60_000 });
     const second = await w.pf(deployArgs(ports, ['--keep-old', '60s', '--json'], ['--version', 'v2']));
     assert.is(second.code, 0, show(second));
-    assert.not.ok(events(second.stdout).some((e) => e.kind === 'signal'), 'the kept instance got no signal');
+    assert.not.ok(
+      events(second.stdout).some((e) => e.kind === 'signal'),
+      'the kept instance got no signal',
+    );
     const st = JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0];
     assert.is(st.others.length, 1);
     assert.is(st.others[0].state, 'kept');
@@ -22,7 +26,13 @@ test('rollback under load points back at the kept instance with zero failed requ
     const r = await w.pf(['rollback', 'web', '--json']);
     assert.is(r.code, 0, show(r));
     const rb = events(r.stdout).find((e) => e.step === 'rollback')!;
-    assert.ok(rb.durationMs < 2000, `the flip itself is quick (${rb.durationMs} ms)`);
+    // how fast the flip is belongs to the benchmark (the switch row of docs/benchmark.md), not to a pass/fail here
+    assert.is(rb.status, 'ok', show(r));
+    assert.equal(
+      [rb.port, rb.pid],
+      [st.others[0].port, st.others[0].pid],
+      'the redirect went back to the kept instance',
+    );
     assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
     const res = await load.stop();
     assert.is(res.failed, 0, JSON.stringify(res));
@@ -48,7 +58,11 @@ test('the detached reaper stops the kept instance when --keep-old runs out', asy
     assert.match(r.stderr, /detached reaper \(pid \d+\)/);
     assert.ok(alive(oldPid), 'kept alive for now');
     await waitFor(() => !alive(oldPid), 10_000, 'the reaper to stop the kept instance');
-    await waitFor(async () => JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0].others.length === 0, 5000, 'the state to forget it');
+    await waitFor(
+      async () => JSON.parse((await w.pf(['status', '--json'])).stdout).apps[0].others.length === 0,
+      5000,
+      'the state to forget it',
+    );
     assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v2');
   });
 });
@@ -60,11 +74,29 @@ test('--verify switches back to the old instance when the new one dies right aft
     const before = await w.save();
     const load = await startLoad(w.ns, 'server', { url: 'http://127.0.0.1:80/', mode: 'new', durationMs: 30_000 });
     // passes its checks, then dies 3 s later (time enough to be switched to on a busy machine)
-    const dying = ['--', 'sh', '-c', `${process.execPath} ${fixture('app.mjs')} --port $PORT --version v2 & p=$!; sleep 3; kill -9 $p`];
-    const r = await w.pf(['deploy', 'web', '--listen', '80', '--ports', ports.join(','), '--verify', '6s', '--json', ...dying]);
+    const dying = [
+      '--',
+      'sh',
+      '-c',
+      `${process.execPath} ${fixture('app.mjs')} --port $PORT --version v2 & p=$!; sleep 3; kill -9 $p`,
+    ];
+    const r = await w.pf([
+      'deploy',
+      'web',
+      '--listen',
+      '80',
+      '--ports',
+      ports.join(','),
+      '--verify',
+      '6s',
+      '--json',
+      ...dying,
+    ]);
     assert.is(r.code, 1, show(r));
     assert.match(r.stderr, /during --verify; switched back/);
-    const steps = events(r.stdout).filter((e) => e.kind === 'step').map((e) => `${e.step}:${e.status}`);
+    const steps = events(r.stdout)
+      .filter((e) => e.kind === 'step')
+      .map((e) => `${e.step}:${e.status}`);
     assert.ok(steps.includes('switch:ok') && steps.includes('verify:failed'), steps.join());
     assert.is(await w.save(), before, 'the redirect is back on the old instance');
     assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
@@ -89,9 +121,16 @@ test('--dry-run prints the steps and exact rules and changes nothing', async () 
     assert.match(r.stderr, /dry run, nothing is changed/);
     assert.match(r.stderr, /-A PF-web -p tcp -j REDIRECT --to-ports 8001/);
     assert.match(r.stderr, /-A PORTFLIP -p tcp -m tcp --dport 80 -j PF-web/);
-    assert.match(r.stderr, /ipv4 rules[^]*--ctreplsrcport 8001 -j ACCEPT[^]*ipv6 rules/, 'the filter accept, for both families');
+    assert.match(
+      r.stderr,
+      /ipv4 rules[^]*--ctreplsrcport 8001 -j ACCEPT[^]*ipv6 rules/,
+      'the filter accept, for both families',
+    );
     // commit by commit, as the runner makes them: the open step's filter text, then the switch's nat text
-    assert.match(r.stderr, /ipv4 rules, open step[^]*\*filter[^]*ipv4 rules, switch step[^]*\*nat[^]*REDIRECT --to-ports 8001/);
+    assert.match(
+      r.stderr,
+      /ipv4 rules, open step[^]*\*filter[^]*ipv4 rules, switch step[^]*\*nat[^]*REDIRECT --to-ports 8001/,
+    );
     assert.is(await w.save(), before);
     assert.equal(JSON.parse((await w.pf(['status', '--json'])).stdout).apps, []);
   });

@@ -7,20 +7,21 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { fixture, freePorts, startLoad, waitFor } from '../helpers/netns.js';
-import { inWorld, app, events, show, get, alive, type World } from './lib.js';
+import { inWorld, app, show, get, alive, type World } from '../helpers/world.js';
+import { events, type JsonEvent } from '../helpers/events.js';
 
 interface Supervisor {
   child: ChildProcess;
-  events: Record<string, any>[];
+  events: JsonEvent[];
   output(): string;
   exited: Promise<number | null>;
-  waitEvent(match: (e: Record<string, any>) => boolean, what: string, timeoutMs?: number): Promise<Record<string, any>>;
+  waitEvent(match: (e: JsonEvent) => boolean, what: string, timeoutMs?: number): Promise<JsonEvent>;
 }
 
 /** Starts `portflip run` with --json; every test kills it by pid in its finally, so a failure leaves no keeper behind. */
 function startRun(w: World, args: string[]): Supervisor {
   const child = w.pfSpawn(['run', 'web', '--json', ...args]);
-  const evs: Record<string, any>[] = [];
+  const evs: JsonEvent[] = [];
   let out = '';
   let err = '';
   child.stdout!.on('data', (d) => {
@@ -33,13 +34,21 @@ function startRun(w: World, args: string[]): Supervisor {
   const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
   const output = () => `stderr: ${err}\nevents: ${evs.map((e) => JSON.stringify(e)).join('\n')}`;
   return {
-    child, events: evs, output, exited,
+    child,
+    events: evs,
+    output,
+    exited,
     async waitEvent(match, what, timeoutMs = 20_000) {
-      let found: Record<string, any> | undefined;
-      await waitFor(() => {
-        if (child.exitCode !== null) throw new Error(`portflip run exited (${child.exitCode}) before ${what}\n${output()}`);
-        return !!(found = evs.find(match));
-      }, timeoutMs, `${what}\n${output()}`).catch((e) => {
+      let found: JsonEvent | undefined;
+      await waitFor(
+        () => {
+          if (child.exitCode !== null)
+            throw new Error(`portflip run exited (${child.exitCode}) before ${what}\n${output()}`);
+          return !!(found = evs.find(match));
+        },
+        timeoutMs,
+        `${what}\n${output()}`,
+      ).catch((e) => {
         throw new Error(`${e.message}\n${output()}`);
       });
       return found!;
@@ -54,7 +63,7 @@ const killRun = async (s: Supervisor) => {
   }
 };
 
-const sup = (action: string) => (e: Record<string, any>) => e.kind === 'supervisor' && e.action === action;
+const sup = (action: string) => (e: JsonEvent) => e.kind === 'supervisor' && e.action === action;
 const count = (s: Supervisor, action: string) => s.events.filter(sup(action)).length;
 const statusOf = async (w: World) => JSON.parse((await w.pf(['status', 'web', '--json'])).stdout).apps[0];
 
@@ -87,7 +96,10 @@ test('reload on SIGHUP and on `portflip reload` under load: zero failed requests
         const r = await w.pf(['reload', 'web', '--json']);
         assert.is(r.code, 0, show(r));
         // the client shows the deploy the supervisor ran for it
-        assert.ok(events(r.stdout).some((e) => e.step === 'done'), r.stdout);
+        assert.ok(
+          events(r.stdout).some((e) => e.step === 'done'),
+          r.stdout,
+        );
         assert.is(await get(w.ns, url), 'v3');
 
         // a storm of SIGHUPs during a reload is queued once: one more reload, not one per signal
@@ -126,7 +138,15 @@ test('reload on SIGHUP and on `portflip reload` under load: zero failed requests
 test('a crash of the active instance is restarted and counted; a reload with flags only deploys the same app again', async () => {
   await inWorld(async (w) => {
     const ports = await freePorts(2);
-    const s = startRun(w, ['--listen', '80', '--ports', ports.join(','), '--ready', 'http://127.0.0.1:{port}/health', ...app('--version', 'v1')]);
+    const s = startRun(w, [
+      '--listen',
+      '80',
+      '--ports',
+      ports.join(','),
+      '--ready',
+      'http://127.0.0.1:{port}/health',
+      ...app('--version', 'v1'),
+    ]);
     try {
       await s.waitEvent((e) => e.step === 'done', 'the first deploy');
       const before = (await statusOf(w)).active;
@@ -169,7 +189,15 @@ test('SIGTERM to run stops the instances, removes the rules and the socket, and 
       await s.waitEvent((e) => e.step === 'done', 'the first deploy');
       const pid = (await statusOf(w)).active.pid;
       assert.ok(existsSync(join(w.dirs.runDir, 'web.sock')));
-      const second = await w.pf(['run', 'web', '--listen', '80', '--ports', ports.join(','), ...app('--version', 'v2')]);
+      const second = await w.pf([
+        'run',
+        'web',
+        '--listen',
+        '80',
+        '--ports',
+        ports.join(','),
+        ...app('--version', 'v2'),
+      ]);
       assert.is(second.code, 3, show(second));
       assert.match(second.stderr, /already running/);
 
@@ -179,7 +207,10 @@ test('SIGTERM to run stops the instances, removes the rules and the socket, and 
       assert.not.match(await w.save(), /PORTFLIP|PF-/, 'no portflip rules left');
       assert.not.ok(existsSync(join(w.dirs.runDir, 'web.sock')), 'the socket is gone');
       assert.not.ok(existsSync(join(w.dirs.stateDir, 'web.json')), 'the state file is gone');
-      assert.ok(s.events.some((e) => e.step === 'stop'), s.output());
+      assert.ok(
+        s.events.some((e) => e.step === 'stop'),
+        s.output(),
+      );
     } finally {
       await killRun(s);
     }

@@ -4,7 +4,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import type { ChildProcess } from 'node:child_process';
 import { freePorts, repoRoot, waitFor } from '../helpers/netns.js';
-import { inWorld, deployArgs, show } from './lib.js';
+import { inWorld, deployArgs, show } from '../helpers/world.js';
 
 const collect = (child: ChildProcess) => {
   const out = { text: '' };
@@ -23,7 +23,9 @@ test('status: a table without colour in a pipe, with colour on a terminal; --wat
     assert.match(plain.stdout, /\nconntrack: \d+ of \d+ entries \([\d.]+%\)/);
     assert.not.match(plain.stdout, /\x1b\[/);
     const main = `${process.execPath} ${repoRoot}/dist/src/main.cjs`;
-    const tty = await w.ns.exec('script', ['-qec', `${main} status`, '/dev/null'], { env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir } });
+    const tty = await w.ns.exec('script', ['-qec', `${main} status`, '/dev/null'], {
+      env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir },
+    });
     assert.is(tty.code, 0, show(tty));
     assert.match(tty.stdout, /\x1b\[32mactive/);
 
@@ -49,7 +51,11 @@ test('logs shows the active instance log, and -f follows it across a deploy', as
     const exited = exitOf(follow);
     await waitFor(() => /version v1/.test(out.text), 5000, 'the first lines');
     assert.is((await w.pf(deployArgs(ports, [], ['--version', 'v2']))).code, 0);
-    await waitFor(() => /now following .*\n[\s\S]*version v2/.test(out.text), 10_000, `the new instance's log: ${out.text}`);
+    await waitFor(
+      () => /now following .*\n[\s\S]*version v2/.test(out.text),
+      10_000,
+      `the new instance's log: ${out.text}`,
+    );
     follow.kill('SIGINT');
     assert.is(await exited, 0);
     const none = await w.pf(['logs', 'nope']);

@@ -7,15 +7,24 @@ import path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { repoRoot, startLoad } from '../helpers/netns.js';
-import { inWorld, get, events, show } from './lib.js';
+import { inWorld, get, show } from '../helpers/world.js';
+import { events } from '../helpers/events.js';
 
 const VAGRANT_DIR = path.join(repoRoot, 'vagrant');
 const PROVISION = path.join(VAGRANT_DIR, 'provision.sh');
 
 // Async twin of runSync, so that vagrant validate (slow to start) overlaps the provision run.
-const runAsync = (cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}) =>
+const runAsync = (
+  cmd: string,
+  args: string[],
+  opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
+) =>
   new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-    const child = spawn(cmd, args, { cwd: opts.cwd, env: { ...process.env, ...opts.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(cmd, args, {
+      cwd: opts.cwd,
+      env: { ...process.env, ...opts.env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d) => (stdout += d));
@@ -29,9 +38,23 @@ const runAsync = (cmd: string, args: string[], opts: { cwd?: string; env?: NodeJ
   });
 
 const has = (cmd: string) => spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
-const runSync = (cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}) => {
-  const r = spawnSync(cmd, args, { cwd: opts.cwd, env: { ...process.env, ...opts.env }, encoding: 'utf8', timeout: opts.timeoutMs ?? 60_000, killSignal: 'SIGKILL' });
-  return { code: r.status ?? 128, stdout: r.stdout ?? '', stderr: `${r.stderr ?? ''}${r.error ? r.error.message : ''}` };
+const runSync = (
+  cmd: string,
+  args: string[],
+  opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
+) => {
+  const r = spawnSync(cmd, args, {
+    cwd: opts.cwd,
+    env: { ...process.env, ...opts.env },
+    encoding: 'utf8',
+    timeout: opts.timeoutMs ?? 60_000,
+    killSignal: 'SIGKILL',
+  });
+  return {
+    code: r.status ?? 128,
+    stdout: r.stdout ?? '',
+    stderr: `${r.stderr ?? ''}${r.error ? r.error.message : ''}`,
+  };
 };
 
 // provision.sh starts at once and runs while the first test checks the files; the second test awaits it.
@@ -53,7 +76,10 @@ test('the Vagrantfile validates (vagrant validate, or ruby -c without vagrant) a
     const tmp = mkdtempSync(path.join(tmpdir(), 'portflip-vagrant-'));
     try {
       cpSync(VAGRANT_DIR, path.join(tmp, 'vagrant'), { recursive: true });
-      const r = await runAsync('vagrant', ['validate'], { cwd: path.join(tmp, 'vagrant'), env: { VAGRANT_HOME: path.join(tmp, 'home'), VAGRANT_CHECKPOINT_DISABLE: '1' } });
+      const r = await runAsync('vagrant', ['validate'], {
+        cwd: path.join(tmp, 'vagrant'),
+        env: { VAGRANT_HOME: path.join(tmp, 'home'), VAGRANT_CHECKPOINT_DISABLE: '1' },
+      });
       assert.is(r.code, 0, `vagrant validate: ${r.stdout}${r.stderr}`);
       assert.match(r.stdout, /validated successfully/);
       console.log('  checked the Vagrantfile with vagrant validate');
@@ -63,7 +89,7 @@ test('the Vagrantfile validates (vagrant validate, or ruby -c without vagrant) a
   } else if (has('ruby')) {
     const r = runSync('ruby', ['-c', path.join(VAGRANT_DIR, 'Vagrantfile')]);
     assert.is(r.code, 0, `ruby -c: ${r.stdout}${r.stderr}`);
-    console.log('  vagrant is not installed: checked only the Vagrantfile\'s Ruby syntax with ruby -c');
+    console.log("  vagrant is not installed: checked only the Vagrantfile's Ruby syntax with ruby -c");
   } else {
     console.log('  neither vagrant nor ruby is installed: the Vagrantfile was not checked');
   }
@@ -72,7 +98,8 @@ test('the Vagrantfile validates (vagrant validate, or ruby -c without vagrant) a
   assert.is(n.code, 0, `bash -n provision.sh: ${n.stderr}`);
   const help = runSync('bash', [PROVISION, '--help']);
   assert.is(help.code, 0, help.stderr);
-  for (const flag of ['--prefix', '--no-systemd', '--source', '--executable', '--build']) assert.ok(help.stdout.includes(flag), `--help names ${flag}`);
+  for (const flag of ['--prefix', '--no-systemd', '--source', '--executable', '--build'])
+    assert.ok(help.stdout.includes(flag), `--help names ${flag}`);
 });
 
 test('the fleet demo: vagrant/fleet/Vagrantfile (a balancer, two app VMs) validates, its HAProxy config checks, the playbook parses', async () => {
@@ -89,7 +116,10 @@ test('the fleet demo: vagrant/fleet/Vagrantfile (a balancer, two app VMs) valida
     const tmp = mkdtempSync(path.join(tmpdir(), 'portflip-vagrant-'));
     try {
       cpSync(VAGRANT_DIR, path.join(tmp, 'vagrant'), { recursive: true });
-      const r = await runAsync('vagrant', ['validate'], { cwd: path.join(tmp, 'vagrant', 'fleet'), env: { VAGRANT_HOME: path.join(tmp, 'home'), VAGRANT_CHECKPOINT_DISABLE: '1' } });
+      const r = await runAsync('vagrant', ['validate'], {
+        cwd: path.join(tmp, 'vagrant', 'fleet'),
+        env: { VAGRANT_HOME: path.join(tmp, 'home'), VAGRANT_CHECKPOINT_DISABLE: '1' },
+      });
       assert.is(r.code, 0, `vagrant validate: ${r.stdout}${r.stderr}`);
       assert.match(r.stdout, /validated successfully/);
     } finally {
@@ -106,7 +136,11 @@ test('the fleet demo: vagrant/fleet/Vagrantfile (a balancer, two app VMs) valida
     const home = mkdtempSync(path.join(tmpdir(), 'portflip-ansible-'));
     try {
       const env = { ANSIBLE_CONFIG: path.join(fleetDir, 'ansible.cfg'), ANSIBLE_HOME: home, HOME: home };
-      const syn = runSync('ansible-playbook', ['--syntax-check', path.join(repoRoot, 'ansible', 'rolling-deploy.yml')], { cwd: fleetDir, env });
+      const syn = runSync(
+        'ansible-playbook',
+        ['--syntax-check', path.join(repoRoot, 'ansible', 'rolling-deploy.yml')],
+        { cwd: fleetDir, env },
+      );
       assert.is(syn.code, 0, `ansible-playbook --syntax-check: ${syn.stdout}${syn.stderr}`);
       const inv = runSync('ansible-inventory', ['--host', 'app1'], { cwd: fleetDir, env });
       assert.is(inv.code, 0, inv.stderr);
@@ -147,13 +181,22 @@ test('provision.sh installs portflip into a prefix for real; the installed binar
     assert.match(unit, /WantedBy=multi-user.target/);
     if (has('systemd-analyze')) {
       // Its commands point into the prefix, where they exist, so verify checks the unit for real.
-      const v = runSync('systemd-analyze', ['verify', path.join(prefix, 'etc/systemd/system/portflip-sample.service')], { env: { SYSTEMD_LOG_LEVEL: 'warning' } });
+      const v = runSync(
+        'systemd-analyze',
+        ['verify', path.join(prefix, 'etc/systemd/system/portflip-sample.service')],
+        { env: { SYSTEMD_LOG_LEVEL: 'warning' } },
+      );
       assert.is(v.code, 0, `systemd-analyze verify: ${v.stdout}${v.stderr}`);
     }
 
     await inWorld(async (w) => {
-      const env = { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir, PORTFLIP_PRELOAD_DIR: w.dirs.preloadDir };
-      const pf = (argv: string[], json = true) => w.ns.exec(argv[0], [...argv.slice(1), ...(json ? ['--json'] : [])], { env, timeoutMs: 60_000 });
+      const env = {
+        PORTFLIP_STATE_DIR: w.dirs.stateDir,
+        PORTFLIP_RUN_DIR: w.dirs.runDir,
+        PORTFLIP_PRELOAD_DIR: w.dirs.preloadDir,
+      };
+      const pf = (argv: string[], json = true) =>
+        w.ns.exec(argv[0], [...argv.slice(1), ...(json ? ['--json'] : [])], { env, timeoutMs: 60_000 });
       // --json goes before `--`, which ends portflip's own flags.
       const withJson = (argv: string[]) => {
         const i = argv.indexOf('--');
@@ -163,11 +206,18 @@ test('provision.sh installs portflip into a prefix for real; the installed binar
       assert.is(first.code, 0, show(first));
       assert.match(await get(w.ns, 'http://127.0.0.1:80/'), /^hello from portflip-sample v1, pid \d+, port 800[12]/);
 
-      const load = await startLoad(w.ns, 'server', { url: 'http://127.0.0.1:80/', mode: 'keepalive', concurrency: 2, durationMs: 30_000 });
+      const load = await startLoad(w.ns, 'server', {
+        url: 'http://127.0.0.1:80/',
+        mode: 'keepalive',
+        concurrency: 2,
+        durationMs: 30_000,
+      });
       const again = await pf(withJson(line('ExecReload')), false);
       const res = await load.stop();
       assert.is(again.code, 0, show(again));
-      const steps = events(again.stdout).filter((e) => e.kind === 'step').map((e) => e.step);
+      const steps = events(again.stdout)
+        .filter((e) => e.kind === 'step')
+        .map((e) => e.step);
       assert.equal(steps, ['preflight', 'start', 'ready', 'bind-check', 'open', 'switch', 'drain', 'done']);
       assert.is(res.failed, 0, JSON.stringify(res));
       assert.ok(res.ok > 0);

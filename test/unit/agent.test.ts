@@ -7,7 +7,15 @@ import { mkdtemp, readFile, rm, utimes, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { READY_FOR_MS, agentAnswer, canaryWeightOf, modeFromFlag, readView, setMode, type AgentView } from '../../src/agent.js';
+import {
+  READY_FOR_MS,
+  agentAnswer,
+  canaryWeightOf,
+  modeFromFlag,
+  readView,
+  setMode,
+  type AgentView,
+} from '../../src/agent.js';
 import { PortflipError } from '../../src/errors.js';
 import { paths, writeState, type AppState } from '../../src/state.js';
 import { realSys } from '../../src/sys.js';
@@ -51,13 +59,26 @@ test('--set writes and clears the flag file, refuses bad input; readView sees th
   const dir = await mkdtemp(path.join(tmpdir(), 'portflip-agent-'));
   try {
     const p = paths({ PORTFLIP_STATE_DIR: dir, PORTFLIP_RUN_DIR: path.join(dir, 'run') });
-    assert.equal(await readView(realSys, p, 'web'), { app: 'web', mode: null, known: false, alive: false, canaryWeight: undefined });
+    assert.equal(await readView(realSys, p, 'web'), {
+      app: 'web',
+      mode: null,
+      known: false,
+      alive: false,
+      canaryWeight: undefined,
+    });
     const file = await setMode(realSys, p, 'web', 'drain');
     assert.is(await readFile(file, 'utf8'), 'drain\n');
     const st: AppState = {
-      schema: 1, app: 'web', listen: 80, backend: 'nft', families: ['ipv4'], updatedAt: '',
+      schema: 1,
+      app: 'web',
+      listen: 80,
+      backend: 'nft',
+      families: ['ipv4'],
+      updatedAt: '',
       stop: { drain: 'signal', drainTimeoutMs: 1, stopSignal: 'SIGTERM', killAfterMs: 1 },
-      instances: [{ port: 8001, pid: process.pid, startTime: null, state: 'active', startedAt: '', command: [], log: '' }],
+      instances: [
+        { port: 8001, pid: process.pid, startTime: null, state: 'active', startedAt: '', command: [], log: '' },
+      ],
     };
     await writeState(realSys, p, st);
     assert.is(agentAnswer(await readView(realSys, p, 'web')), 'drain up');
@@ -85,7 +106,11 @@ test('--set writes and clears the flag file, refuses bad input; readView sees th
     };
     await bad(() => setMode(realSys, p, 'web', 'up'), 'usage', /--set up: use one of ready, drain, maint, clear/);
     await bad(() => setMode(realSys, p, 'Web!', 'drain'), 'usage', /app name "Web!"/);
-    await bad(() => setMode(realSys, paths({ PORTFLIP_STATE_DIR: path.join(dir, 'nope') }), 'web', 'drain'), 'config', /does not exist/);
+    await bad(
+      () => setMode(realSys, paths({ PORTFLIP_STATE_DIR: path.join(dir, 'nope') }), 'web', 'drain'),
+      'config',
+      /does not exist/,
+    );
     await writeFile(path.join(dir, 'web.agent'), 'maint\n');
     assert.is(agentAnswer(await readView(realSys, p, 'web')), 'maint');
   } finally {

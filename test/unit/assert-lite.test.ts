@@ -14,12 +14,31 @@ const outcome = (fn: () => void) => {
 };
 
 test('strictEqual and notStrictEqual agree with node:assert, NaN and -0 included, and keep the message', () => {
-  const pairs: [unknown, unknown][] = [[1, 1], [1, '1'], [NaN, NaN], [0, -0], [undefined, undefined], [undefined, null], ['a', 'a']]; // yargs compares values with undefined, and typeof with 'string'
+  const pairs: [unknown, unknown][] = [
+    [1, 1],
+    [1, '1'],
+    [NaN, NaN],
+    [0, -0],
+    [undefined, undefined],
+    [undefined, null],
+    ['a', 'a'],
+  ]; // yargs compares values with undefined, and typeof with 'string'
   for (const [a, b] of pairs) {
-    assert.is(outcome(() => strictEqual(a, b, 'why')), outcome(() => node.strictEqual(a, b, 'why')), `strictEqual(${String(a)}, ${String(b)})`);
-    assert.is(outcome(() => notStrictEqual(a, b, 'why')), outcome(() => node.notStrictEqual(a, b, 'why')), `notStrictEqual(${String(a)}, ${String(b)})`);
+    assert.is(
+      outcome(() => strictEqual(a, b, 'why')),
+      outcome(() => node.strictEqual(a, b, 'why')),
+      `strictEqual(${String(a)}, ${String(b)})`,
+    );
+    assert.is(
+      outcome(() => notStrictEqual(a, b, 'why')),
+      outcome(() => node.notStrictEqual(a, b, 'why')),
+      `notStrictEqual(${String(a)}, ${String(b)})`,
+    );
   }
-  assert.is(outcome(() => strictEqual(1, 2)), 'threw');
+  assert.is(
+    outcome(() => strictEqual(1, 2)),
+    'threw',
+  );
 });
 
 test.run();

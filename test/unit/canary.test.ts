@@ -64,7 +64,7 @@ test('the probability is printed as iptables-save prints the kernel fraction', (
 test('mark blocks cover exactly marks 1..n, never mark 0, in few rules', () => {
   const matches = (block: string, mark: number) => {
     const [v, m] = block.split('/').map((x) => Number(x));
-    return ((mark & (m ?? 0xffffffff)) >>> 0) === v;
+    return (mark & (m ?? 0xffffffff)) >>> 0 === v;
   };
   for (let n = 1; n <= 99; n++) {
     const blocks = markBlocks(n);
@@ -121,7 +121,10 @@ test('adding the split rewrites only the app chain, in one commit; foreign rules
   assert.is(checkApp(after, split({ by: 'ip' }), 'ipv4').nat, 'mismatch');
   // promote / abort: the split goes, the redirect stays one rule
   const plain = { ...split(), canary: null };
-  assert.match(appText(after, plain, 'ipv4')!, /:PF-web - \[0:0\]\n-A PF-web -p tcp -j REDIRECT --to-ports 8001\nCOMMIT/);
+  assert.match(
+    appText(after, plain, 'ipv4')!,
+    /:PF-web - \[0:0\]\n-A PF-web -p tcp -j REDIRECT --to-ports 8001\nCOMMIT/,
+  );
   assert.ok(checkApp(after, plain, 'ipv4').missing.includes('nat: PF-web should only redirect to 8001'));
 });
 
@@ -129,10 +132,21 @@ test('share and flag parsing refuse what is not a whole percent from 1 to 99', (
   assert.is(parseShare('10%', '--canary'), 10);
   assert.is(parseShare('50', '--canary'), 50);
   for (const bad of ['0%', '100%', '10.5%', 'ten', '-5', ''])
-    assert.throws(() => parseShare(bad, '--canary'), (e: unknown) => e instanceof PortflipError && e.kind === 'usage', bad);
-  assert.equal(canaryOptions({ canary: '10%', canaryBy: 'ip', canaryFor: '30s' }), { percent: 10, by: 'ip', forMs: 30_000 });
+    assert.throws(
+      () => parseShare(bad, '--canary'),
+      (e: unknown) => e instanceof PortflipError && e.kind === 'usage',
+      bad,
+    );
+  assert.equal(canaryOptions({ canary: '10%', canaryBy: 'ip', canaryFor: '30s' }), {
+    percent: 10,
+    by: 'ip',
+    forMs: 30_000,
+  });
   const usage = (f: Record<string, unknown>, re: RegExp) =>
-    assert.throws(() => canaryOptions(f), (e: unknown) => e instanceof PortflipError && e.kind === 'usage' && re.test(e.message));
+    assert.throws(
+      () => canaryOptions(f),
+      (e: unknown) => e instanceof PortflipError && e.kind === 'usage' && re.test(e.message),
+    );
   usage({ canaryBy: 'ip' }, /--canary-by needs --canary/);
   usage({ canary: '10%', canaryBy: 'cookie' }, /use conn .* or ip/);
   usage({ canary: '10%', keepOld: '5m' }, /--keep-old does not go with --canary/);
@@ -154,7 +168,8 @@ test('the canary state: its moves, and never without an active instance or besid
 // ---- against the fake Sys ------------------------------------------------------------------
 
 type StepEvent = Extract<Event, { kind: 'step' }>;
-const steps = (events: Event[]) => (events.filter((e) => e.kind === 'step') as StepEvent[]).map((e) => `${e.step}:${e.status}`);
+const steps = (events: Event[]) =>
+  (events.filter((e) => e.kind === 'step') as StepEvent[]).map((e) => `${e.step}:${e.status}`);
 const chain = (sys: FakeSys, family: 'ipv4' | 'ipv6' = 'ipv4') => sys.iptables[family].nat.get('PF-web')?.rules ?? [];
 const states = async (sys: FakeSys) =>
   ((await readState(sys, FAKE_PATHS, 'web'))?.instances ?? []).map((i) => [i.port, i.state]);
@@ -171,7 +186,15 @@ async function withCanary(percent = 10, by: 'conn' | 'ip' = 'conn') {
 
 test('deploy --canary starts and checks the new instance, then splits; both stay up', async () => {
   const { sys, v1, v2, events } = await withCanary();
-  assert.equal(steps(events), ['preflight:ok', 'start:ok', 'ready:ok', 'bind-check:ok', 'open:ok', 'canary:ok', 'done:ok']);
+  assert.equal(steps(events), [
+    'preflight:ok',
+    'start:ok',
+    'ready:ok',
+    'bind-check:ok',
+    'open:ok',
+    'canary:ok',
+    'done:ok',
+  ]);
   assert.equal(chain(sys), [
     `-A PF-web -p tcp -m statistic --mode random --probability 0.10000000009 -j REDIRECT --to-ports ${v2.port}`,
     `-A PF-web -p tcp -j REDIRECT --to-ports ${v1.port}`,
@@ -180,14 +203,23 @@ test('deploy --canary starts and checks the new instance, then splits; both stay
   for (const p of [v1.port, v2.port]) assert.match(filter, new RegExp(`--ctreplsrcport ${p} -j ACCEPT`));
   assert.equal(v1.signals, [], 'the active instance keeps running');
   const st = (await readState(sys, FAKE_PATHS, 'web'))!;
-  assert.equal(st.instances.map((i) => [i.pid, i.state]), [[v1.pid, 'active'], [v2.pid, 'canary']]);
+  assert.equal(
+    st.instances.map((i) => [i.pid, i.state]),
+    [
+      [v1.pid, 'active'],
+      [v2.pid, 'canary'],
+    ],
+  );
   assert.equal([st.canary!.percent, st.canary!.by, st.canary!.families], [10, 'conn', ['ipv4']]);
 });
 
 test('a plain deploy while a canary is live is refused, naming promote and abort; nothing changes', async () => {
   const { sys } = await withCanary();
   const before = { rules: [...chain(sys)], apps: sys.apps().map((p) => p.pid), states: await states(sys) };
-  const err = await deploy(fakeDeploy(), fakeCtx(sys).ctx).then(() => null, (e) => e);
+  const err = await deploy(fakeDeploy(), fakeCtx(sys).ctx).then(
+    () => null,
+    (e) => e,
+  );
   assert.ok(err instanceof PortflipError && err.kind === 'canaryLive', String(err));
   assert.is(err.exitCode, 12);
   assert.match(err.message, /portflip promote web, or portflip abort web/);
@@ -210,10 +242,19 @@ test('promote makes the canary the only instance in one commit and drains the ol
   await promote(ctx, 'web');
   assert.equal(steps(events), ['promote:ok', 'drain:ok']);
   assert.equal(chain(sys), [`-A PF-web -p tcp -j REDIRECT --to-ports ${v2.port}`]);
-  assert.equal(v1.signals.map((s) => s.signal), ['SIGTERM']);
-  assert.equal(sys.apps().map((p) => p.pid), [v2.pid]);
+  assert.equal(
+    v1.signals.map((s) => s.signal),
+    ['SIGTERM'],
+  );
+  assert.equal(
+    sys.apps().map((p) => p.pid),
+    [v2.pid],
+  );
   const st = (await readState(sys, FAKE_PATHS, 'web'))!;
-  assert.equal(st.instances.map((i) => [i.pid, i.state]), [[v2.pid, 'active']]);
+  assert.equal(
+    st.instances.map((i) => [i.pid, i.state]),
+    [[v2.pid, 'active']],
+  );
   assert.is(st.canary, undefined);
   await deploy(fakeDeploy(), fakeCtx(sys).ctx); // a plain deploy works again
 });
@@ -225,8 +266,15 @@ test('promote --canary 50% only changes the share', async () => {
   await promote(ctx, 'web', { percent: 50 });
   assert.equal(steps(events), ['canary:ok']);
   const st = (await readState(sys, FAKE_PATHS, 'web'))!;
-  assert.equal([st.canary!.percent, st.canary!.by, st.canary!.rnd], [50, 'ip', rnd], 'the same hash seed: clients stay');
-  assert.equal(chain(sys), natRules({ ...split({ port: v2.port!, percent: 50, by: 'ip', rnd }), target: v1.port }, 'ipv4'));
+  assert.equal(
+    [st.canary!.percent, st.canary!.by, st.canary!.rnd],
+    [50, 'ip', rnd],
+    'the same hash seed: clients stay',
+  );
+  assert.equal(
+    chain(sys),
+    natRules({ ...split({ port: v2.port!, percent: 50, by: 'ip', rnd }), target: v1.port }, 'ipv4'),
+  );
   assert.equal(v1.signals, []);
   assert.is(sys.apps().length, 2);
 });
@@ -237,7 +285,10 @@ test('abort sends every new connection back to the old instance, then drains and
   await abort(ctx, 'web');
   assert.equal(steps(events), ['abort:ok', 'drain:ok']);
   assert.equal(chain(sys), [`-A PF-web -p tcp -j REDIRECT --to-ports ${v1.port}`]);
-  assert.equal(v2.signals.map((s) => s.signal), ['SIGTERM']);
+  assert.equal(
+    v2.signals.map((s) => s.signal),
+    ['SIGTERM'],
+  );
   assert.equal(await states(sys), [[v1.port, 'active']]);
   const again = await abort(fakeCtx(sys).ctx, 'web').catch((e) => e);
   assert.ok(again instanceof PortflipError && again.kind === 'nothingToDo' && /no live canary/.test(again.message));
@@ -249,12 +300,18 @@ test('promote and abort --dry-run print the steps and the exact commit, and chan
   const p = fakeCtx(sys);
   await promote(p.ctx, 'web', { dryRun: true });
   const plan = p.events.find((e) => e.kind === 'plan') as Extract<Event, { kind: 'plan' }>;
-  assert.equal(plan.steps.map((s) => s.step), ['promote', 'drain']);
+  assert.equal(
+    plan.steps.map((s) => s.step),
+    ['promote', 'drain'],
+  );
   assert.match(plan.rules[0].text, new RegExp(`-A PF-web -p tcp -j REDIRECT --to-ports ${v2.port}\nCOMMIT`));
   const a = fakeCtx(sys);
   await abort(a.ctx, 'web', { dryRun: true });
   const aplan = a.events.find((e) => e.kind === 'plan') as Extract<Event, { kind: 'plan' }>;
-  assert.equal(aplan.steps.map((s) => s.step), ['abort', 'drain']);
+  assert.equal(
+    aplan.steps.map((s) => s.step),
+    ['abort', 'drain'],
+  );
   assert.match(aplan.rules[0].text, new RegExp(`-A PF-web -p tcp -j REDIRECT --to-ports ${v1.port}\nCOMMIT`));
   assert.equal(chain(sys), before);
   assert.equal(v1.signals.concat(v2.signals), []);
@@ -271,7 +328,10 @@ test('deploy --canary --dry-run lists the canary step instead of the switch, wit
   const names = plan.steps.map((s) => s.step);
   assert.ok(names.includes('canary') && names.includes('canary-for'), names.join(' '));
   assert.not.ok(names.includes('switch') || names.includes('verify'), names.join(' '));
-  assert.match(plan.rules[0].text, /-m statistic --mode random --probability 0\.25000000000 -j REDIRECT --to-ports \d+\n/);
+  assert.match(
+    plan.rules[0].text,
+    /-m statistic --mode random --probability 0\.25000000000 -j REDIRECT --to-ports \d+\n/,
+  );
   assert.match(plan.rules[0].text, new RegExp(`-A PF-web -p tcp -j REDIRECT --to-ports ${v1.port}\nCOMMIT`));
   assert.equal(chain(sys), before);
   assert.is(sys.apps().length, 1);
@@ -303,7 +363,10 @@ test('--canary-for aborts on its own when the canary dies', async () => {
   assert.ok(steps(events).includes('abort:ok'), steps(events).join(' '));
   assert.equal(chain(sys), [`-A PF-web -p tcp -j REDIRECT --to-ports ${v1.port}`]);
   assert.equal(await states(sys), [[v1.port, 'active']]);
-  assert.equal(sys.apps().map((p) => p.pid), [v1.pid]);
+  assert.equal(
+    sys.apps().map((p) => p.pid),
+    [v1.pid],
+  );
 });
 
 test('a dead canary loses its split at the next run; a dead active one leaves the canary serving alone', async () => {
@@ -347,11 +410,17 @@ test('the self-healer sees a lost or changed split and puts it back', async () =
 /** After any death and the repair: every live process is recorded, and the rules reach live instances only. */
 async function invariant(sys: FakeSys, where: string): Promise<void> {
   const st = await readState(sys, FAKE_PATHS, 'web');
-  const live = sys.apps().map((p) => p.pid).sort();
+  const live = sys
+    .apps()
+    .map((p) => p.pid)
+    .sort();
   assert.equal(live, (st?.instances ?? []).map((i) => i.pid).sort(), `${where}: orphans`);
   const active = st!.instances.find((i) => i.state === 'active')!;
   const canary = st!.instances.find((i) => i.state === 'canary');
-  assert.ok(st!.instances.every((i) => i.state === 'active' || i.state === 'canary'), `${where}: ${JSON.stringify(st)}`);
+  assert.ok(
+    st!.instances.every((i) => i.state === 'active' || i.state === 'canary'),
+    `${where}: ${JSON.stringify(st)}`,
+  );
   const rules = chain(sys);
   assert.is(rules.at(-1), `-A PF-web -p tcp -j REDIRECT --to-ports ${active.port}`, `${where}: ${rules.join('; ')}`);
   assert.is(sys.listener(active.port)?.pid, active.pid, `${where}: the redirect reaches the active instance`);
@@ -359,7 +428,8 @@ async function invariant(sys: FakeSys, where: string): Promise<void> {
     assert.ok(st!.canary, `${where}: a canary without its split settings`);
     const split = rules.slice(0, -1).filter((r) => r.includes('--to-ports'));
     assert.ok(split.length, `${where}: no split: ${rules.join('; ')}`);
-    for (const r of split) assert.match(r, new RegExp(`--to-ports ${canary.port}$`), `${where}: the split goes to the canary`);
+    for (const r of split)
+      assert.match(r, new RegExp(`--to-ports ${canary.port}$`), `${where}: the split goes to the canary`);
     assert.is(sys.listener(canary.port)?.pid, canary.pid ?? undefined);
   } else assert.is(rules.length, 1, `${where}: a split without a canary: ${rules.join('; ')}`);
 }
@@ -396,11 +466,19 @@ const canaryLive = async (sys: FakeSys) => {
 };
 
 test('a canary deploy killed before any of its effects is repaired by restore', async () => {
-  await everyKill(oneActive, (sys) => deploy(fakeDeploy({ canary: { percent: 10, by: 'conn' } }), fakeCtx(sys).ctx), 'deploy --canary');
+  await everyKill(
+    oneActive,
+    (sys) => deploy(fakeDeploy({ canary: { percent: 10, by: 'conn' } }), fakeCtx(sys).ctx),
+    'deploy --canary',
+  );
 });
 
 test('a canary deploy with --canary-for killed anywhere (auto promote included) is repaired', async () => {
-  await everyKill(oneActive, (sys) => deploy(fakeDeploy({ canary: { percent: 10, by: 'conn', forMs: 3000 } }), fakeCtx(sys).ctx), 'deploy --canary-for');
+  await everyKill(
+    oneActive,
+    (sys) => deploy(fakeDeploy({ canary: { percent: 10, by: 'conn', forMs: 3000 } }), fakeCtx(sys).ctx),
+    'deploy --canary-for',
+  );
 });
 
 test('promote killed before any of its effects is repaired by restore', async () => {

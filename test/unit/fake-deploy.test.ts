@@ -10,7 +10,8 @@ import { readState } from '../../src/state.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
 type StepEvent = Extract<Event, { kind: 'step' }>;
-const steps = (events: Event[]) => (events.filter((e) => e.kind === 'step') as StepEvent[]).map((e) => `${e.step}:${e.status}`);
+const steps = (events: Event[]) =>
+  (events.filter((e) => e.kind === 'step') as StepEvent[]).map((e) => `${e.step}:${e.status}`);
 const noticed = (events: Event[], re: RegExp) => events.some((e) => e.kind === 'notice' && re.test(e.message));
 const DONE = ['preflight:ok', 'start:ok', 'ready:ok', 'bind-check:ok', 'open:ok', 'switch:ok'];
 const signals = (events: Event[]) => events.filter((e) => e.kind === 'signal') as Extract<Event, { kind: 'signal' }>[];
@@ -23,7 +24,10 @@ test('a deploy starts the candidate, switches the redirect to it, and signals th
   const v1 = sys.apps()[0];
   assert.is(sys.redirectTarget('web'), v1.port, 'port 80 points at the first instance');
   const accepts = sys.iptables.ipv4.filter.get('PF-web')!.rules;
-  assert.ok(accepts.some((r) => r.includes(`--ctreplsrcport ${v1.port} -j ACCEPT`)), accepts.join('\n'));
+  assert.ok(
+    accepts.some((r) => r.includes(`--ctreplsrcport ${v1.port} -j ACCEPT`)),
+    accepts.join('\n'),
+  );
 
   const second = fakeCtx(sys);
   await deploy(fakeDeploy(), second.ctx);
@@ -31,13 +35,23 @@ test('a deploy starts the candidate, switches the redirect to it, and signals th
   const [v2] = sys.apps();
   assert.is.not(v2.port, v1.port);
   assert.is(sys.redirectTarget('web'), v2.port, 'the redirect points at the new port');
-  assert.equal(v1.signals.map((s) => s.signal), ['SIGTERM'], 'the old instance got its stop signal, once');
+  assert.equal(
+    v1.signals.map((s) => s.signal),
+    ['SIGTERM'],
+    'the old instance got its stop signal, once',
+  );
   assert.is(sys.apps().length, 1, 'the old instance is gone');
-  assert.equal(signals(second.events).map((s) => [s.pid, s.signal]), [[v1.pid, 'SIGTERM']]);
+  assert.equal(
+    signals(second.events).map((s) => [s.pid, s.signal]),
+    [[v1.pid, 'SIGTERM']],
+  );
   const st = (await readState(sys, FAKE_PATHS, 'web'))!;
-  assert.equal(st.instances.map((i) => [i.port, i.pid, i.state]), [[v2.port, v2.pid, 'active']]);
+  assert.equal(
+    st.instances.map((i) => [i.port, i.pid, i.state]),
+    [[v2.port, v2.pid, 'active']],
+  );
   const filter = sys.iptables.ipv4.filter.get('PF-web')!.rules.join('\n');
-  assert.not.match(filter, new RegExp(`ctreplsrcport ${v1.port} `), "the old port left the filter chain");
+  assert.not.match(filter, new RegExp(`ctreplsrcport ${v1.port} `), 'the old port left the filter chain');
 });
 
 test('a candidate that is never ready fails at the deadline; it is killed and the rules stay', async () => {
@@ -47,17 +61,27 @@ test('a candidate that is never ready fails at the deadline; it is killed and th
   sys.behave = () => ({ listenAfterMs: null, termExitMs: 100 });
   const { ctx, events } = fakeCtx(sys);
   const started = sys.now();
-  const err = await deploy(fakeDeploy({ readyTimeoutMs: 3000 }), ctx).then(() => null, (e) => e);
+  const err = await deploy(fakeDeploy({ readyTimeoutMs: 3000 }), ctx).then(
+    () => null,
+    (e) => e,
+  );
   assert.ok(err instanceof PortflipError && err.kind === 'deployFailed', String(err));
   assert.match(err.message, /was not ready on port \d+ after 3s \(--ready-timeout\)/);
   assert.ok(sys.now() - started >= 3000, 'the deadline is on the clock, not a count of tries');
   assert.equal(steps(events), ['preflight:ok', 'start:ok', 'ready:failed']);
   assert.ok(noticed(events, /^undo: stopped the candidate/));
-  assert.equal(sys.apps().map((p) => p.pid), [v1.pid], 'only the old instance runs');
+  assert.equal(
+    sys.apps().map((p) => p.pid),
+    [v1.pid],
+    'only the old instance runs',
+  );
   assert.is(sys.redirectTarget('web'), v1.port, 'the redirect is untouched');
   assert.equal(v1.signals, [], 'the old instance was not signalled');
   const st = (await readState(sys, FAKE_PATHS, 'web'))!;
-  assert.equal(st.instances.map((i) => [i.pid, i.state]), [[v1.pid, 'active']]);
+  assert.equal(
+    st.instances.map((i) => [i.pid, i.state]),
+    [[v1.pid, 'active']],
+  );
 });
 
 test('drain escalates: SIGTERM, then SIGKILL for the group after --kill-after on the monotonic clock', async () => {
@@ -68,11 +92,17 @@ test('drain escalates: SIGTERM, then SIGKILL for the group after --kill-after on
   sys.behave = () => ({ listenAfterMs: 100, termExitMs: 100 });
   const { ctx, events } = fakeCtx(sys);
   await deploy(fakeDeploy({ stop: { ...fakeDeploy().stop, killAfterMs: 4000 } }), ctx);
-  assert.equal(v1.signals.map((s) => s.signal), ['SIGTERM', 'SIGKILL']);
+  assert.equal(
+    v1.signals.map((s) => s.signal),
+    ['SIGTERM', 'SIGKILL'],
+  );
   const waited = v1.signals[1].at - v1.signals[0].at;
   assert.ok(waited >= 4000 && waited < 4500, `SIGKILL ${waited}ms after SIGTERM`);
   const sent = signals(events);
-  assert.equal(sent.map((s) => s.signal), ['SIGTERM', 'SIGKILL']);
+  assert.equal(
+    sent.map((s) => s.signal),
+    ['SIGTERM', 'SIGKILL'],
+  );
   assert.match(sent[1].reason, /still running 4s after SIGTERM \(--kill-after\)/);
   assert.is(sys.apps().length, 1);
 });
@@ -87,7 +117,10 @@ test('idle drain waits for open connections to close before the stop signal, bou
   await deploy(fakeDeploy({ stop: { ...fakeDeploy().stop, drain: 'idle', drainTimeoutMs: 3000 } }), ctx);
   assert.ok(v1.signals[0].at - before >= 3000, 'the stop signal waited for the drain timeout');
   assert.ok(noticed(events, /still has 2 open connection\(s\) after --drain-timeout/));
-  assert.equal(v1.signals.map((s) => s.signal), ['SIGTERM']);
+  assert.equal(
+    v1.signals.map((s) => s.signal),
+    ['SIGTERM'],
+  );
 });
 
 test('the next run repairs rules a firewall reload flushed, and says what was missing', async () => {
@@ -101,8 +134,15 @@ test('the next run repairs rules a firewall reload flushed, and says what was mi
   assert.is(sys.redirectTarget('web'), v1.port, 'the redirect is back on the live instance');
   const repair = events.find((e) => e.kind === 'step' && e.step === 'repair') as StepEvent;
   assert.ok(repair, JSON.stringify(events));
-  assert.ok(repair.missing!.some((m) => /nat: chain PF-web/.test(m)), repair.missing!.join('; '));
-  assert.is(sys.iptables.ipv4.filter.get('INPUT')!.rules[0], '-A INPUT -j PORTFLIP', 'the filter hook is first in INPUT');
+  assert.ok(
+    repair.missing!.some((m) => /nat: chain PF-web/.test(m)),
+    repair.missing!.join('; '),
+  );
+  assert.is(
+    sys.iptables.ipv4.filter.get('INPUT')!.rules[0],
+    '-A INPUT -j PORTFLIP',
+    'the filter hook is first in INPUT',
+  );
   assert.equal(v1.signals, []);
 });
 
@@ -131,10 +171,19 @@ test('rollback points back at the kept instance in one commit and drains the one
   await rollback(ctx, 'web');
   assert.equal(steps(events), ['rollback:ok', 'drain:ok']);
   assert.is(sys.redirectTarget('web'), v1.port);
-  assert.equal(v2.signals.map((x) => x.signal), ['SIGTERM']);
-  assert.equal(sys.apps().map((p) => p.pid), [v1.pid]);
+  assert.equal(
+    v2.signals.map((x) => x.signal),
+    ['SIGTERM'],
+  );
+  assert.equal(
+    sys.apps().map((p) => p.pid),
+    [v1.pid],
+  );
   const st = (await readState(sys, FAKE_PATHS, 'web'))!;
-  assert.equal(st.instances.map((i) => [i.pid, i.state, i.keepUntil]), [[v1.pid, 'active', undefined]]);
+  assert.equal(
+    st.instances.map((i) => [i.pid, i.state, i.keepUntil]),
+    [[v1.pid, 'active', undefined]],
+  );
 });
 
 test('stop with a foreign rule jumping to the app chain empties the chain, says so, and stops the instance', async () => {
@@ -147,7 +196,10 @@ test('stop with a foreign rule jumping to the app chain empties the chain, says 
   assert.ok(noticed(events, /rules outside portflip still jump to PF-web \(-A PREROUTING -p tcp -j PF-web\)/));
   assert.equal(sys.iptables.ipv4.nat.get('PF-web')?.rules, [], 'left in place, empty');
   assert.not.ok(sys.iptables.ipv4.nat.has('PORTFLIP'), 'the root chain went');
-  assert.equal(v1.signals.map((x) => x.signal), ['SIGTERM']);
+  assert.equal(
+    v1.signals.map((x) => x.signal),
+    ['SIGTERM'],
+  );
   assert.equal(sys.apps(), []);
   assert.is(await readState(sys, FAKE_PATHS, 'web'), null);
 });
@@ -164,7 +216,10 @@ test('status reads every app through the Sys seam: instances, their usage, and w
   let apps = await status(fakeCtx(sys).ctx);
   assert.equal(
     apps.map((a) => [a.app, a.active?.pid, a.active?.memory, a.rules]),
-    [['api', apiPid, 10 << 20, 'ok'], ['web', webPid, 10 << 20, 'ok']],
+    [
+      ['api', apiPid, 10 << 20, 'ok'],
+      ['web', webPid, 10 << 20, 'ok'],
+    ],
   );
   sys.flushRules();
   apps = await status(fakeCtx(sys).ctx, 'web');
@@ -172,5 +227,9 @@ test('status reads every app through the Sys seam: instances, their usage, and w
   sys.kill(webPid, 'SIGKILL');
   apps = await status(fakeCtx(sys).ctx, 'web');
   assert.is(apps[0].active, null);
-  assert.equal(apps[0].others.map((i) => [i.state, i.cpu]), [['gone', null]], 'a dead instance has no usage');
+  assert.equal(
+    apps[0].others.map((i) => [i.state, i.cpu]),
+    [['gone', null]],
+    'a dead instance has no usage',
+  );
 });

@@ -16,7 +16,10 @@ import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js'
 async function invariant(sys: FakeSys, where: string): Promise<void> {
   const target = sys.redirectTarget('web');
   const st = await readState(sys, FAKE_PATHS, 'web');
-  const live = sys.apps().map((p) => p.pid).sort();
+  const live = sys
+    .apps()
+    .map((p) => p.pid)
+    .sort();
   const recorded = (st?.instances ?? []).map((i) => i.pid).sort();
   assert.equal(live, recorded, `${where}: live instances ${live} are not the recorded ones ${recorded} (orphans)`);
   const states = (st?.instances ?? []).map((i) => i.state);
@@ -46,13 +49,20 @@ async function killedAt(n: number, setup: Setup, opts: Partial<DeployOptions>, n
   await setup(sys);
   sys.killAt = sys.effects + n;
   const { ctx, events } = fakeCtx(sys);
-  const err = await deploy(fakeDeploy(opts), ctx).then(() => null, (e) => e);
+  const err = await deploy(fakeDeploy(opts), ctx).then(
+    () => null,
+    (e) => e,
+  );
   const reached = events.flatMap((e) => (e.kind === 'step' && e.status === 'ok' ? [e.step] : []));
   const died = sys.dead;
   const at = died ? sys.effectLog[sys.effectLog.length - 1] : 'completed';
   // a death at an effect whose failure is ignored (the lock's release) lets the deploy end "ok": dead all the same
   if (!died) assert.is(err, null, `kill ${n} beyond the last effect: the deploy should complete (${err})`);
-  else assert.ok(err === null || /portflip was killed before/.test(err.message), `kill ${n}: failed with ${err}, not its death`);
+  else
+    assert.ok(
+      err === null || /portflip was killed before/.test(err.message),
+      `kill ${n}: failed with ${err}, not its death`,
+    );
   sys.revive();
   await sys.advance(1000); // the restart takes a while: the candidate, if any, is listening by now
   if (next === 'restore') {
@@ -66,14 +76,23 @@ async function killedAt(n: number, setup: Setup, opts: Partial<DeployOptions>, n
 }
 
 /** Kills before effect 1, 2, ... until a deploy completes; every deploy step must have been cut short once. */
-async function everyKillPoint(setup: Setup, want: StepName[], opts: Partial<DeployOptions> = {}, next: Next = 'restore') {
+async function everyKillPoint(
+  setup: Setup,
+  want: StepName[],
+  opts: Partial<DeployOptions> = {},
+  next: Next = 'restore',
+) {
   const reachedBeforeDeath = new Set<StepName>();
   let n = 1;
   for (; n < 500; n++) {
     const r = await killedAt(n, setup, opts, next);
     if (!r.died) break;
     // the step that was running when it died is the first not reached
-    for (const s of want) if (!r.reached.includes(s)) { reachedBeforeDeath.add(s); break; }
+    for (const s of want)
+      if (!r.reached.includes(s)) {
+        reachedBeforeDeath.add(s);
+        break;
+      }
   }
   assert.ok(n > 5 && n < 500, `${n} kill points`);
   assert.equal([...reachedBeforeDeath].sort(), [...want].sort(), 'a kill landed inside every step');
@@ -95,7 +114,16 @@ test('a second deploy killed before any of its effects is repaired by the next d
 
 test('a deploy with every hook, killed before each effect (hooks included), is repaired the same way', async () => {
   const hooks = { before_start: 'true', after_ready: 'true', after_switch: 'true', after_drain: 'true' };
-  const all: StepName[] = ['preflight', 'before_start', 'start', 'after_ready', 'switch', 'after_switch', 'drain', 'after_drain'];
+  const all: StepName[] = [
+    'preflight',
+    'before_start',
+    'start',
+    'after_ready',
+    'switch',
+    'after_switch',
+    'drain',
+    'after_drain',
+  ];
   await everyKillPoint(deployed, all, { hooks });
 });
 

@@ -40,7 +40,10 @@ test('crash restarts back off 1s, 2s, 4s ... at most 30s, and the streak starts 
     await rm(runDir, { recursive: true, force: true });
   }
   const crashes = timed.filter((t) => t.e.kind === 'crash') as { at: number; e: Extract<Event, { kind: 'crash' }> }[];
-  assert.equal(crashes.map((c) => c.e.restartInMs), [1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000, 1000]);
+  assert.equal(
+    crashes.map((c) => c.e.restartInMs),
+    [1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000, 1000],
+  );
   assert.ok(crashes[8].e.upMs >= 60_000, `the ninth was up ${crashes[8].e.upMs}ms`);
   // each restart waits its backoff on the clock, no less
   const restarts = timed.filter((t) => t.e.kind === 'supervisor' && t.e.action === 'restart');

@@ -2,7 +2,15 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { appText, checkApp, cleanupText, holdRule, parseSave, removeAppText, type AppSpec } from '../../src/iptables.js';
+import {
+  appText,
+  checkApp,
+  cleanupText,
+  holdRule,
+  parseSave,
+  removeAppText,
+  type AppSpec,
+} from '../../src/iptables.js';
 import {
   batchVerdictMessage,
   bindMessage,
@@ -13,7 +21,14 @@ import {
 } from '../../src/nfqueue.js';
 import { queueFor } from '../../src/hold.js';
 
-const spec = (o: Partial<AppSpec> = {}): AppSpec => ({ app: 'web', listen: 80, target: 8001, open: [8001], firewall: null, ...o });
+const spec = (o: Partial<AppSpec> = {}): AppSpec => ({
+  app: 'web',
+  listen: 80,
+  target: 8001,
+  open: [8001],
+  firewall: null,
+  ...o,
+});
 const NAT = [
   '*nat',
   ':PREROUTING ACCEPT [0:0]',
@@ -26,7 +41,12 @@ const NAT = [
   '-A PF-web -p tcp -j REDIRECT --to-ports 8001',
   'COMMIT',
 ];
-const FOREIGN_MANGLE = ['*mangle', ':PREROUTING ACCEPT [0:0]', ':OUTPUT ACCEPT [0:0]', '-A PREROUTING -p udp -j MARK --set-xmark 0x1/0xffffffff'];
+const FOREIGN_MANGLE = [
+  '*mangle',
+  ':PREROUTING ACCEPT [0:0]',
+  ':OUTPUT ACCEPT [0:0]',
+  '-A PREROUTING -p udp -j MARK --set-xmark 0x1/0xffffffff',
+];
 const held = (extra: string[] = []) =>
   parseSave(
     [
@@ -97,7 +117,10 @@ test('a hold that is in place is left alone; one that should not be is removed, 
 });
 
 test('a changed queue number rewrites the app chain; stop and cleanup take the hold away too', () => {
-  assert.match(appText(held(), spec({ hold: 31235 }), 'ipv4')!, /:PF-web - \[0:0\]\n-A PF-web .*--queue-num 31235 --queue-bypass\nCOMMIT/);
+  assert.match(
+    appText(held(), spec({ hold: 31235 }), 'ipv4')!,
+    /:PF-web - \[0:0\]\n-A PF-web .*--queue-num 31235 --queue-bypass\nCOMMIT/,
+  );
   assert.is(checkApp(held(), spec({ hold: 31235 }), 'ipv4').mangle, 'mismatch');
   assert.match(removeAppText(held(), 'web')!, /\*mangle\n:PF-web - \[0:0\]\n-D PORTFLIP .*\n-X PF-web/);
   const clean = cleanupText(held())!;
@@ -114,7 +137,10 @@ test('nfnetlink_queue config messages, byte by byte', () => {
   assert.is(unbindMessage(1, 1).subarray(24).toString('hex'), '02000000');
   const params = paramsMessage(5, 2, 8192);
   // params attr: len 9 (padded to 12), type 2, copy_range 0 (BE), mode META; then maxlen attr: len 8, type 3, 8192 BE
-  assert.is(params.subarray(20).toString('hex'), '0900' + '0200' + '00000000' + '01' + '000000' + '0800' + '0300' + '00002000');
+  assert.is(
+    params.subarray(20).toString('hex'),
+    '0900' + '0200' + '00000000' + '01' + '000000' + '0800' + '0300' + '00002000',
+  );
   assert.is(params.readUInt32LE(0), params.length);
 });
 

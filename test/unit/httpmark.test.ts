@@ -8,7 +8,15 @@ const PORT = 8001;
 const CLIENT = { addr: '10.0.0.2', port: 40000 };
 
 /** A TCP segment in an IPv4 or IPv6 packet, with a correct checksum. */
-function packet(o: { v6?: boolean; from: 'client' | 'server'; seq: number; ack: number; data?: string | Buffer; flags?: number; cport?: number }): Buffer {
+function packet(o: {
+  v6?: boolean;
+  from: 'client' | 'server';
+  seq: number;
+  ack: number;
+  data?: string | Buffer;
+  flags?: number;
+  cport?: number;
+}): Buffer {
   const data = typeof o.data === 'string' ? Buffer.from(o.data, 'latin1') : (o.data ?? Buffer.alloc(0));
   const tcp = Buffer.alloc(20);
   const [sport, dport] = o.from === 'client' ? [o.cport ?? CLIENT.port, PORT] : [PORT, o.cport ?? CLIENT.port];
@@ -20,7 +28,15 @@ function packet(o: { v6?: boolean; from: 'client' | 'server'; seq: number; ack: 
   tcp[13] = o.flags ?? 0x18; // PSH, ACK
   const seg = Buffer.concat([tcp, data]);
   let ip: Buffer;
-  const [c, s] = o.v6 ? [[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]] : [[10, 0, 0, 2], [10, 0, 0, 1]];
+  const [c, s] = o.v6
+    ? [
+        [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+      ]
+    : [
+        [10, 0, 0, 2],
+        [10, 0, 0, 1],
+      ];
   const [src, dst] = o.from === 'client' ? [c, s] : [s, c];
   if (o.v6) {
     ip = Buffer.alloc(40);
@@ -65,12 +81,17 @@ const payload = (p: Buffer) => p.subarray((p[0] >> 4 === 6 ? 40 : 20) + 20).toSt
 
 const REQ = 'GET / HTTP/1.1\r\nHost: example\r\n\r\n';
 const DATE = 'Date: Thu, 03 Dec 2026 08:19:27 GMT';
-const answer = (body: string, extra = DATE) => `HTTP/1.1 200 OK\r\n${extra}\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+const answer = (body: string, extra = DATE) =>
+  `HTTP/1.1 200 OK\r\n${extra}\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
 
 /** A marker on PORT that has seen the client's request (seq 1000, acking the server's 5000). */
 function requested(m = new Marker(), v6 = false, req = REQ) {
   m.addPort(PORT, 0);
-  assert.is(m.packet(packet({ v6, from: 'client', seq: 1000, ack: 5000, data: req }), 1), null, 'a request passes as it is');
+  assert.is(
+    m.packet(packet({ v6, from: 'client', seq: 1000, ack: 5000, data: req }), 1),
+    null,
+    'a request passes as it is',
+  );
   return m;
 }
 
@@ -115,8 +136,14 @@ for (const v6 of [false, true]) {
     // a resent copy gets the same bytes; the next answer on the connection passes (the client closes after this one)
     const again = m.packet(p, 3);
     assert.ok(again && again.equals(out!), 'a retransmission is marked alike');
-    assert.is(m.packet(packet({ v6, from: 'client', seq: 1000 + REQ.length, ack: 5000 + answer('v1').length, data: REQ }), 4), null);
-    assert.is(m.packet(packet({ v6, from: 'server', seq: 5000 + answer('v1').length, ack: 2000, data: answer('v1') }), 5), null);
+    assert.is(
+      m.packet(packet({ v6, from: 'client', seq: 1000 + REQ.length, ack: 5000 + answer('v1').length, data: REQ }), 4),
+      null,
+    );
+    assert.is(
+      m.packet(packet({ v6, from: 'server', seq: 5000 + answer('v1').length, ack: 2000, data: answer('v1') }), 5),
+      null,
+    );
   });
 }
 
@@ -129,7 +156,11 @@ test('a body whose segments begin with a head-like text is never touched: only t
   assert.ok(m.packet(first, 2), 'the real head is marked');
   let seq = 5000 + head.length;
   for (let i = 0; i < 3; i++, seq += fake.length) {
-    assert.is(m.packet(packet({ from: 'server', seq, ack: 1000 + REQ.length, data: fake }), 3), null, `segment ${i} passes`);
+    assert.is(
+      m.packet(packet({ from: 'server', seq, ack: 1000 + REQ.length, data: fake }), 3),
+      null,
+      `segment ${i} passes`,
+    );
   }
   // without a request to anchor on, nothing is touched at all
   const cold = new Marker();
@@ -155,12 +186,27 @@ test('a request body is followed to its end; a POST split over packets still anc
   m.packet(packet({ from: 'client', seq: 1000, ack: 5000, data: post }), 1);
   // the answer cannot start before the body is complete: an early one (an error) is left alone
   m.packet(packet({ from: 'client', seq: 1000 + post.length, ack: 5000, data: body }), 2);
-  const out = m.packet(packet({ from: 'server', seq: 5000, ack: 1000 + post.length + body.length, data: answer('ok') }), 3);
+  const out = m.packet(
+    packet({ from: 'server', seq: 5000, ack: 1000 + post.length + body.length, data: answer('ok') }),
+    3,
+  );
   assert.ok(out, 'marked after the whole body');
   const chunked = new Marker();
   chunked.addPort(PORT, 0);
-  chunked.packet(packet({ from: 'client', seq: 1000, ack: 5000, data: 'POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n' }), 1);
-  assert.is(chunked.packet(packet({ from: 'server', seq: 5000, ack: 2000, data: answer('ok') }), 2), null, 'its end is not known');
+  chunked.packet(
+    packet({
+      from: 'client',
+      seq: 1000,
+      ack: 5000,
+      data: 'POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n',
+    }),
+    1,
+  );
+  assert.is(
+    chunked.packet(packet({ from: 'server', seq: 5000, ack: 2000, data: answer('ok') }), 2),
+    null,
+    'its end is not known',
+  );
 });
 
 test('TLS, HTTP/2 and other protocols are left alone, and said so', () => {
@@ -183,7 +229,10 @@ test('100 Continue: the final answer after it is the one marked', () => {
   const m = requested();
   const cont = 'HTTP/1.1 100 Continue\r\n\r\n';
   assert.is(m.packet(packet({ from: 'server', seq: 5000, ack: 1000 + REQ.length, data: cont }), 2), null);
-  const out = m.packet(packet({ from: 'server', seq: 5000 + cont.length, ack: 1000 + REQ.length, data: answer('v1') }), 3);
+  const out = m.packet(
+    packet({ from: 'server', seq: 5000 + cont.length, ack: 1000 + REQ.length, data: answer('v1') }),
+    3,
+  );
   assert.ok(out && /Connection: +close/.test(payload(out)));
 });
 
@@ -199,7 +248,10 @@ test('quiet: a connection waiting for its answer is not; bare ACKs (TCP keep-ali
   assert.not.ok(m.quiet(PORT, remotes, 1 + QUIET_MS * 3), 'a request waits for its answer');
   m.packet(packet({ from: 'server', seq: 5000, ack: 1000 + REQ.length, data: answer('v1') }), 10);
   assert.not.ok(m.quiet(PORT, remotes, 10 + QUIET_MS - 1));
-  m.packet(packet({ from: 'client', seq: 1000 + REQ.length - 1, ack: 5000 + answer('v1').length, flags: 0x10 }), 10 + QUIET_MS - 1);
+  m.packet(
+    packet({ from: 'client', seq: 1000 + REQ.length - 1, ack: 5000 + answer('v1').length, flags: 0x10 }),
+    10 + QUIET_MS - 1,
+  );
   assert.ok(m.quiet(PORT, remotes, 10 + QUIET_MS), 'the probe did not count');
   // a connection never seen has been quiet since marking began
   assert.not.ok(m.quiet(PORT, [{ addr: '::ffff:10.0.0.9', port: 1 }], QUIET_MS - 1));

@@ -22,9 +22,18 @@ test('a deploy, a rollback and an undo move instances only along allowed edges',
 });
 
 test('any other move is refused as a bug', () => {
-  for (const [from, to] of [['candidate', 'kept'], ['candidate', 'draining'], ['draining', 'kept'], ['kept', 'candidate'], ['draining', 'candidate']] as const) {
+  for (const [from, to] of [
+    ['candidate', 'kept'],
+    ['candidate', 'draining'],
+    ['draining', 'kept'],
+    ['kept', 'candidate'],
+    ['draining', 'candidate'],
+  ] as const) {
     assert.not.ok(canMove(from, to), `${from} -> ${to}`);
-    assert.throws(() => move(inst(1, from), to), (e: unknown) => e instanceof PortflipError && e.kind === 'internal' && /cannot go from/.test(e.message));
+    assert.throws(
+      () => move(inst(1, from), to),
+      (e: unknown) => e instanceof PortflipError && e.kind === 'internal' && /cannot go from/.test(e.message),
+    );
   }
 });
 
@@ -32,16 +41,30 @@ test('the invariant: one active, one candidate, at most two besides the candidat
   assert.is(invariantProblem([inst(1, 'active'), inst(2, 'kept'), inst(3, 'candidate')]), null);
   assert.match(invariantProblem([inst(1, 'active'), inst(2, 'active')])!, /2 active/);
   assert.match(invariantProblem([inst(1, 'candidate'), inst(2, 'candidate')])!, /2 candidates/);
-  assert.match(invariantProblem([inst(1, 'active'), inst(2, 'kept'), inst(3, 'draining')])!, /3 instances besides the candidate/);
+  assert.match(
+    invariantProblem([inst(1, 'active'), inst(2, 'kept'), inst(3, 'draining')])!,
+    /3 instances besides the candidate/,
+  );
   assert.match(invariantProblem([inst(1, 'active'), inst(1, 'candidate')])!, /one port/);
 });
 
 test('a state that breaks the invariant is refused, not written', async () => {
-  const st = { schema: 1, app: 'web', listen: 80, backend: 'nft', families: ['ipv4'], instances: [inst(1, 'active'), inst(2, 'active')] } as unknown as AppState;
+  const st = {
+    schema: 1,
+    app: 'web',
+    listen: 80,
+    backend: 'nft',
+    families: ['ipv4'],
+    instances: [inst(1, 'active'), inst(2, 'active')],
+  } as unknown as AppState;
   const paths = { stateDir: '/nonexistent-portflip-test', runDir: '/nonexistent', logDir: '/nonexistent' };
   await writeState(realSys, paths, st).then(
     () => assert.unreachable('written'),
-    (e) => assert.ok(e instanceof PortflipError && /refused to write the state of "web": 2 active/.test(e.message), String(e)),
+    (e) =>
+      assert.ok(
+        e instanceof PortflipError && /refused to write the state of "web": 2 active/.test(e.message),
+        String(e),
+      ),
   );
 });
 

@@ -3,7 +3,16 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import {
+  copyFileSync,
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -13,7 +22,8 @@ const dist = fileURLToPath(new URL('../../src/', import.meta.url));
 /** A copy of the built CLI in a directory of its own, so its caches are the test's alone. */
 function install(): string {
   const dir = mkdtempSync(join(tmpdir(), 'pf-loadcli-'));
-  for (const f of ['main.cjs', 'main.js', 'load-cli.cjs', 'cli.cjs', 'node-drain.cjs']) copyFileSync(join(dist, f), join(dir, f));
+  for (const f of ['main.cjs', 'main.js', 'load-cli.cjs', 'cli.cjs', 'node-drain.cjs'])
+    copyFileSync(join(dist, f), join(dir, f));
   writeFileSync(join(dir, 'package.json'), '{"type":"module"}');
   return dir;
 }
@@ -35,7 +45,10 @@ test('a command that succeeds leaves its cache; --version and a failed command l
     assert.is(r.status, 0, r.stderr);
     const cache = join(dir, 'cli.cjs.systemd.cache');
     const head = readFileSync(cache, 'latin1').split('\n')[0];
-    assert.match(head, new RegExp(`^portflip-cache ${statSync(join(dir, 'cli.cjs')).size} [\\d.]+ ${process.version} `));
+    assert.match(
+      head,
+      new RegExp(`^portflip-cache ${statSync(join(dir, 'cli.cjs')).size} [\\d.]+ ${process.version} `),
+    );
     assert.ok(statSync(cache).size > 10_000, 'the cache holds compiled code');
     // main.js, the entry earlier versions' systemd units and links name, runs the same CLI
     assert.is(run(dir, ['systemd', 'web'], 'main.js').stdout.replaceAll('/main.js', '/main.cjs'), r.stdout);
@@ -59,7 +72,12 @@ test('a cache that matches is used as it is; a damaged one or one from another b
     writeFileSync(cache, Buffer.concat([stamp, Buffer.alloc(first.length - stamp.length, 7)]));
     assert.is(run(dir, ['systemd', 'web']).stdout, out);
     assert.equal(readFileSync(cache).subarray(0, stamp.length), stamp);
-    assert.not.ok(readFileSync(cache).subarray(stamp.length).every((b) => b === 7), 'the damaged cache stayed');
+    assert.not.ok(
+      readFileSync(cache)
+        .subarray(stamp.length)
+        .every((b) => b === 7),
+      'the damaged cache stayed',
+    );
     // a rebuilt bundle (another time on it): the old cache is not trusted, whatever V8 would say
     utimesSync(join(dir, 'cli.cjs'), new Date(), new Date(Date.now() + 5000));
     assert.is(run(dir, ['systemd', 'web']).stdout, out);

@@ -20,20 +20,48 @@ test('durations', () => {
   assert.is(parseDuration('1.5s', 'x'), 1500);
   assert.is(parseDuration('10', 'x'), 10_000);
   for (const bad of ['', 'abc', '10 s', '5x', '-1s', 's']) {
-    assert.throws(() => parseDuration(bad, '--kill-after'), (e: unknown) => e instanceof PortflipError && e.kind === 'usage' && /--kill-after/.test(e.message), bad);
+    assert.throws(
+      () => parseDuration(bad, '--kill-after'),
+      (e: unknown) => e instanceof PortflipError && e.kind === 'usage' && /--kill-after/.test(e.message),
+      bad,
+    );
   }
   assert.is(formatMs(12), '12ms');
   assert.is(formatMs(1500), '1.50s');
 });
 
 test('step events render with their duration', () => {
-  const line = formatHuman({ kind: 'step', step: 'switch', app: 'web', status: 'ok', port: 8002, pid: 42, durationMs: 7 });
+  const line = formatHuman({
+    kind: 'step',
+    step: 'switch',
+    app: 'web',
+    status: 'ok',
+    port: 8002,
+    pid: 42,
+    durationMs: 7,
+  });
   assert.match(line, /web: ok\s+switch\s+port 8002 pid 42\s+7ms/);
 });
 
 const sample = (app: string): AppState => ({
-  schema: 1, app, listen: 80, backend: 'nft', families: ['ipv4'], instances: [], updatedAt: '',
+  schema: 1,
+  app,
+  listen: 80,
+  backend: 'nft',
+  families: ['ipv4'],
+  instances: [],
+  updatedAt: '',
   stop: { drain: 'signal', drainTimeoutMs: 1, stopSignal: 'SIGTERM', killAfterMs: 1 },
+});
+
+test('the error event keeps the JSON shape the Ansible role parses, and reads as one line for people', () => {
+  const err = new PortflipError('lockHeld', 'app "web" is locked by pid 1 (deploy web)');
+  const e = { kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message } as const;
+  assert.is(
+    JSON.stringify(e),
+    '{"kind":"error","error":"lockHeld","exitCode":3,"message":"app \\"web\\" is locked by pid 1 (deploy web)"}',
+  );
+  assert.is(formatHuman(e), 'portflip: app "web" is locked by pid 1 (deploy web)');
 });
 
 test('state files are written whole and read back; no temp files remain', async () => {
@@ -46,7 +74,10 @@ test('state files are written whole and read back; no temp files remain', async 
     assert.equal((await readdir(p.stateDir)).sort(), ['logs', 'web.json']);
     assert.is(await readState(realSys, p, 'none'), null);
     await writeFile(join(p.stateDir, 'bad.json'), '{"schema": 99}');
-    const err = await readState(realSys, p, 'bad').then(() => null, (e) => e);
+    const err = await readState(realSys, p, 'bad').then(
+      () => null,
+      (e) => e,
+    );
     assert.ok(err instanceof PortflipError && err.kind === 'config', 'a foreign schema is refused');
   } finally {
     await rm(dir, { recursive: true, force: true });
@@ -75,7 +106,10 @@ test('the lock: held by a live process fails naming its pid; a dead holder is ta
     const pid = await new Promise<number>((res) => child.once('exit', () => res(child.pid!)));
     await writeFile(join(p.runDir, 'web.lock'), JSON.stringify({ pid, startTime: '1', command: 'deploy web' }));
     const again = await takeLock(realSys, p, 'web', 'test', (m) => notices.push(m));
-    assert.ok(notices.some((n) => n.includes(`pid ${pid}`)), notices.join());
+    assert.ok(
+      notices.some((n) => n.includes(`pid ${pid}`)),
+      notices.join(),
+    );
     assert.is(JSON.parse(await readFile(join(p.runDir, 'web.lock'), 'utf8')).pid, process.pid);
     await again.release();
     assert.equal(await readdir(p.runDir), []);

@@ -11,8 +11,14 @@ import { toDeployOptions } from '../../src/cli.js';
 
 test("NODE_OPTIONS: the preload is appended to the user's own options, once, quoted when needed", () => {
   assert.is(withPreload(undefined, '/opt/pf/node-drain.cjs'), '--require /opt/pf/node-drain.cjs');
-  assert.is(withPreload(' --max-old-space-size=512 ', '/opt/pf/node-drain.cjs'), '--max-old-space-size=512 --require /opt/pf/node-drain.cjs');
-  assert.is(withPreload('--require /opt/pf/node-drain.cjs', '/opt/pf/node-drain.cjs'), '--require /opt/pf/node-drain.cjs');
+  assert.is(
+    withPreload(' --max-old-space-size=512 ', '/opt/pf/node-drain.cjs'),
+    '--max-old-space-size=512 --require /opt/pf/node-drain.cjs',
+  );
+  assert.is(
+    withPreload('--require /opt/pf/node-drain.cjs', '/opt/pf/node-drain.cjs'),
+    '--require /opt/pf/node-drain.cjs',
+  );
   assert.is(withPreload('', '/my dir/a"b.cjs'), '--require "/my dir/a\\"b.cjs"');
   const env = preloadEnv({ NODE_OPTIONS: '--trace-warnings' }, '/x.cjs', 10_000);
   assert.equal(env, { NODE_OPTIONS: '--trace-warnings --require /x.cjs', PORTFLIP_NODE_DRAIN_MAX_IDLE_MS: '8000' });
@@ -41,14 +47,21 @@ test('readableBy follows every directory on the way; a file in a 0700 dir is cop
     assert.ok(await readableBy(realSys, join(closed, 'node-drain.cjs'), 0, 0), 'root reads everything');
 
     const env = { PORTFLIP_PRELOAD_DIR: join(base, 'copies') };
-    assert.equal(await placePreload(realSys, env, nobody, join(open, 'node-drain.cjs')), { path: join(open, 'node-drain.cjs'), copied: false });
+    assert.equal(await placePreload(realSys, env, nobody, join(open, 'node-drain.cjs')), {
+      path: join(open, 'node-drain.cjs'),
+      copied: false,
+    });
     const placed = await placePreload(realSys, env, nobody, join(closed, 'node-drain.cjs'));
     assert.ok(placed.path && 'copied' in placed && placed.copied, JSON.stringify(placed));
     assert.match(placed.path!, /copies\/node-drain-[0-9a-f]{12}\.cjs$/);
     assert.is(await readFile(placed.path!, 'utf8'), '// preload\n');
     assert.is((await stat(join(base, 'copies'))).mode & 0o777, 0o755);
     assert.is((await stat(placed.path!)).mode & 0o777, 0o644);
-    assert.equal(await placePreload(realSys, env, nobody, join(closed, 'node-drain.cjs')), placed, 'the same content lands on the same file');
+    assert.equal(
+      await placePreload(realSys, env, nobody, join(closed, 'node-drain.cjs')),
+      placed,
+      'the same content lands on the same file',
+    );
   } finally {
     await rm(base, { recursive: true, force: true });
   }
@@ -59,7 +72,10 @@ test('--node-drain: on by default, off by flag or config key; anything else is a
   assert.is(toDeployOptions(flags, {}, null).nodeDrain, true);
   assert.is(toDeployOptions({ ...flags, nodeDrain: 'off' }, {}, null).nodeDrain, false);
   assert.is(toDeployOptions(flags, { node_drain: 'off' }, '/etc/portflip/web.toml').nodeDrain, false);
-  assert.is(toDeployOptions({ ...flags, nodeDrain: 'on' }, { node_drain: 'off' }, '/etc/portflip/web.toml').nodeDrain, true);
+  assert.is(
+    toDeployOptions({ ...flags, nodeDrain: 'on' }, { node_drain: 'off' }, '/etc/portflip/web.toml').nodeDrain,
+    true,
+  );
   assert.throws(() => toDeployOptions({ ...flags, nodeDrain: 'yes' }, {}, null), /--node-drain yes: use on or off/);
 });
 
@@ -67,7 +83,10 @@ test('--drain: auto by default; an unknown mode names the three', () => {
   const flags = { app: 'web', listen: '80', '--': ['node', 'app.js'] };
   assert.is(toDeployOptions(flags, {}, null).stop.drain, 'auto');
   assert.is(toDeployOptions(flags, { drain: 'signal' }, '/etc/portflip/web.toml').stop.drain, 'signal');
-  assert.throws(() => toDeployOptions({ ...flags, drain: 'later' }, {}, null), /--drain later: use auto, signal or idle/);
+  assert.throws(
+    () => toDeployOptions({ ...flags, drain: 'later' }, {}, null),
+    /--drain later: use auto, signal or idle/,
+  );
 });
 
 test.run();

@@ -2,11 +2,24 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { bindProblem, hasNetAdmin, listenersOn, openConnections, parseNetTcp, parseStat, pendingAccepts } from '../../src/proc.js';
+import {
+  bindProblem,
+  hasNetAdmin,
+  listenersOn,
+  openConnections,
+  parseNetTcp,
+  parseStat,
+  pendingAccepts,
+} from '../../src/proc.js';
 
 test('parseStat survives spaces and parens in the command name', () => {
-  const st = parseStat('4242 (my (odd) app) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 18446744073709551615')!;
-  assert.equal({ pid: st.pid, state: st.state, ppid: st.ppid, pgid: st.pgid, startTime: st.startTime }, { pid: 4242, state: 'S', ppid: 1, pgid: 4242, startTime: '987654' });
+  const st = parseStat(
+    '4242 (my (odd) app) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 18446744073709551615',
+  )!;
+  assert.equal(
+    { pid: st.pid, state: st.state, ppid: st.ppid, pgid: st.pgid, startTime: st.startTime },
+    { pid: 4242, state: 'S', ppid: 1, pgid: 4242, startTime: '987654' },
+  );
 });
 
 const tcp = `  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -28,7 +41,10 @@ test('parseNetTcp decodes addresses, ports and states', () => {
   assert.equal([v4[1].localAddr, v4[1].localPort], ['127.0.0.1', 8002]);
   assert.equal([v4[2].remoteAddr, v4[2].remotePort], ['127.0.0.1', 54321]);
   const v6 = parseNetTcp(tcp6, 'ipv6');
-  assert.equal(v6.map((s) => s.localAddr), ['::', '::1', '::ffff:7f00:1']);
+  assert.equal(
+    v6.map((s) => s.localAddr),
+    ['::', '::1', '::ffff:7f00:1'],
+  );
 });
 
 test('open connections count established ones on the port, not listeners or TIME_WAIT', () => {
@@ -40,7 +56,9 @@ test('open connections count established ones on the port, not listeners or TIME
 });
 
 test('pending accepts: the accept queue of the listener plus handshakes in progress', () => {
-  const text = tcp.replace(' 0A 00000000:00000000', ' 0A 00000000:00000003') + '   4: 0100007F:1F41 0100007F:D439 03 00000000:00000000 00:00000000 00000000     0        0 0 1 0000000000000000 20 4 30 10 -1\n';
+  const text =
+    tcp.replace(' 0A 00000000:00000000', ' 0A 00000000:00000003') +
+    '   4: 0100007F:1F41 0100007F:D439 03 00000000:00000000 00:00000000 00000000     0        0 0 1 0000000000000000 20 4 30 10 -1\n';
   const socks = parseNetTcp(text, 'ipv4');
   assert.is(pendingAccepts(socks, 8001), 4);
   assert.is(pendingAccepts(socks, 8002), 0);

@@ -60,9 +60,17 @@ test('readLinesWhile stops at the first line it is not asked for, across chunks 
     const long = 'x'.repeat(65_535) + 'é' + 'y';
     await writeFile(file, ['a', '', long, 'b', 'stop', 'c'].join('\n'));
     assert.equal(await realSys.readLinesWhile(file, (l) => l !== 'stop'), ['a', '', long, 'b']);
-    assert.equal(await realSys.readLinesWhile(file, () => true), ['a', '', long, 'b', 'stop', 'c'], 'the last line has no newline');
+    assert.equal(
+      await realSys.readLinesWhile(file, () => true),
+      ['a', '', long, 'b', 'stop', 'c'],
+      'the last line has no newline',
+    );
     await writeFile(file, 'one\ntwo\n');
-    assert.equal(await realSys.readLinesWhile(file, () => true), ['one', 'two'], 'the newline that ends the file starts no line');
+    assert.equal(
+      await realSys.readLinesWhile(file, () => true),
+      ['one', 'two'],
+      'the newline that ends the file starts no line',
+    );
     assert.equal(await realSys.readLinesWhile(file, (_, i) => i < 1), ['one']);
     await writeFile(file, '');
     assert.equal(await realSys.readLinesWhile(file, () => true), []);

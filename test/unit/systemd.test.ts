@@ -34,15 +34,28 @@ test('the app unit runs `portflip run APP` in the foreground and reloads through
 });
 
 test('-c FILE is passed on to run, not to reload (reload asks the supervisor, which knows its file)', () => {
-  const text = appUnit({ app: 'api', exec: ['/usr/bin/node', '/opt/portflip/dist/src/main.js'], config: '/etc/portflip/api.toml' });
-  assert.ok(lines(text).includes('ExecStart=/usr/bin/node /opt/portflip/dist/src/main.js run api -c /etc/portflip/api.toml'));
+  const text = appUnit({
+    app: 'api',
+    exec: ['/usr/bin/node', '/opt/portflip/dist/src/main.js'],
+    config: '/etc/portflip/api.toml',
+  });
+  assert.ok(
+    lines(text).includes('ExecStart=/usr/bin/node /opt/portflip/dist/src/main.js run api -c /etc/portflip/api.toml'),
+  );
   assert.ok(lines(text).includes('ExecReload=/usr/bin/node /opt/portflip/dist/src/main.js reload api'));
 });
 
 test('the restore unit is a oneshot at boot, after the firewall is loaded', () => {
   const text = restoreUnit(['/usr/local/bin/portflip']);
-  assert.equal(section(text, 'Unit'), ['Description=portflip: re-create the redirects of every app from its state file at boot', 'After=network-pre.target']);
-  assert.equal(section(text, 'Service'), ['Type=oneshot', 'ExecStart=/usr/local/bin/portflip restore', 'RemainAfterExit=yes']);
+  assert.equal(section(text, 'Unit'), [
+    'Description=portflip: re-create the redirects of every app from its state file at boot',
+    'After=network-pre.target',
+  ]);
+  assert.equal(section(text, 'Service'), [
+    'Type=oneshot',
+    'ExecStart=/usr/local/bin/portflip restore',
+    'RemainAfterExit=yes',
+  ]);
   assert.equal(section(text, 'Install'), ['WantedBy=multi-user.target']);
   assert.match(text, /^# portflip-restore\.service: /);
 });
@@ -57,15 +70,24 @@ test('ExecStart words are escaped for systemd: % and $ doubled, spaces and quote
   assert.ok(lines(text).includes('ExecStart="/opt/port flip/bin/portflip" run web -c "/etc/portflip/web 2.toml"'));
 });
 
-test('node comes first unless the shebang will find it on systemd\'s PATH', () => {
+test("node comes first unless the shebang will find it on systemd's PATH", () => {
   assert.equal(execPrefix('/usr/local/bin/portflip', '/usr/bin/node'), ['/usr/local/bin/portflip']);
   assert.equal(execPrefix('/usr/local/bin/portflip', '/usr/local/bin/node'), ['/usr/local/bin/portflip']);
-  assert.equal(execPrefix('/usr/local/bin/portflip', '/root/.nvm/versions/node/v20.1.0/bin/node'), ['/root/.nvm/versions/node/v20.1.0/bin/node', '/usr/local/bin/portflip']);
-  assert.equal(execPrefix('/opt/portflip/dist/src/main.js', '/usr/bin/node'), ['/usr/bin/node', '/opt/portflip/dist/src/main.js']);
+  assert.equal(execPrefix('/usr/local/bin/portflip', '/root/.nvm/versions/node/v20.1.0/bin/node'), [
+    '/root/.nvm/versions/node/v20.1.0/bin/node',
+    '/usr/local/bin/portflip',
+  ]);
+  assert.equal(execPrefix('/opt/portflip/dist/src/main.js', '/usr/bin/node'), [
+    '/usr/bin/node',
+    '/opt/portflip/dist/src/main.js',
+  ]);
 });
 
 test('a bad app name is refused, not written into a unit', () => {
-  assert.throws(() => appUnit({ app: 'Web App', exec: ['/usr/local/bin/portflip'] }), (e: unknown) => e instanceof PortflipError && e.kind === 'usage');
+  assert.throws(
+    () => appUnit({ app: 'Web App', exec: ['/usr/local/bin/portflip'] }),
+    (e: unknown) => e instanceof PortflipError && e.kind === 'usage',
+  );
 });
 
 test('crash restarts back off 1s, 2s, 4s ... capped at 30s', () => {

@@ -1,4 +1,4 @@
-// Sample app for the Vagrant demo and provision.sh: the README's app contract (listen on $PORT, drain on SIGTERM).
+// Sample app for the Vagrant demo and provision.sh: the app contract in docs/drain.md (listen on $PORT, drain on SIGTERM).
 'use strict';
 const http = require('node:http');
 const net = require('node:net');

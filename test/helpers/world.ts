@@ -1,7 +1,16 @@
 // Shared setup for the integration tests: a namespace, state dirs, and the CLI with the fixture app.
 
 import { existsSync, readFileSync } from 'node:fs';
-import { fixture, createNetns, tmpDirs, portflip, portflipSpawn, type Netns, type TmpDirs, type ExecResult } from '../helpers/netns.js';
+import {
+  fixture,
+  createNetns,
+  tmpDirs,
+  portflip,
+  portflipSpawn,
+  type Netns,
+  type TmpDirs,
+  type ExecResult,
+} from './netns.js';
 
 export interface World {
   ns: Netns;
@@ -46,18 +55,14 @@ export function deployArgs(ports: number[], extra: string[], appArgs: string[], 
   return ['deploy', name, '--listen', String(listen), '--ports', ports.join(','), ...extra, ...app(...appArgs)];
 }
 
-export const events = (stdout: string) =>
-  stdout
-    .trim()
-    .split('\n')
-    .filter(Boolean)
-    .map((l) => JSON.parse(l) as Record<string, any>);
-
 export const show = (r: ExecResult) => `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
 
 export async function get(ns: Netns, url: string, where: 'server' | 'client' = 'server'): Promise<string> {
   const script = `fetch(${JSON.stringify(url)}).then(r=>r.text()).then(t=>process.stdout.write(t),e=>{process.stdout.write('ERR '+e.cause?.code);})`;
-  const r = where === 'server' ? await ns.exec(process.execPath, ['-e', script]) : await ns.execClient(process.execPath, ['-e', script]);
+  const r =
+    where === 'server'
+      ? await ns.exec(process.execPath, ['-e', script])
+      : await ns.execClient(process.execPath, ['-e', script]);
   return r.stdout.trim();
 }
 
