@@ -4,7 +4,9 @@
 // portflip, a closed-loop load from the client namespace (16 connections, each sending its next request as soon as
 // the last answer arrived), N deploys in a row, and every failed request counted. Needs root (namespaces, iptables)
 // and a build (npm run build). Nothing touches the root namespace: every process runs inside our namespaces.
-//   node scripts/drain-matrix.mjs [--apps fixture,node,node-off,nginx,go,gunicorn,uvicorn] [--loads keepalive,new]
+//   node scripts/drain-matrix.mjs [--apps fixture,node,node-off,nginx,go,gunicorn,uvicorn,...] [--loads keepalive,new]
+// The Debian servers of test/helpers/servers.ts, unchanged, are apps too: go-shutdown, go-plain, gunicorn-gthread,
+// uvicorn-plain, aiohttp, puma, caddy (not in the default list: --apps names them).
 //                                 [--drains auto,signal,idle] [--deploys 3] [--concurrency 16] [--gap MS] [--out FILE]
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -12,6 +14,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import * as h from '../dist/test/helpers/netns.js';
+import { SERVERS, serverFlags } from '../dist/test/helpers/servers.js';
 
 const { values: opt } = parseArgs({
   options: {
@@ -41,6 +44,9 @@ const APPS = {
   gunicorn: { title: 'gunicorn recipe (examples/python/wsgi.py, sync workers)', cmd: () => ['/usr/bin/gunicorn', '--bind', '0.0.0.0:{port}', '--workers', '2', '--timeout', '6', 'wsgi:app'], flags: (v) => [...py, '--env', `APP_VERSION=${v}`] },
   uvicorn: { title: 'uvicorn recipe (examples/python/asgi.py, SIGUSR1)', cmd: () => ['/usr/bin/python3', '-m', 'uvicorn', 'asgi:app', '--host', '0.0.0.0', '--port', '{port}'], flags: (v) => [...py, '--env', `APP_VERSION=${v}`, '--stop-signal', 'SIGUSR1'] },
 };
+// the servers people run, each started the way its docs show (test/fixtures/servers/), with no recipe
+const SERVER_KEYS = ['go-shutdown', 'go-plain', 'gunicorn-gthread', 'uvicorn-plain', 'aiohttp', 'puma', 'caddy'];
+SERVERS.forEach((s, k) => (APPS[SERVER_KEYS[k]] = { title: `${s.name} (unchanged)`, cmd: () => s.cmd(), flags: (v) => serverFlags(v) }));
 if (opt.apps.split(',').includes('go')) {
   const b = spawnSync('go', ['build', '-o', path.join(work, 'go-server'), '.'], { cwd: path.join(examples, 'go'), env: { ...process.env, GOCACHE: path.join(tmpdir(), 'portflip-go-cache'), GOFLAGS: '-mod=mod' }, encoding: 'utf8' });
   if (b.status !== 0) throw new Error(`go build: ${b.stderr}`);

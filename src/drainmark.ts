@@ -57,8 +57,10 @@ async function serve(sys: Sys, s: Session): Promise<void> {
       if (sys.now() - pruned > PRUNE_MS) [pruned] = [sys.now(), s.marker.prune(sys.now())];
     }
   } catch (err) {
-    // reading failed: the socket is closed below, and the rules' --queue-bypass lets everything pass
+    // reading failed: unbind now, so that the rules' --queue-bypass lets every packet pass at once
+    // instead of waiting in the kernel's queue for a reader that is gone
     s.failure = (err as Error).message;
+    s.queue.close();
   }
 }
 

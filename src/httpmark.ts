@@ -23,6 +23,11 @@ export const QUIET_MS = 1000;
 const HEAD_MAX = 8192; // request head bytes kept per connection, while its end is not seen
 const MAX_CONNS = 100_000; // connections tracked at once; more are let through untracked (idle wait)
 const HEADS_MAX = 16 << 20; // request head bytes kept across all connections
+// Marked clients reconnect to the new instance at once; a burst of them can outrun a server that accepts
+// only when a worker is free (puma), so marks are paced: PACE_BURST at once, then PACE_PER_S a second.
+// An answer passed over for want of one is not lost: the connection's next answer is marked.
+const PACE_BURST = 8;
+const PACE_PER_S = 50;
 
 /** Why a connection is never marked. */
 export type Untouched = 'tls' | 'http2' | 'not-http' | 'pipelined' | 'upgraded' | 'untracked';
@@ -222,6 +227,7 @@ export class Marker {
   private conns = new Map<string, Conn>();
   private ports = new Map<number, number>(); // instance port -> when marking it began (ms)
   private headBytes = 0; // kept in all requests' `head`
+  private pace = { tokens: PACE_BURST, at: 0 };
   private counts = new Map<number, MarkStats>();
 
   addPort(port: number, now: number): void {
@@ -391,7 +397,7 @@ export class Marker {
       return null;
     }
     if (at > 0 || r.unknown || r.bodyLeft !== 0) return ((c.answered = true), null);
-    return this.answer(p, s, c, r, truncated);
+    return this.answer(p, s, c, r, truncated, now);
   }
 
   private dropHead(r: Request): void {
@@ -409,7 +415,7 @@ export class Marker {
   }
 
   /** The server packet that begins the answer to `r`: rewrite its head when it allows it. */
-  private answer(p: Buffer, s: Segment, c: Conn, r: Request, truncated: boolean): Verdict {
+  private answer(p: Buffer, s: Segment, c: Conn, r: Request, truncated: boolean, now: number): Verdict {
     let off = s.data;
     const stop = Math.min(s.end, p.length);
     for (;;) {
@@ -444,6 +450,7 @@ export class Marker {
         return null;
       }
       if (truncated) return null; // the kernel gave only part of it: a rewrite would cut the rest off
+      if (!this.paced(now)) return null;
       const bytes = Buffer.from(edit.text, 'latin1');
       c.edit = { seq: seqAdd(s.seq, off - s.data + edit.at), bytes };
       this.markDone(c);
@@ -453,6 +460,16 @@ export class Marker {
       fixTcpChecksum(out, s);
       return out;
     }
+  }
+
+  /** One mark's worth of the pace, if there is one now. */
+  private paced(now: number): boolean {
+    const p = this.pace;
+    p.tokens = Math.min(PACE_BURST, p.tokens + ((now - p.at) * PACE_PER_S) / 1000);
+    p.at = now;
+    if (p.tokens < 1) return false;
+    p.tokens--;
+    return true;
   }
 
   private markDone(c: Conn): void {

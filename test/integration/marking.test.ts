@@ -271,38 +271,41 @@ test('an in-place restart (one port) and a rollback drain through marking too: k
       const [one, two] = await freePorts(2);
       const deploy = (v: string, ports: string, extra: string[] = []) =>
         w.pf(['deploy', 'web', '--listen', '80', '--ports', ports, ...serverFlags(v), '--json', ...extra, '--', go]);
-      assert.is((await deploy('v1', String(one))).code, 0);
-      const url = `http://${w.ns.serverAddr}:80/`;
-      const busy = await startLoad(w.ns, 'client', {
-        url,
-        mode: 'keepalive',
-        concurrency: 16,
-        durationMs: 60_000,
-        maxRequests: 5_000_000,
-      });
-      const runs: Record<string, any>[][] = [];
-      try {
-        await sleep(800);
-        const inPlace = await deploy('v2', String(one)); // the old instance drains on the port the new one takes next
-        assert.is(inPlace.code, 0, show(inPlace));
-        runs.push(events(inPlace.stdout));
-        await sleep(800);
-        const kept = await deploy('v3', `${one},${two}`, ['--keep-old', '60s']);
-        assert.is(kept.code, 0, show(kept));
-        await sleep(800);
-        const back = await w.pf(['rollback', 'web', '--json']); // v3 drains, v2 takes every new connection again
-        assert.is(back.code, 0, show(back));
-        runs.push(events(back.stdout));
-        await sleep(500);
-      } finally {
-        var res = await busy.stop(); // eslint-disable-line no-var
-      }
-      assert.is(res.failed, 0, JSON.stringify(res));
-      assert.equal([...new Set(res.versions)], ['v1', 'v2', 'v3', 'v2'], res.versions.join(','));
-      for (const ev of runs) {
+      const busy = () =>
+        startLoad(w.ns, 'client', {
+          url: `http://${w.ns.serverAddr}:80/`,
+          mode: 'keepalive',
+          concurrency: 16,
+          durationMs: 60_000,
+          maxRequests: 5_000_000,
+        });
+      const marked = (ev: Record<string, any>[]) => {
         const m = ev.find((e) => e.kind === 'marking');
         assert.ok(m && m.marked >= 1, JSON.stringify(ev.filter((e) => e.kind !== 'connections')));
-      }
+      };
+      assert.is((await deploy('v1', String(one))).code, 0);
+      // in place: the old instance drains on the port the new one takes next, its new connections held meanwhile
+      const first = await busy();
+      await sleep(800);
+      const inPlace = await deploy('v2', String(one));
+      await sleep(500);
+      const res1 = await first.stop();
+      assert.is(inPlace.code, 0, show(inPlace));
+      marked(events(inPlace.stdout));
+      assert.is(res1.failed, 0, JSON.stringify(res1));
+      assert.equal([...new Set(res1.versions)], ['v1', 'v2'], res1.versions.join(','));
+      // a kept instance is not drained: v2 stays for rollback; clients that connect now are on v3
+      const kept = await deploy('v3', `${one},${two}`, ['--keep-old', '60s']);
+      assert.is(kept.code, 0, show(kept));
+      const second = await busy();
+      await sleep(800);
+      const back = await w.pf(['rollback', 'web', '--json']); // v3 drains, v2 takes every new connection again
+      await sleep(500);
+      const res2 = await second.stop();
+      assert.is(back.code, 0, show(back));
+      marked(events(back.stdout));
+      assert.is(res2.failed, 0, JSON.stringify(res2));
+      assert.equal([...new Set(res2.versions)], ['v3', 'v2'], res2.versions.join(','));
     },
     { peer: true },
   );

@@ -242,6 +242,22 @@ test('a packet the queue gave in part (truncated) is never rewritten', () => {
   assert.is(m.packet(p.subarray(0, 200), 2), null);
 });
 
+test('marks are paced: a burst of 8, then 50 a second; an answer passed over leaves its connection for the next', () => {
+  const m = new Marker();
+  m.addPort(PORT, 0);
+  const marked = (cport: number, now: number, round = 0) => {
+    const [cseq, sseq] = [1000 + round * 100, 5000 + round * 1000];
+    m.packet(packet({ from: 'client', seq: cseq, ack: sseq, data: REQ, cport }), now);
+    return m.packet(packet({ from: 'server', seq: sseq, ack: cseq + REQ.length, data: answer('v1'), cport }), now) !== null;
+  };
+  const first = Array.from({ length: 20 }, (_, k) => marked(41000 + k, 1000));
+  assert.is(first.filter(Boolean).length, 8);
+  // 100 ms later, 5 more tokens: the connections passed over are marked on their next answer
+  const next = Array.from({ length: 20 }, (_, k) => k).filter((k) => !first[k]).map((k) => marked(41000 + k, 1100, 1));
+  assert.is(next.filter(Boolean).length, 5);
+  assert.is(m.stats(PORT)!.marked, 13);
+});
+
 test('quiet: a connection waiting for its answer is not; bare ACKs (TCP keep-alive probes) are no activity', () => {
   const m = requested();
   const remotes = [CLIENT];

@@ -1,4 +1,4 @@
-// The servers people run, unchanged, with default flags: keep-alive clients lose nothing across 3 deploys.
+// Shared by the servers-*.test.ts files: deploys of the servers people run under busy and idle keep-alive clients.
 //
 // Each server is a Debian package started the way its own docs show (test/fixtures/servers/). Busy keep-alive
 // clients send their next request as soon as an answer arrives; idle ones, like a browser's spare
@@ -7,10 +7,10 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { freePorts, startLoad, type LoadResult } from '../helpers/netns.js';
-import { SERVERS, serverFlags } from '../helpers/servers.js';
-import { events } from '../helpers/events.js';
-import { inWorld, show, type World } from '../helpers/world.js';
+import { freePorts, startLoad, type LoadResult } from './netns.js';
+import { SERVERS, serverFlags, type Server } from './servers.js';
+import { events } from './events.js';
+import { inWorld, show, type World } from './world.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -82,32 +82,33 @@ export async function threeDeploys(w: World, cmd: string[], extra: string[] = []
   return { loads: { busyVeth, idleVeth, busyLo, idleLo }, runs, took };
 }
 
-// PF_SERVER=NAME runs only the servers whose name begins with NAME
-for (const s of SERVERS.filter((s) => !process.env.PF_SERVER || s.name.startsWith(process.env.PF_SERVER))) {
-  test(`${s.name}: 3 deploys with default flags, busy and idle keep-alive clients over veth and loopback, 0 failed`, async () => {
-    await inWorld(
-      async (w) => {
-        const { loads, runs } = await threeDeploys(w, s.cmd());
-        for (const [name, res] of Object.entries(loads)) {
-          assert.is(res.failed, 0, `${name}: ${JSON.stringify(res)}`);
-          if (name.startsWith('busy')) {
-            assert.ok(res.ok > 200, `${name}: enough requests ran: ${res.ok}`);
-            assert.equal([...new Set(res.versions)], ['v1', 'v2', 'v3', 'v4'], `${name}: ${res.versions.join(',')}`);
+/** Registers one test per server; PF_SERVER=NAME keeps only the servers whose name begins with NAME. */
+export function serverTests(names: string[]): void {
+  const chosen = SERVERS.filter((s: Server) => names.some((n) => s.name.startsWith(n)));
+  for (const s of chosen.filter((s) => !process.env.PF_SERVER || s.name.startsWith(process.env.PF_SERVER))) {
+    test(`${s.name}: 3 deploys with default flags, busy and idle keep-alive clients over veth and loopback, 0 failed`, async () => {
+      await inWorld(
+        async (w) => {
+          const { loads, runs } = await threeDeploys(w, s.cmd());
+          for (const [name, res] of Object.entries(loads)) {
+            assert.is(res.failed, 0, `${name}: ${JSON.stringify(res)}`);
+            if (name.startsWith('busy')) {
+              assert.ok(res.ok > 200, `${name}: enough requests ran: ${res.ok}`);
+              assert.equal([...new Set(res.versions)], ['v1', 'v2', 'v3', 'v4'], `${name}: ${res.versions.join(',')}`);
+            }
           }
-        }
-        for (const [k, ev] of runs.entries()) {
-          const marking = ev.find((e) => e.kind === 'marking');
-          assert.ok(marking, `deploy ${k + 2} reports its marking: ${JSON.stringify(ev)}`);
-          assert.ok(marking.marked >= 1, `busy connections were marked: ${JSON.stringify(marking)}`);
-          assert.match(ev.find((e) => e.step === 'drain')!.detail, /answers? marked Connection: close/);
-          // the drain ends on its own, never by --drain-timeout (how long deploys take is the benchmark's: npm run bench)
-          const signal = ev.find((e) => e.kind === 'signal')!;
-          assert.match(signal.reason, /^drained/, JSON.stringify(ev.filter((e) => e.kind !== 'connections')));
-        }
-      },
-      { peer: true },
-    );
-  });
+          for (const [k, ev] of runs.entries()) {
+            const marking = ev.find((e) => e.kind === 'marking');
+            assert.ok(marking, `deploy ${k + 2} reports its marking: ${JSON.stringify(ev)}`);
+            assert.ok(marking.marked >= 1, `busy connections were marked: ${JSON.stringify(marking)}`);
+            assert.match(ev.find((e) => e.step === 'drain')!.detail, /answers? marked Connection: close/);
+            // the drain ends on its own, never by --drain-timeout (how long deploys take is the benchmark's: npm run bench)
+            const signal = ev.find((e) => e.kind === 'signal')!;
+            assert.match(signal.reason, /^drained/, JSON.stringify(ev.filter((e) => e.kind !== 'connections')));
+          }
+        },
+        { peer: true },
+      );
+    });
+  }
 }
-
-test.run();
