@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fixture, freePorts, startLoad, waitForPort, type LoadResult } from '../helpers/netns.js';
 import { inWorld, events, get, show, type World } from './lib.js';
-import { PRELOAD_SOURCE } from '../../src/preload.js';
+import { PRELOAD_SOURCE } from '../../src/drain/preload.js';
 
 const node = process.execPath;
 const PLAIN = fixture('plain-app.mjs');

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePorts } from '../helpers/netns.js';
 import { inWorld, deployArgs, show, get } from './lib.js';
-import { appText, filterRules, parseSave, type AppSpec } from '../../src/iptables.js';
+import { appText, filterRules, parseSave, type AppSpec } from '../../src/os/iptables.js';
 
 const OTHERS = `
 iptables -t nat -A PREROUTING -p tcp --dport 2222 -j REDIRECT --to-ports 22

@@ -2,10 +2,10 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { deploy } from '../../src/deploy.js';
-import { PortflipError } from '../../src/errors.js';
-import type { Event } from '../../src/events.js';
-import { readState } from '../../src/state.js';
+import { deploy } from '../../src/commands/deploy.js';
+import { PortflipError } from '../../src/core/errors.js';
+import type { Event } from '../../src/core/events.js';
+import { readState } from '../../src/core/state.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
 type StepEvent = Extract<Event, { kind: 'step' }>;

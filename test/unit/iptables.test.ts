@@ -2,8 +2,8 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { appChain, appRules, appText, canonicalCidr, checkApp, cleanupText, filterRules, markRules, markText, parseSave, removeAppText, wouldDrop, type AppSpec } from '../../src/iptables.js';
-import { PortflipError } from '../../src/errors.js';
+import { appChain, appRules, appText, canonicalCidr, checkApp, cleanupText, filterRules, markRules, markText, parseSave, removeAppText, wouldDrop, type AppSpec } from '../../src/os/iptables.js';
+import { PortflipError } from '../../src/core/errors.js';
 
 const spec = (app: string, listen: number, target: number | null, o: Partial<AppSpec> = {}): AppSpec => ({ app, listen, target, open: target === null ? [] : [target], firewall: null, ...o });
 const ensureText = (view: ReturnType<typeof parseSave>, app: string, listen: number, port: number) => appText(view, spec(app, listen, port), 'ipv4')!;

@@ -6,11 +6,11 @@ import { mkdtemp, readdir, readFile, rm, writeFile, mkdir } from 'node:fs/promis
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
-import { parseDuration, formatMs } from '../../src/duration.js';
-import { PortflipError } from '../../src/errors.js';
-import { formatHuman } from '../../src/events.js';
-import { ensureDirs, readState, takeLock, writeState, type AppState } from '../../src/state.js';
-import { realSys } from '../../src/sys.js';
+import { parseDuration, formatMs } from '../../src/core/duration.js';
+import { PortflipError } from '../../src/core/errors.js';
+import { formatHuman } from '../../src/core/events.js';
+import { ensureDirs, readState, takeLock, writeState, type AppState } from '../../src/core/state.js';
+import { realSys } from '../../src/os/sys.js';
 
 test('durations', () => {
   assert.is(parseDuration('500ms', 'x'), 500);

@@ -2,7 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { bindProblem, hasNetAdmin, listenersOn, openConnections, parseNetTcp, parseStat, pendingAccepts } from '../../src/proc.js';
+import { bindProblem, hasNetAdmin, listenersOn, openConnections, parseNetTcp, parseStat, pendingAccepts } from '../../src/os/proc.js';
 
 test('parseStat survives spaces and parens in the command name', () => {
   const st = parseStat('4242 (my (odd) app) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 18446744073709551615')!;

@@ -6,10 +6,10 @@
 import { join } from 'node:path';
 import { fail, PortflipError } from './errors.js';
 import { invariantProblem, type InstanceState } from './lifecycle.js';
-import { isAlive, readStat } from './proc.js';
+import { isAlive, readStat } from '../os/proc.js';
 export type { InstanceState } from './lifecycle.js';
-import type { Backend, Family } from './iptables.js';
-import type { Sys } from './sys.js';
+import type { Backend, Family } from '../os/iptables.js';
+import type { Sys } from '../os/sys.js';
 
 export const SCHEMA = 1;
 

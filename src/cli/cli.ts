@@ -2,29 +2,29 @@
 
 import { resolve } from 'node:path';
 import yargs, { type Argv } from 'yargs';
-import type { DeployOptions } from './deploy.js';
-import { parseDuration } from './duration.js';
+import type { DeployOptions } from '../commands/deploy.js';
+import { parseDuration } from '../core/duration.js';
 import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './config.js';
-import { ExitCode, PortflipError, fail, fromSystemError } from './errors.js';
-import { canonicalCidr } from './iptables.js';
-import { makeEmitter } from './events.js';
-import type { Ctx } from './ops.js';
-import { isExecutable, versionText } from './self.js';
-import { paths } from './state.js';
-import { realSys } from './sys.js';
-export { yieldCpu } from './sys.js'; // main.cts calls it once the CLI is loaded, before any work
-import type { DrainMode } from './state.js';
+import { ExitCode, PortflipError, fail, fromSystemError } from '../core/errors.js';
+import { canonicalCidr } from '../os/iptables.js';
+import { makeEmitter } from '../core/events.js';
+import type { Ctx } from '../ops/reconcile.js';
+import { isExecutable, versionText } from '../os/self.js';
+import { paths } from '../core/state.js';
+import { realSys } from '../os/sys.js';
+export { yieldCpu } from '../os/sys.js'; // main.cts calls it once the CLI is loaded, before any work
+import type { DrainMode } from '../core/state.js';
 
 // Each command loads only the modules it uses: a status or a deploy should not pay for the others.
 const lazy = {
-  agent: () => import('./agent.js'),
-  canary: () => import('./canary.js'),
-  commands: () => import('./commands.js'),
-  deploy: () => import('./deploy.js'),
-  hold: () => import('./hold.js'),
-  ops: () => import('./ops.js'),
-  supervisor: () => import('./supervisor.js'),
-  systemd: () => import('./systemd.js'),
+  agent: () => import('../commands/agent.js'),
+  canary: () => import('../commands/canary.js'),
+  commands: () => import('../commands/commands.js'),
+  deploy: () => import('../commands/deploy.js'),
+  hold: () => import('../commands/hold.js'),
+  ops: () => import('../ops/reconcile.js'),
+  supervisor: () => import('../commands/supervisor.js'),
+  systemd: () => import('../os/systemd.js'),
 };
 
 const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH', 'SIGKILL'];

@@ -8,14 +8,14 @@
 
 import { join } from 'node:path';
 import type { DeployRun } from './deploy.js';
-import { fail, PortflipError } from './errors.js';
+import { fail, PortflipError } from '../core/errors.js';
 import { applyHold, DEFAULT_QUEUE_LEN, releaseHold, requireNfqueue, startHolder } from './hold.js';
-import { killNow, spawnInstance, waitReady } from './instance.js';
-import { move } from './lifecycle.js';
-import { instanceLabel, retire } from './ops.js';
-import { readStat } from './proc.js';
-import { writeState, type Instance } from './state.js';
-import type { Step } from './steps.js';
+import { killNow, spawnInstance, waitReady } from '../ops/instance.js';
+import { move } from '../core/lifecycle.js';
+import { instanceLabel, retire } from '../ops/reconcile.js';
+import { readStat } from '../os/proc.js';
+import { writeState, type Instance } from '../core/state.js';
+import type { Step } from '../core/steps.js';
 
 /** How long a deploy's holder may hold at most: the drain, the kill, a start, and a restart of the previous. */
 const holdBound = (r: DeployRun) => r.o.stop.drainTimeoutMs + r.o.stop.killAfterMs + 2 * r.o.readyTimeoutMs + 30_000;

@@ -32,7 +32,7 @@
 // chain runs before nat PREROUTING/OUTPUT, so a SYN released after a switch follows the new redirect;
 // --queue-bypass lets SYNs pass when no holder reads the queue (it died), so nothing is black-holed.
 
-import { fail, PortflipError } from './errors.js';
+import { fail, PortflipError } from '../core/errors.js';
 import { compressV6 } from './proc.js';
 import { which, type Sys } from './sys.js';
 

@@ -1,8 +1,8 @@
 // The commands around a deploy: status, rollback, stop, restore, cleanup, and the kept-instance reaper.
 
-import { fail, PortflipError } from './errors.js';
-import { drainAndStop } from './instance.js';
-import { move } from './lifecycle.js';
+import { fail, PortflipError } from '../core/errors.js';
+import { drainAndStop } from '../ops/instance.js';
+import { move } from '../core/lifecycle.js';
 import { retire } from './deploy.js';
 import {
   appChain,
@@ -15,9 +15,9 @@ import {
   type Iptables,
   type RulesView,
   type Verdict,
-} from './iptables.js';
-import { causeOf, runSteps, type Step } from './steps.js';
-import { GUARD_PREFIX, guardScript, type DenyChain } from './nftguard.js';
+} from '../os/iptables.js';
+import { causeOf, runSteps, type Step } from '../core/steps.js';
+import { GUARD_PREFIX, guardScript, type DenyChain } from '../os/nftguard.js';
 import {
   instanceLabel,
   conntrackFill,
@@ -34,10 +34,10 @@ import {
   pointAll,
   wantedSpec,
   type Ctx,
-} from './ops.js';
+} from '../ops/reconcile.js';
 import { endHolder, formatHold, holdStatus, type HoldStatus } from './hold.js';
-import { isAlive, openConnections, tcpSockets } from './proc.js';
-import { listApps, readState, removeState, takeLock, writeState, type AppState, type Instance } from './state.js';
+import { isAlive, openConnections, tcpSockets } from '../os/proc.js';
+import { listApps, readState, removeState, takeLock, writeState, type AppState, type Instance } from '../core/state.js';
 
 /** What rollback, stop and restore work on: the app's state under its lock, and its rules. */
 interface AppRun {

@@ -5,9 +5,9 @@
 // is undone; a failure or Ctrl-C undoes the completed steps in reverse, once.
 
 import { join } from 'node:path';
-import { HOOKS, type HookName } from './config.js';
-import { move } from './lifecycle.js';
-import { fail, PortflipError } from './errors.js';
+import { HOOKS, type HookName } from '../cli/config.js';
+import { move } from '../core/lifecycle.js';
+import { fail, PortflipError } from '../core/errors.js';
 import {
   checkOnce,
   killNow,
@@ -19,7 +19,7 @@ import {
   type ReadyCheck,
   type Spawned,
   type User,
-} from './instance.js';
+} from '../ops/instance.js';
 import {
   appChain,
   appRules,
@@ -31,7 +31,7 @@ import {
   type Table,
   type Iptables,
   type RulesView,
-} from './iptables.js';
+} from '../os/iptables.js';
 import {
   applySpec,
   conntrackFill,
@@ -48,9 +48,9 @@ import {
   syncGuard,
   type Ctx,
   type MarkReport,
-} from './ops.js';
-import { markingWords } from './events.js';
-import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from './proc.js';
+} from '../ops/reconcile.js';
+import { markingWords } from '../core/events.js';
+import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from '../os/proc.js';
 import {
   ensureDirs,
   listApps,
@@ -62,13 +62,13 @@ import {
   type FirewallSettings,
   type Instance,
   type StopPolicy,
-} from './state.js';
-import { inspectPreload, placePreload, preloadEnv } from './preload.js';
-import { guardScript, type DenyChain } from './nftguard.js';
+} from '../core/state.js';
+import { inspectPreload, placePreload, preloadEnv } from '../drain/preload.js';
+import { guardScript, type DenyChain } from '../os/nftguard.js';
 import { inPlacePreflight, inPlaceSteps } from './inplace.js';
 import { finishCanary, refuseDeploy, splitTo, type CanaryOptions } from './canary.js';
-import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from './steps.js';
-import type { Sys } from './sys.js';
+import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from '../core/steps.js';
+import type { Sys } from '../os/sys.js';
 
 export interface DeployOptions {
   app: string;

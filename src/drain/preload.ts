@@ -2,9 +2,9 @@
 
 import { basename, dirname, join, parse } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { groupMembers, listenersOn, tcpListeners } from './proc.js';
-import { drainModulePath } from './self.js';
-import type { Sys } from './sys.js';
+import { groupMembers, listenersOn, tcpListeners } from '../os/proc.js';
+import { drainModulePath } from '../os/self.js';
+import type { Sys } from '../os/sys.js';
 
 /** The preload as built, next to this module in the installed package (the executable writes its own: self.ts). */
 export const PRELOAD_SOURCE = fileURLToPath(new URL('./node-drain.cjs', import.meta.url));

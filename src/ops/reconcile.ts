@@ -1,11 +1,11 @@
 // Shared moves of every command: check the environment, find out what is real, and repair it.
 
-import { fail, PortflipError } from './errors.js';
-import { invariantProblem, move } from './lifecycle.js';
-import type { Emit, StepName } from './events.js';
+import { fail, PortflipError } from '../core/errors.js';
+import { invariantProblem, move } from '../core/lifecycle.js';
+import type { Emit, StepName } from '../core/events.js';
 import { drainAndStop, drainModeOf, killNow } from './instance.js';
-import { markPort, marksHere, type MarkHandle } from './drainmark.js';
-import type { MarkStats } from './httpmark.js';
+import { markPort, marksHere, type MarkHandle } from '../drain/drainmark.js';
+import type { MarkStats } from '../drain/httpmark.js';
 import {
   appChain,
   appRules,
@@ -21,9 +21,9 @@ import {
   type Iptables,
   type RulesView,
   type Table,
-} from './iptables.js';
-import { guardScript, NftGuard, type DenyChain } from './nftguard.js';
-import { hasNetAdmin, isAlive, pidsListeningOn, readStat } from './proc.js';
+} from '../os/iptables.js';
+import { guardScript, NftGuard, type DenyChain } from '../os/nftguard.js';
+import { hasNetAdmin, isAlive, pidsListeningOn, readStat } from '../os/proc.js';
 import {
   ensureDirs,
   listApps,
@@ -33,9 +33,9 @@ import {
   type AppState,
   type Instance,
   type Paths,
-} from './state.js';
-import { selfArgv } from './self.js';
-import { which, type Sys } from './sys.js';
+} from '../core/state.js';
+import { selfArgv } from '../os/self.js';
+import { which, type Sys } from '../os/sys.js';
 
 export interface Ctx {
   sys: Sys;

@@ -7,7 +7,7 @@
 // then rethrows. A step that calls settled() ends the undo: from there on the change stands.
 
 import type { Emit, StepName } from './events.js';
-import type { Sys } from './sys.js';
+import type { Sys } from '../os/sys.js';
 
 export interface StepRun {
   /** Registers how to take back what the step is about to do. */

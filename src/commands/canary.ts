@@ -9,11 +9,11 @@
 //   abort                    state first: a canary recorded as draining gets no split and is retired
 // Invariant (lifecycle.ts): a canary comes with exactly one active instance and nothing else settled.
 
-import { parseDuration } from './duration.js';
-import { fail, PortflipError } from './errors.js';
-import { checkOnce, type ReadyCheck } from './instance.js';
-import { appText, parseSave, type Family, type Iptables, type RulesView } from './iptables.js';
-import { move } from './lifecycle.js';
+import { parseDuration } from '../core/duration.js';
+import { fail, PortflipError } from '../core/errors.js';
+import { checkOnce, type ReadyCheck } from '../ops/instance.js';
+import { appText, parseSave, type Family, type Iptables, type RulesView } from '../os/iptables.js';
+import { move } from '../core/lifecycle.js';
 import {
   finishLeftovers,
   instanceLabel,
@@ -23,10 +23,10 @@ import {
   underLock,
   wantedSpec,
   type Ctx,
-} from './ops.js';
-import { isAlive } from './proc.js';
-import { readState, writeState, type AppState, type Instance } from './state.js';
-import { causeOf, planSteps, runSteps, type Step, type StepRun } from './steps.js';
+} from '../ops/reconcile.js';
+import { isAlive } from '../os/proc.js';
+import { readState, writeState, type AppState, type Instance } from '../core/state.js';
+import { causeOf, planSteps, runSteps, type Step, type StepRun } from '../core/steps.js';
 
 export interface CanaryOptions {
   percent: number; // whole percent, 1-99

@@ -7,8 +7,8 @@
 // reads and counts.
 
 import { Marker, type MarkStats } from './httpmark.js';
-import type { DrainWatch } from './instance.js';
-import type { PacketQueue, Sys } from './sys.js';
+import type { DrainWatch } from '../ops/instance.js';
+import type { PacketQueue, Sys } from '../os/sys.js';
 
 const QUEUE_BASE = 40000; // marking queues: 40000-49999 (holds use 30000-39999)
 const QUEUE_TRIES = 64;

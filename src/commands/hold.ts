@@ -7,17 +7,17 @@
 // pass as if there were no rule; the holder releases on its own when its time is up.
 
 import { join } from 'node:path';
-import { fail, PortflipError } from './errors.js';
-import { formatMs } from './duration.js';
-import { logTail } from './instance.js';
-import type { Iptables } from './iptables.js';
-import { parseQueueStats } from './nfqueue.js';
-import { applySpec, holdStands, instanceLabel, underLock, wantedSpec, type Ctx } from './ops.js';
-import { isAlive, readStat } from './proc.js';
-import { holderArgv } from './self.js';
-import { listApps, readState, writeState, type AppState, type HoldState } from './state.js';
-import { causeOf, planSteps, runSteps, type Step } from './steps.js';
-import type { Sys } from './sys.js';
+import { fail, PortflipError } from '../core/errors.js';
+import { formatMs } from '../core/duration.js';
+import { logTail } from '../ops/instance.js';
+import type { Iptables } from '../os/iptables.js';
+import { parseQueueStats } from '../os/nfqueue.js';
+import { applySpec, holdStands, instanceLabel, underLock, wantedSpec, type Ctx } from '../ops/reconcile.js';
+import { isAlive, readStat } from '../os/proc.js';
+import { holderArgv } from '../os/self.js';
+import { listApps, readState, writeState, type AppState, type HoldState } from '../core/state.js';
+import { causeOf, planSteps, runSteps, type Step } from '../core/steps.js';
+import type { Sys } from '../os/sys.js';
 
 /**
  * Queue length: how many SYNs the kernel keeps before it drops new ones (the client then retries
