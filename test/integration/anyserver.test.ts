@@ -3,7 +3,7 @@
 // Each server is a Debian package started the way its own docs show (test/fixtures/servers/). Busy keep-alive
 // clients send their next request as soon as an answer arrives; idle ones, like a browser's spare
 // connections, ask once every few seconds. The drain marks one answer per busy connection Connection: close
-// (src/httpmark.ts), and stops the old instance once the idle ones are quiet.
+// (src/drain/httpmark.ts), and stops the old instance once the idle ones are quiet.
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
