@@ -8,7 +8,7 @@ import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './
 import { ExitCode, PortflipError, fail, fromSystemError } from '../core/errors.js';
 import { canonicalCidr } from '../os/iptables.js';
 import { makeEmitter } from '../core/events.js';
-import type { Ctx } from '../ops/reconcile.js';
+import type { Ctx } from '../ops/context.js';
 import { isExecutable, versionText } from '../os/self.js';
 import { paths } from '../core/state.js';
 import { realSys } from '../os/sys.js';
@@ -19,12 +19,20 @@ import type { DrainMode } from '../core/state.js';
 const lazy = {
   agent: () => import('../commands/agent.js'),
   canary: () => import('../commands/canary.js'),
-  commands: () => import('../commands/commands.js'),
   deploy: () => import('../commands/deploy.js'),
   hold: () => import('../commands/hold.js'),
-  ops: () => import('../ops/reconcile.js'),
   supervisor: () => import('../commands/supervisor.js'),
   systemd: () => import('../os/systemd.js'),
+  watch: () => import('../commands/watch.js'),
+  status: () => import('../commands/status.js'),
+  logs: () => import('../commands/logs.js'),
+  rollback: () => import('../commands/rollback.js'),
+  stop: () => import('../commands/stop.js'),
+  restore: () => import('../commands/restore.js'),
+  cleanup: () => import('../commands/cleanup.js'),
+  reap: () => import('../commands/reap.js'),
+  context: () => import('../ops/context.js'),
+  conntrack: () => import('../ops/conntrack.js'),
 };
 
 const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH', 'SIGKILL'];
@@ -333,7 +341,7 @@ export async function main(argv: string[]): Promise<number> {
       (y) => y.option('interval', { type: 'string', describe: 'how often to compare (default 500ms)' }),
       (a) =>
         run(async () => {
-          const { requireNetAdmin, watch } = await lazy.ops();
+          const [{ requireNetAdmin }, { watch }] = await Promise.all([lazy.context(), lazy.watch()]);
           await requireNetAdmin(ctx.sys);
           await watch(ctx, a.interval === undefined ? 500 : parseDuration(String(a.interval), '--interval'));
         }),
@@ -353,7 +361,7 @@ export async function main(argv: string[]): Promise<number> {
           const colour = tty && !process.env.NO_COLOR;
           const every = a.watch === undefined ? 0 : a.watch === '' ? 2000 : parseDuration(String(a.watch), '--watch');
           do {
-            const [{ status, formatStatus }, { conntrackFill }] = await Promise.all([lazy.commands(), lazy.ops()]);
+            const [{ status, formatStatus }, { conntrackFill }] = await Promise.all([lazy.status(), lazy.conntrack()]);
             const [apps, conntrack] = await Promise.all([
               status(ctx, a.app || a.config ? appName(a) : undefined),
               conntrackFill(ctx.sys),
@@ -383,7 +391,7 @@ export async function main(argv: string[]): Promise<number> {
           .option('lines', { alias: 'n', type: 'number', default: 50, describe: 'how many lines to show first' }),
       (a) =>
         run(async () =>
-          (await lazy.commands()).logs(ctx, appName(a), { follow: !!a.follow, lines: Number(a.lines) }, (s) =>
+          (await lazy.logs()).logs(ctx, appName(a), { follow: !!a.follow, lines: Number(a.lines) }, (s) =>
             process.stdout.write(s),
           ),
         ),
@@ -392,7 +400,7 @@ export async function main(argv: string[]): Promise<number> {
       'rollback [app]',
       'point the public port back at the kept previous instance',
       (y) => appArg(y),
-      (a) => run(async () => (await lazy.commands()).rollback(ctx, appName(a))),
+      (a) => run(async () => (await lazy.rollback()).rollback(ctx, appName(a))),
     )
     .command(
       'pause [app]',
@@ -440,19 +448,19 @@ export async function main(argv: string[]): Promise<number> {
       'stop [app]',
       "remove the app's rules and stop all its instances",
       (y) => appArg(y),
-      (a) => run(async () => (await lazy.commands()).stop(ctx, appName(a))),
+      (a) => run(async () => (await lazy.stop()).stop(ctx, appName(a))),
     )
     .command(
       'restore',
       "re-create every app's rules from the state files",
       (y) => y,
-      () => run(async () => (await lazy.commands()).restore(ctx)),
+      () => run(async () => (await lazy.restore()).restore(ctx)),
     )
     .command(
       'cleanup',
       'remove every chain and rule portflip owns',
       (y) => y.option('stop-instances', { type: 'boolean', describe: 'also stop every instance and forget the apps' }),
-      (a) => run(async () => (await lazy.commands()).cleanup(ctx, !!a.stopInstances)),
+      (a) => run(async () => (await lazy.cleanup()).cleanup(ctx, !!a.stopInstances)),
     )
     .command(
       'agent [app]',
@@ -485,7 +493,7 @@ export async function main(argv: string[]): Promise<number> {
       '_reap <app>',
       false,
       (y) => appArg(y),
-      (a) => run(async () => (await lazy.commands()).reap(ctx, String(a.app))),
+      (a) => run(async () => (await lazy.reap()).reap(ctx, String(a.app))),
     )
     .demandCommand(
       1,

@@ -2,7 +2,7 @@
 //
 // The split is part of the app's nat chain (iptables.ts canaryRules), so every move here is one
 // iptables-restore commit per family, like a switch. Crash safety comes from the order of the state
-// write and the commit, chosen so that reconcile (ops.ts) finishes or reverses a run killed between them:
+// write and the commit, chosen so that reconcile (ops/reconcile.ts) finishes or reverses a run killed between them:
 //   split (deploy --canary)  state first: a recorded canary whose split is missing gets it (it was ready)
 //   share (promote --canary) state first: the recorded share is the one the rules get
 //   promote                  commit first: the live redirect at the canary makes reconcile adopt it
@@ -14,16 +14,12 @@ import { fail, PortflipError } from '../core/errors.js';
 import { checkOnce, type ReadyCheck } from '../ops/instance.js';
 import { appText, parseSave, type Family, type Iptables, type RulesView } from '../os/iptables.js';
 import { move } from '../core/lifecycle.js';
-import {
-  finishLeftovers,
-  instanceLabel,
-  openIptables,
-  pointAll,
-  retire,
-  underLock,
-  wantedSpec,
-  type Ctx,
-} from '../ops/reconcile.js';
+import { finishLeftovers } from '../ops/reconcile.js';
+import { instanceLabel } from '../core/state.js';
+import { openIptables, type Ctx } from '../ops/context.js';
+import { pointAll, wantedSpec } from '../ops/rules.js';
+import { retire } from '../ops/retire.js';
+import { underLock } from '../ops/lock.js';
 import { isAlive } from '../os/proc.js';
 import { readState, writeState, type AppState, type Instance } from '../core/state.js';
 import { causeOf, planSteps, runSteps, type Step, type StepRun } from '../core/steps.js';

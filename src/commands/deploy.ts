@@ -32,23 +32,13 @@ import {
   type Iptables,
   type RulesView,
 } from '../os/iptables.js';
-import {
-  applySpec,
-  conntrackFill,
-  conntrackWarning,
-  CONNTRACK_WARN_PERCENT,
-  instanceLabel,
-  firewallOf,
-  openGuard,
-  openIptables,
-  reconcile,
-  retire,
-  settle,
-  spawnReaper,
-  syncGuard,
-  type Ctx,
-  type MarkReport,
-} from '../ops/reconcile.js';
+import { applySpec, firewallOf } from '../ops/rules.js';
+import { conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT } from '../ops/conntrack.js';
+import { instanceLabel } from '../core/state.js';
+import { openGuard, syncGuard } from '../ops/guard.js';
+import { openIptables, type Ctx } from '../ops/context.js';
+import { reconcile, settle } from '../ops/reconcile.js';
+import { retire, spawnReaper, type MarkReport } from '../ops/retire.js';
 import { markingWords } from '../core/events.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from '../os/proc.js';
 import {

@@ -3,7 +3,7 @@
 // A hold is a detached holder process (holder.ts) reading an NFQUEUE, plus a mangle rule sending the
 // public port's new-connection SYNs to that queue (iptables.ts holdRule). The state file records the
 // hold before the rule goes in, so a portflip killed mid-hold is repaired by the next command
-// (ops.ts reconcile). Fail-safe: the rule carries --queue-bypass, so when the holder is gone SYNs
+// (ops/reconcile.ts). Fail-safe: the rule carries --queue-bypass, so when the holder is gone SYNs
 // pass as if there were no rule; the holder releases on its own when its time is up.
 
 import { join } from 'node:path';
@@ -12,7 +12,11 @@ import { formatMs } from '../core/duration.js';
 import { logTail } from '../ops/instance.js';
 import type { Iptables } from '../os/iptables.js';
 import { parseQueueStats } from '../os/nfqueue.js';
-import { applySpec, holdStands, instanceLabel, underLock, wantedSpec, type Ctx } from '../ops/reconcile.js';
+import { applySpec, wantedSpec } from '../ops/rules.js';
+import { holdStands } from '../ops/reconcile.js';
+import { instanceLabel } from '../core/state.js';
+import { underLock } from '../ops/lock.js';
+import { type Ctx } from '../ops/context.js';
 import { isAlive, readStat } from '../os/proc.js';
 import { holderArgv } from '../os/self.js';
 import { listApps, readState, writeState, type AppState, type HoldState } from '../core/state.js';

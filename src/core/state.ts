@@ -27,6 +27,9 @@ export interface Instance {
   marking?: Marking; // while it drains: its answers are marked Connection: close (drainmark.ts)
 }
 
+/** How people read an instance in messages: "port 8002 (pid 9203)". */
+export const instanceLabel = (i: Instance) => `port ${i.port}${i.pid ? ` (pid ${i.pid})` : ''}`;
+
 /** Who marks a draining instance's answers: the queue its packets go to, read by that portflip process. */
 export interface Marking {
   queue: number;

@@ -9,7 +9,7 @@
 import { posix } from 'node:path';
 import type { DeployOptions } from '../../src/commands/deploy.js';
 import type { Event } from '../../src/core/events.js';
-import type { Ctx } from '../../src/ops/reconcile.js';
+import type { Ctx } from '../../src/ops/context.js';
 import type { Child, Exit, FileStat, RunOptions, RunResult, SpawnOptions, Sys, SysFs } from '../../src/os/sys.js';
 
 /** Thrown by every call once portflip has "died". */

@@ -3,7 +3,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { abort, canaryOptions, parseShare, promote } from '../../src/commands/canary.js';
-import { restore } from '../../src/commands/commands.js';
+import { restore } from '../../src/commands/restore.js';
 import { deploy } from '../../src/commands/deploy.js';
 import { PortflipError } from '../../src/core/errors.js';
 import type { Event } from '../../src/core/events.js';
@@ -19,7 +19,7 @@ import {
   type AppSpec,
 } from '../../src/os/iptables.js';
 import { canMove, invariantProblem } from '../../src/core/lifecycle.js';
-import { Healer } from '../../src/ops/reconcile.js';
+import { Healer } from '../../src/ops/healer.js';
 import { readState } from '../../src/core/state.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 

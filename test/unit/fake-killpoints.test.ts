@@ -6,7 +6,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { restore } from '../../src/commands/commands.js';
+import { restore } from '../../src/commands/restore.js';
 import { deploy } from '../../src/commands/deploy.js';
 import type { StepName } from '../../src/core/events.js';
 import type { DeployOptions } from '../../src/commands/deploy.js';

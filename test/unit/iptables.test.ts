@@ -244,7 +244,7 @@ test('marking: both directions of a draining port to its queue, tagged with the 
   const gone = markText(last, done)!;
   assert.match(gone, /-D INPUT -j PF-MARK-IN\n-D OUTPUT -j PF-MARK-OUT\n-X PF-MARK-IN\n-X PF-MARK-OUT\nCOMMIT/);
   for (const f of foreign) assert.not.ok(gone.includes(f.slice(3)), f);
-  // no other commit touches the marking (its chains are shared: ops.ts syncMarks changes them one at a time)
+  // no other commit touches the marking (its chains are shared: ops/retire.ts syncMarks changes them one at a time)
   for (const only of ['nat', 'filter', undefined] as const) assert.not.ok((appText(last, done, 'ipv4', only) ?? '').includes('PF-MARK'));
   const clean = cleanupText(last)!;
   assert.match(clean, /-D INPUT -j PF-MARK-IN/);
