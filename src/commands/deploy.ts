@@ -17,7 +17,6 @@ import {
   waitReady,
   lookupUser,
   type ReadyCheck,
-  type Spawned,
   type User,
 } from '../ops/instance.js';
 import {
@@ -38,7 +37,7 @@ import { instanceLabel } from '../core/state.js';
 import { openGuard, syncGuard } from '../ops/guard.js';
 import { openIptables, type Ctx } from '../ops/context.js';
 import { reconcile, settle } from '../ops/reconcile.js';
-import { retire, spawnReaper, type MarkReport } from '../ops/retire.js';
+import { retire, spawnReaper } from '../ops/retire.js';
 import { markingWords } from '../core/events.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from '../os/proc.js';
 import {
@@ -56,30 +55,13 @@ import {
 import { inspectPreload, placePreload, preloadEnv } from '../drain/preload.js';
 import { guardScript, type DenyChain } from '../os/nftguard.js';
 import { inPlacePreflight, inPlaceSteps } from './inplace.js';
-import { finishCanary, refuseDeploy, splitTo, type CanaryOptions } from './canary.js';
+import { finishCanary, refuseDeploy, splitTo } from './canary.js';
 import { causeOf, planSteps, runSteps, StepFailed, type Step, type StepRun } from '../core/steps.js';
 import type { Sys } from '../os/sys.js';
+import type { DeployOptions, DeployRun, Preflight } from './deploy-run.js';
 
-export interface DeployOptions {
-  app: string;
-  listen: number;
-  command: string[];
-  ports?: number[];
-  cwd: string;
-  user?: string;
-  env: Record<string, string>;
-  ready: ReadyCheck;
-  readyTimeoutMs: number;
-  stop: StopPolicy;
-  keepOldMs?: number;
-  ipv6: 'auto' | 'on' | 'off';
-  dryRun: boolean;
-  hooks?: Partial<Record<HookName, string>>;
-  verifyMs?: number;
-  firewall: FirewallSettings;
-  nodeDrain: boolean; // load the Node drain preload (node-drain.cjs) through NODE_OPTIONS
-  canary?: CanaryOptions; // --canary: a share of new connections instead of the switch (canary.ts)
-}
+// the deploy's options are its callers' (cli.ts, supervisor.ts); the run is its steps' (inplace.ts)
+export type { DeployOptions, DeployRun } from './deploy-run.js';
 
 /** Watches the new instance for --verify: alive, and its readiness check passing, the whole time. */
 async function verify(
@@ -116,27 +98,6 @@ async function verify(
 
 /** Ports chosen when --ports is not given: below the kernel's ephemeral range, so clients never hold them. */
 export const DEFAULT_PORT_RANGE = [20000, 29999] as const;
-
-/** Everything one deploy works on: preflight fills the first fields, the steps the rest, in order. */
-interface DeployRun {
-  o: DeployOptions;
-  ctx: Ctx;
-  pre: Preflight;
-  st: AppState;
-  prev?: Instance; // active when the deploy began: PORTFLIP_PREVIOUS_PORT, the switch's undo
-  stale: Instance[]; // kept or draining instances an earlier run left
-  cand: Instance; // recorded by start; until then only its port and command
-  check: ReadyCheck;
-  spawned?: Spawned;
-  preload: Awaited<ReturnType<typeof placePreload>> | null;
-  loadedIn: string[];
-  families: Family[]; // what the candidate listens on, from bind-check
-  retiring: Instance[]; // what drain stops, set by the switch
-  released?: number; // in place: how many held connections the release let in
-  inPlace: boolean; // one instance port, the active instance on it: hold, stop, start on the same port (hold.ts)
-  opened: Set<Family>; // families whose filter the open step committed: the switch then commits nat alone
-  marks: (MarkReport | null)[]; // what marking did in the drain, one per retired instance
-}
 
 const hookStep = (name: HookName, when: 'before' | 'after', soft = false): Step<DeployRun> => ({
   name,
@@ -436,8 +397,6 @@ function hookContext(r: DeployRun, name: HookName, failedStep?: string) {
   return { cwd: r.o.cwd, env, user: r.pre.user };
 }
 
-export type { DeployRun };
-
 export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   const { sys, emit, paths } = ctx;
   appChain(o.app); // refuses a bad name before anything else
@@ -525,21 +484,6 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   } finally {
     await pre.lock.release();
   }
-}
-
-// retire lives in ops.ts (canary.ts drains too); re-exported for the modules that import it from here
-export { retire };
-
-interface Preflight {
-  denyChains: DenyChain[]; // native nftables input chains that drop by default (nftguard.ts)
-  ipt: Iptables;
-  lock: { release(): Promise<void> };
-  user?: User;
-  env: NodeJS.ProcessEnv;
-  state: AppState;
-  port: number;
-  views: Map<Family, RulesView>;
-  fresh: boolean; // no state file before this deploy
 }
 
 async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {

@@ -7,7 +7,7 @@
 // undo of stop-old starts the previous command again on the port, and the hold's undo releases to it.
 
 import { join } from 'node:path';
-import type { DeployRun } from './deploy.js';
+import type { DeployRun } from './deploy-run.js';
 import { fail, PortflipError } from '../core/errors.js';
 import { applyHold, DEFAULT_QUEUE_LEN, releaseHold, requireNfqueue, startHolder } from './hold.js';
 import { killNow, spawnInstance, waitReady } from '../ops/instance.js';

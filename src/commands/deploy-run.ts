@@ -1,0 +1,65 @@
+// What one deploy works on: its options, what preflight found, and the run its steps share (deploy.ts, inplace.ts).
+
+import type { HookName } from '../cli/config.js';
+import type { AppState, FirewallSettings, Instance, StopPolicy } from '../core/state.js';
+import type { placePreload } from '../drain/preload.js';
+import type { DenyChain } from '../os/nftguard.js';
+import type { Family, Iptables, RulesView } from '../os/iptables.js';
+import type { Ctx } from '../ops/context.js';
+import type { ReadyCheck, Spawned, User } from '../ops/instance.js';
+import type { MarkReport } from '../ops/retire.js';
+import type { CanaryOptions } from './canary.js';
+
+export interface DeployOptions {
+  app: string;
+  listen: number;
+  command: string[];
+  ports?: number[];
+  cwd: string;
+  user?: string;
+  env: Record<string, string>;
+  ready: ReadyCheck;
+  readyTimeoutMs: number;
+  stop: StopPolicy;
+  keepOldMs?: number;
+  ipv6: 'auto' | 'on' | 'off';
+  dryRun: boolean;
+  hooks?: Partial<Record<HookName, string>>;
+  verifyMs?: number;
+  firewall: FirewallSettings;
+  nodeDrain: boolean; // load the Node drain preload (node-drain.cjs) through NODE_OPTIONS
+  canary?: CanaryOptions; // --canary: a share of new connections instead of the switch (canary.ts)
+}
+
+/** Everything one deploy works on: preflight fills the first fields, the steps the rest, in order. */
+export interface DeployRun {
+  o: DeployOptions;
+  ctx: Ctx;
+  pre: Preflight;
+  st: AppState;
+  prev?: Instance; // active when the deploy began: PORTFLIP_PREVIOUS_PORT, the switch's undo
+  stale: Instance[]; // kept or draining instances an earlier run left
+  cand: Instance; // recorded by start; until then only its port and command
+  check: ReadyCheck;
+  spawned?: Spawned;
+  preload: Awaited<ReturnType<typeof placePreload>> | null;
+  loadedIn: string[];
+  families: Family[]; // what the candidate listens on, from bind-check
+  retiring: Instance[]; // what drain stops, set by the switch
+  released?: number; // in place: how many held connections the release let in
+  inPlace: boolean; // one instance port, the active instance on it: hold, stop, start on the same port (hold.ts)
+  opened: Set<Family>; // families whose filter the open step committed: the switch then commits nat alone
+  marks: (MarkReport | null)[]; // what marking did in the drain, one per retired instance
+}
+
+export interface Preflight {
+  denyChains: DenyChain[]; // native nftables input chains that drop by default (nftguard.ts)
+  ipt: Iptables;
+  lock: { release(): Promise<void> };
+  user?: User;
+  env: NodeJS.ProcessEnv;
+  state: AppState;
+  port: number;
+  views: Map<Family, RulesView>;
+  fresh: boolean; // no state file before this deploy
+}
