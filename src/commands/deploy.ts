@@ -36,7 +36,7 @@ import { conntrackFill, conntrackWarning, CONNTRACK_WARN_PERCENT } from '../ops/
 import { instanceLabel } from '../core/state.js';
 import { openGuard, syncGuard } from '../ops/guard.js';
 import { openIptables, type Ctx } from '../ops/context.js';
-import { reconcile, settle } from '../ops/reconcile.js';
+import { applyState, reconcile } from '../ops/reconcile.js';
 import { retire, spawnReaper } from '../ops/retire.js';
 import { markingWords } from '../core/events.js';
 import { bindProblem, isAlive, listenersOn, readStat, tcpListeners } from '../os/proc.js';
@@ -300,7 +300,7 @@ const DEPLOY: Step<DeployRun>[] = [
     run: async (r) => {
       // their ports leave the filter chain only once they are gone: open connections pass until then
       r.marks = await Promise.all(r.retiring.map((i) => retire(r.ctx, r.st, i, r.pre.ipt)));
-      await settle(r.ctx, r.pre.ipt, r.st, undefined, true);
+      await applyState(r.ctx, r.pre.ipt, r.st, undefined, true);
     },
     where: (r) => ({ port: r.prev?.port, pid: r.prev?.pid }),
     detail: (r) =>
@@ -469,7 +469,7 @@ export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
     const err = causeOf(failed);
     const at = failed instanceof StepFailed ? failed.step : 'preflight';
     // the candidate is gone: its port leaves the filter chain, and a first deploy leaves no state
-    if (st.instances.some((i) => i === r.cand) || r.cand.pid) await settle(ctx, pre.ipt, st).catch(() => {});
+    if (st.instances.some((i) => i === r.cand) || r.cand.pid) await applyState(ctx, pre.ipt, st).catch(() => {});
     if (pre.fresh && !st.instances.length) await removeState(sys, paths, o.app);
     if (r.cand.pid && err instanceof PortflipError && err.kind === 'deployFailed' && !HOOKS.includes(at as HookName)) {
       emit({ kind: 'log-tail', app: o.app, port: r.cand.port, log: r.cand.log, lines: await logTail(sys, r.cand.log) });

@@ -43,7 +43,7 @@ const STOP: Step<AppRun>[] = [
         ...r.st.instances.map((i) => drainAndStop(r.ctx.sys, r.st.app, i, policy, r.ctx.emit, async () => {})),
         ...(r.st.hold ? [endHolder(r.ctx.sys, r.st.hold)] : []),
       ]);
-      delete r.st.hold; // or the closing settle would put the hold rule back for a stopped app
+      delete r.st.hold; // or the closing applyState would put the hold rule back for a stopped app
       r.stopped = r.st.instances.length;
       r.st.instances = [];
       await removeState(r.ctx.sys, r.ctx.paths, r.st.app);

@@ -26,21 +26,13 @@ export function guardWanted(st: AppState, mode: 'auto' | 'present' | 'absent') {
 
 /**
  * Makes native nftables input chains that drop by default accept the app's redirected connections
- * (or forget them). Returns what it changed, for the repair event.
+ * (or forget them). Returns what it changed, for the repair event, and the chains it read when it left
+ * them as they were (null when it changed them). `read`: the chains, read already.
  */
 export async function syncGuard(
   ctx: Ctx,
   st: AppState,
   mode: 'auto' | 'present' | 'absent' = 'auto',
-): Promise<string[]> {
-  return (await guardSync(ctx, st, mode)).changed;
-}
-
-/** syncGuard, also returning the chains it read when it left them as they were (null when it changed them). */
-export async function guardSync(
-  ctx: Ctx,
-  st: AppState,
-  mode: 'auto' | 'present' | 'absent',
   read?: Promise<DenyChain[]>,
 ): Promise<{ changed: string[]; chains: DenyChain[] | null }> {
   const guard = await openGuard(ctx.sys);
@@ -61,7 +53,7 @@ export async function guardSync(
   return { changed, chains: null };
 }
 
-/** What syncGuard would change, without changing it: null when nothing. */
-export async function syncGuardCheck(ctx: Ctx, st: AppState): Promise<string | null> {
+/** The nft script syncGuard would apply, without applying it: null when nothing would change. */
+export async function pendingGuardScript(ctx: Ctx, st: AppState): Promise<string | null> {
   return guardScript(await (await openGuard(ctx.sys)).chains(), st.app, guardWanted(st, 'auto'));
 }

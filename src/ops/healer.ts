@@ -5,7 +5,7 @@ import { readState, takeLock, type AppState } from '../core/state.js';
 import { checkApp, markText, type Iptables } from '../os/iptables.js';
 import { isAlive } from '../os/proc.js';
 import { openIptables, type Ctx } from './context.js';
-import { syncGuardCheck } from './guard.js';
+import { pendingGuardScript } from './guard.js';
 import { holdStands, reconcile } from './reconcile.js';
 import { wantedSpec } from './rules.js';
 
@@ -31,7 +31,7 @@ export class Healer {
       missing.push(...checkApp(view, wantedSpec(st, f), f).missing);
       if (markText(view, wantedSpec(st, f))) missing.push(`mangle: ${f} marking rules`);
     }
-    if (await syncGuardCheck(this.ctx, st)) missing.push('nft: portflip accept in a default-deny input chain');
+    if (await pendingGuardScript(this.ctx, st)) missing.push('nft: portflip accept in a default-deny input chain');
     if (!(await holdStands(this.ctx.sys, st, false))) missing.push('mangle: a hold whose holder is gone or timed out');
     for (const i of st.instances.filter((i) => i.marking)) {
       if (!(await isAlive(this.ctx.sys, i.marking!.pid, i.marking!.startTime)))

@@ -9,7 +9,7 @@ import type { DenyChain } from '../os/nftguard.js';
 import { isAlive, pidsListeningOn, readStat } from '../os/proc.js';
 import type { Sys } from '../os/sys.js';
 import type { Ctx } from './context.js';
-import { guardSync, openGuard } from './guard.js';
+import { openGuard, syncGuard } from './guard.js';
 import { killNow } from './instance.js';
 import { retire, syncMarks } from './retire.js';
 import { applySpec, wantedSpec } from './rules.js';
@@ -17,21 +17,21 @@ import { applySpec, wantedSpec } from './rules.js';
 /** After a command's steps: finish what an earlier run left draining, then close the ports of the gone. */
 export async function finishLeftovers(ctx: Ctx, ipt: Iptables, st: AppState): Promise<void> {
   for (const i of st.instances.filter((i) => i.state === 'draining')) await retire(ctx, st, i, ipt);
-  await settle(ctx, ipt, st, undefined, true);
+  await applyState(ctx, ipt, st, undefined, true);
 }
 
 /**
  * A hold stands while its holder lives, its time is not up, and (for a deploy's hold) the deploy that
  * made it still runs: a command that took the lock knows that deploy is gone.
  */
-export async function holdStands(sys: Sys, st: AppState, underLock: boolean): Promise<boolean> {
+export async function holdStands(sys: Sys, st: AppState, lockHeld: boolean): Promise<boolean> {
   const h = st.hold;
   if (!h) return true;
-  if (h.untilMs <= sys.wallNow() || (underLock && h.reason === 'deploy')) return false;
+  if (h.untilMs <= sys.wallNow() || (lockHeld && h.reason === 'deploy')) return false;
   return isAlive(sys, h.pid, h.startTime);
 }
 
-/** Ends a hold that no longer stands: the holder (if alive) releases and exits; the rule goes with settle. */
+/** Ends a hold that no longer stands: the holder (if alive) releases and exits; the rule goes with applyState. */
 async function dropStaleHold(ctx: Ctx, st: AppState): Promise<void> {
   const h = st.hold!;
   const alive = await isAlive(ctx.sys, h.pid, h.startTime);
@@ -56,7 +56,7 @@ async function dropStaleHold(ctx: Ctx, st: AppState): Promise<void> {
  * repair event saying what was missing, unless `quiet`: closing the port of an instance that just
  * drained is part of the drain, not a repair. `guardRead`: the nftables chains, read already.
  */
-export async function settle(
+export async function applyState(
   ctx: Ctx,
   ipt: Iptables,
   st: AppState,
@@ -94,7 +94,7 @@ export async function settle(
     });
   }
   const guardStarted = ctx.sys.now();
-  const { changed, chains } = await guardSync(ctx, st, 'auto', guardRead);
+  const { changed, chains } = await syncGuard(ctx, st, 'auto', guardRead);
   if (changed.length && !quiet) {
     ctx.emit({
       kind: 'step',
@@ -128,7 +128,7 @@ export async function reconcile(
   // one read per family and the nftables ruleset, side by side (a deploy's own time is mostly waiting
   // on these tools); the repairs below change only iptables' own tables, which the guard leaves out
   const guardRead = openGuard(sys).then((g) => g.chains());
-  guardRead.catch(() => {}); // awaited by settle, unless something fails before it
+  guardRead.catch(() => {}); // awaited by applyState, unless something fails before it
   const saved = await Promise.all(ipt.families.map((f) => ipt.save(f)));
   ipt.families.forEach((f, k) => views.set(f, saved[k]));
 
@@ -167,7 +167,7 @@ export async function reconcile(
   // a canary outlives the instance it was split with: it passed its check and takes all the traffic
   if (!active) active = alive.find((i) => i.state === 'canary');
   if (active) move(active, 'active');
-  settleCanary(ctx, st);
+  splitFollowsCanary(ctx, st);
 
   for (const orphan of alive.filter((i) => i.state === 'candidate')) {
     emit({
@@ -206,7 +206,7 @@ export async function reconcile(
     delete inst.marking;
   }
   if (ipt.families.some((f) => markText(views.get(f)!, wantedSpec(st, f)))) await syncMarks(ctx, ipt, st);
-  const chains = await settle(ctx, ipt, st, views, false, guardRead);
+  const chains = await applyState(ctx, ipt, st, views, false, guardRead);
   if (JSON.stringify(st) !== before) await writeState(ctx.sys, ctx.paths, st);
   return { views, chains };
 }
@@ -215,7 +215,7 @@ export async function reconcile(
  * The canary split follows the canary instance: gone with it (it died, or became the active one), and a
  * canary state without its split settings (a hand-edited file) drains rather than guess a share.
  */
-function settleCanary(ctx: Ctx, st: AppState): void {
+function splitFollowsCanary(ctx: Ctx, st: AppState): void {
   const canary = st.instances.find((i) => i.state === 'canary');
   if (canary && !st.canary) {
     ctx.emit({
