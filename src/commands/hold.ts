@@ -41,7 +41,7 @@ export function queueFor(app: string, taken: Set<number>): number {
     const q = QUEUE_BASE + ((h + i) % 10000);
     if (!taken.has(q)) return q;
   }
-  return fail('rules', 'no free NFQUEUE number in 30000-39999');
+  return fail('noFreeQueue', 'no free NFQUEUE number in 30000-39999');
 }
 
 /** Queue numbers in use: other apps' holds, and queues some other program reads. */
@@ -65,7 +65,7 @@ export async function requireNfqueue(sys: Sys): Promise<void> {
   await sys.run('modprobe', ['nfnetlink_queue'], { output: 'ignore' }).catch(() => null);
   if ((await sys.readText('/proc/net/netfilter/nfnetlink_queue')) === null)
     fail(
-      'noIptables',
+      'noNfqueue',
       'holding connections needs the kernel module nfnetlink_queue (NFQUEUE), which is not available: ' +
         'run "modprobe nfnetlink_queue" (package linux-modules on minimal kernels), or deploy with two --ports',
     );

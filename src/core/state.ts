@@ -122,10 +122,10 @@ export async function readState(sys: Sys, p: Paths, app: string): Promise<AppSta
   try {
     data = JSON.parse(text);
   } catch {
-    return fail('config', `state file ${stateFile(p, app)} is not valid JSON; move it away and run "portflip restore"`);
+    return fail('badState', `state file ${stateFile(p, app)} is not valid JSON; move it away and run "portflip restore"`);
   }
   if (data.schema !== SCHEMA)
-    fail('config', `state file ${stateFile(p, app)} has schema ${data.schema}, this portflip reads ${SCHEMA}`);
+    fail('badState', `state file ${stateFile(p, app)} has schema ${data.schema}, this portflip reads ${SCHEMA}`);
   return data;
 }
 

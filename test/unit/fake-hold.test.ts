@@ -30,7 +30,7 @@ test('an in-place deploy on a kernel without nfnetlink_queue changes nothing and
   for (let i = 0; i < 2; i++) {
     const { ctx, events } = fakeCtx(sys);
     const err = await deploy(fakeDeploy(ONE_PORT), ctx).then(() => null, (e) => e);
-    assert.ok(err instanceof PortflipError && err.kind === 'noIptables', String(err));
+    assert.ok(err instanceof PortflipError && err.kind === 'noNfqueue', String(err));
     assert.match(err.message, /nfnetlink_queue/);
     assert.equal(steps(events), ['preflight:ok'], 'and the lock was released: the second try fails the same way');
   }

@@ -47,7 +47,7 @@ test('state files are written whole and read back; no temp files remain', async 
     assert.is(await readState(realSys, p, 'none'), null);
     await writeFile(join(p.stateDir, 'bad.json'), '{"schema": 99}');
     const err = await readState(realSys, p, 'bad').then(() => null, (e) => e);
-    assert.ok(err instanceof PortflipError && err.kind === 'config', 'a foreign schema is refused');
+    assert.ok(err instanceof PortflipError && err.kind === 'badState', 'a foreign schema is refused');
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
