@@ -7,7 +7,7 @@ import { parseDuration } from '../core/duration.js';
 import { HOOKS, appFromFile, readConfig, writeStarter, type AppConfig } from './config.js';
 import { ExitCode, PortflipError, fail, fromSystemError } from '../core/errors.js';
 import { canonicalCidr } from '../os/iptables.js';
-import { makeEmitter } from '../core/events.js';
+import { formatHuman, makeEmitter, type Event } from '../core/events.js';
 import type { Ctx } from '../ops/context.js';
 import { isExecutable, versionText } from '../os/self.js';
 import { paths } from '../core/state.js';
@@ -525,11 +525,10 @@ export async function main(argv: string[]): Promise<number> {
   } catch (caught) {
     const err = fromSystemError(caught) ?? caught;
     if (err instanceof PortflipError) {
-      if (json)
-        process.stdout.write(
-          JSON.stringify({ kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message }) + '\n',
-        );
-      process.stderr.write(`portflip: ${err.message}\n`);
+      const failed: Event = { kind: 'error', error: err.kind, exitCode: err.exitCode, message: err.message };
+      // scripts read it as the last JSON line; people read it on stderr in either mode
+      if (json) ctx.emit(failed);
+      process.stderr.write(formatHuman(failed) + '\n');
       return err.exitCode;
     }
     process.stderr.write(`portflip: internal error: ${(err as Error)?.stack ?? err}\n`);

@@ -2,6 +2,7 @@
 
 import type { HookName } from '../cli/config.js';
 import { formatMs } from './duration.js';
+import type { ExitCodeName } from './errors.js';
 import type { MarkStats } from '../drain/httpmark.js';
 
 export type StepName =
@@ -53,7 +54,9 @@ export type Event =
       rules: { family: string; text: string }[];
     }
   | { kind: 'crash'; app: string; port: number; pid: number | null; upMs: number; restartInMs: number }
-  | { kind: 'supervisor'; app: string; action: SupervisorAction; pid?: number | null; port?: number; detail?: string };
+  | { kind: 'supervisor'; app: string; action: SupervisorAction; pid?: number | null; port?: number; detail?: string }
+  // the last line of a command that failed: its failure class (errors.ts), the exit code, and why
+  | { kind: 'error'; error: ExitCodeName; exitCode: number; message: string };
 
 /** What `portflip run` is doing: the lines a person reads in `journalctl -u portflip-APP`. */
 export type SupervisorAction =
@@ -112,6 +115,8 @@ export function formatHuman(e: Event): string {
         `${e.app}: run        ${e.action}${e.port ? ` port ${e.port}` : ''}${e.pid ? ` pid ${e.pid}` : ''}` +
         (e.detail ? `: ${e.detail}` : '')
       );
+    case 'error':
+      return `portflip: ${e.message}`;
   }
 }
 
@@ -121,7 +126,9 @@ const plural = (n: number, one: string, many = `${one}s`) => `${n} ${n === 1 ? o
 export function markingWords(m: MarkStats & { openAtSignal: number | null }): string {
   const how = Object.entries(m.rewrites)
     .filter(([, n]) => n)
-    .map(([k, n]) => `${n} by their ${k === 'connection' ? 'Connection' : k === 'date' ? 'Date line' : 'HTTP version'}`);
+    .map(
+      ([k, n]) => `${n} by their ${k === 'connection' ? 'Connection' : k === 'date' ? 'Date line' : 'HTTP version'}`,
+    );
   const alone = Object.entries(m.untouched).map(([k, n]) => `${n} ${UNTOUCHED[k] ?? k}`);
   return [
     `${plural(m.marked, 'answer')} marked Connection: close${how.length ? ` (${how.join(', ')})` : ''}`,
