@@ -1,5 +1,6 @@
 // What one deploy works on: its options, what preflight found, and the run its steps share (deploy.ts, inplace.ts).
 
+import { join } from 'node:path';
 import type { HookName } from '../cli/config.js';
 import type { AppState, FirewallSettings, Instance, StopPolicy } from '../core/state.js';
 import type { placePreload } from '../drain/preload.js';
@@ -62,4 +63,36 @@ export interface Preflight {
   port: number;
   views: Map<Family, RulesView>;
   fresh: boolean; // no state file before this deploy
+}
+
+/** The run a deploy's steps share, as preflight leaves it: the candidate is only its port and command yet. */
+export function newRun(o: DeployOptions, ctx: Ctx, pre: Preflight): DeployRun {
+  const st = pre.state;
+  const r: DeployRun = {
+    o,
+    ctx,
+    pre,
+    st,
+    prev: st.instances.find((i) => i.state === 'active'),
+    stale: st.instances.filter((i) => i.state === 'kept' || i.state === 'draining'),
+    cand: {
+      port: pre.port,
+      pid: null,
+      startTime: null,
+      state: 'candidate',
+      startedAt: new Date(ctx.sys.wallNow()).toISOString(),
+      command: o.command.map((a) => a.replaceAll('{port}', String(pre.port))),
+      log: join(ctx.paths.logDir, `${o.app}-${pre.port}.log`),
+    },
+    check: o.ready.kind === 'cmd' ? { ...o.ready, user: pre.user } : o.ready,
+    preload: null,
+    loadedIn: [],
+    families: [],
+    retiring: [],
+    inPlace: false,
+    opened: new Set(),
+    marks: [],
+  };
+  r.inPlace = !!r.prev && o.ports?.length === 1 && o.ports[0] === r.prev.port;
+  return r;
 }
