@@ -9,7 +9,6 @@
 //   abort                    state first: a canary recorded as draining gets no split and is retired
 // Invariant (lifecycle.ts): a canary comes with exactly one active instance and nothing else settled.
 
-import { parseDuration } from '../core/duration.js';
 import { fail, PortflipError } from '../core/errors.js';
 import { checkOnce, type ReadyCheck } from '../ops/instance.js';
 import { appText, parseSave, type Family, type Iptables, type RulesView } from '../os/iptables.js';
@@ -28,37 +27,6 @@ export interface CanaryOptions {
   percent: number; // whole percent, 1-99
   by: 'conn' | 'ip';
   forMs?: number; // --canary-for: watch this long, then promote; abort on death or two failed checks
-}
-
-/** "10%" or "10" -> 10; a whole percent from 1 to 99 (0 and 100 are abort and promote). */
-export function parseShare(v: unknown, flag: string): number {
-  const m = /^(\d{1,2})%?$/.exec(String(v).trim());
-  const n = m ? Number(m[1]) : NaN;
-  if (!(n >= 1 && n <= 99)) fail('usage', `${flag} ${v}: give a whole percent from 1 to 99, like 10%`);
-  return n;
-}
-
-export function parseBy(v: unknown): 'conn' | 'ip' {
-  const by = String(v ?? 'conn');
-  if (by !== 'conn' && by !== 'ip')
-    fail('usage', `--canary-by ${by}: use conn (each new connection) or ip (each client address)`);
-  return by as 'conn' | 'ip';
-}
-
-/** The canary flags of a deploy, checked against the rest of its options; undefined without --canary. */
-export function canaryOptions(flags: Record<string, unknown>): CanaryOptions | undefined {
-  if (flags.canary === undefined) {
-    for (const f of ['canaryBy', 'canaryFor'] as const)
-      if (flags[f] !== undefined) fail('usage', `--${f === 'canaryBy' ? 'canary-by' : 'canary-for'} needs --canary P%`);
-    return undefined;
-  }
-  // keep_old and verify in a config file are for plain deploys: the CLI drops them for a canary one
-  if (flags.keepOld !== undefined)
-    fail('usage', '--keep-old does not go with --canary: the old instance stays up until promote or abort');
-  if (flags.verify !== undefined) fail('usage', '--verify does not go with --canary: use --canary-for DURATION');
-  const forMs = flags.canaryFor === undefined ? undefined : parseDuration(String(flags.canaryFor), '--canary-for');
-  if (forMs !== undefined && forMs < 1000) fail('usage', `--canary-for ${flags.canaryFor}: give at least 1s`);
-  return { percent: parseShare(flags.canary, '--canary'), by: parseBy(flags.canaryBy), forMs };
 }
 
 const splitWords = (c: { percent: number; by: 'conn' | 'ip' }) =>

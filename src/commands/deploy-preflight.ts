@@ -27,15 +27,6 @@ export const DEFAULT_PORT_RANGE = [20000, 29999] as const;
 
 export async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> {
   const { sys, paths } = ctx;
-  if (o.listen < 1 || o.listen > 65535) fail('usage', `--listen ${o.listen}: a port is 1-65535`);
-  for (const p of o.ports ?? []) {
-    if (!Number.isInteger(p) || p < 1 || p > 65535) fail('usage', `--ports: ${p} is not a port (1-65535)`);
-    if (p === o.listen) fail('usage', `--ports: ${p} is the public port; instance ports must differ from --listen`);
-  }
-  if (o.ports && new Set(o.ports).size !== o.ports.length)
-    fail('usage', `--ports: give distinct ports, like 8001,8002`);
-  if (!o.command.length)
-    fail('usage', 'no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js');
   const cwdOk = await sys.fs.stat(o.cwd).then(
     (s) => s.isDirectory,
     () => false,

@@ -1,6 +1,7 @@
 // What one deploy works on: its options, what preflight found, and the run its steps share (deploy.ts, inplace.ts).
 
 import { join } from 'node:path';
+import { fail } from '../core/errors.js';
 import type { HookName } from '../cli/config.js';
 import type { AppState, FirewallSettings, Instance, StopPolicy } from '../core/state.js';
 import type { placePreload } from '../drain/preload.js';
@@ -95,4 +96,21 @@ export function newRun(o: DeployOptions, ctx: Ctx, pre: Preflight): DeployRun {
   };
   r.inPlace = !!r.prev && o.ports?.length === 1 && o.ports[0] === r.prev.port;
   return r;
+}
+
+/** What a deploy's options must say together, whoever built them (each flag's own value: cli/options.ts). */
+export function checkOptions(o: DeployOptions): void {
+  // the CLI says the same with where a config file could set it; this stands for every other caller
+  if (!o.command.length)
+    fail('usage', 'no command: write it after "--", like: portflip deploy web --listen 80 -- node server.js');
+  if (o.ports?.length === 1 && (o.verifyMs || o.keepOldMs || o.canary))
+    fail(
+      'usage',
+      `--ports ${o.ports[0]} is an in-place restart (one instance port): ` +
+        '--verify, --keep-old and --canary need two ports',
+    );
+  for (const p of o.ports ?? [])
+    if (p === o.listen) fail('usage', `--ports: ${p} is the public port; instance ports must differ from --listen`);
+  if (o.ports && new Set(o.ports).size !== o.ports.length)
+    fail('usage', `--ports: give distinct ports, like 8001,8002`);
 }

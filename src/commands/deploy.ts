@@ -5,7 +5,7 @@
 // it does and how it is undone, and a failure or Ctrl-C undoes the completed steps in reverse, once.
 
 import { HOOKS, type HookName } from '../cli/config.js';
-import { fail, PortflipError } from '../core/errors.js';
+import { PortflipError } from '../core/errors.js';
 import { logTail } from '../ops/instance.js';
 import { appChain, appText, parseSave, type AppSpec, type Family, type Table } from '../os/iptables.js';
 import { instanceLabel, removeState } from '../core/state.js';
@@ -13,7 +13,7 @@ import type { Ctx } from '../ops/context.js';
 import { applyState } from '../ops/reconcile.js';
 import { spawnReaper } from '../ops/retire.js';
 import { causeOf, planSteps, runSteps, StepFailed, type Step } from '../core/steps.js';
-import { newRun, type DeployOptions, type DeployRun } from './deploy-run.js';
+import { checkOptions, newRun, type DeployOptions, type DeployRun } from './deploy-run.js';
 import { PREFLIGHT, preflight } from './deploy-preflight.js';
 import * as inPlace from './inplace.js';
 import {
@@ -68,12 +68,7 @@ const DEPLOY: Step<DeployRun>[] = [
 export async function deploy(o: DeployOptions, ctx: Ctx): Promise<void> {
   const { sys, emit, paths } = ctx;
   appChain(o.app); // refuses a bad name before anything else
-  if (o.ports?.length === 1 && (o.verifyMs || o.keepOldMs || o.canary))
-    fail(
-      'usage',
-      `--ports ${o.ports[0]} is an in-place restart (one instance port): ` +
-        '--verify, --keep-old and --canary need two ports',
-    );
+  checkOptions(o);
   const t0 = sys.now();
   // preflight: every check, no side effect but the lock and repairs of earlier runs; bad input
   // fails here with one line and no event: nothing was started or changed

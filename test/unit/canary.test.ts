@@ -2,7 +2,8 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { abort, canaryOptions, parseShare, promote } from '../../src/commands/canary.js';
+import { abort, promote } from '../../src/commands/canary.js';
+import { canaryOptions, parseShare } from '../../src/cli/options.js';
 import { restore } from '../../src/commands/restore.js';
 import { deploy } from '../../src/commands/deploy.js';
 import { PortflipError } from '../../src/core/errors.js';
