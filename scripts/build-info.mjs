@@ -24,7 +24,7 @@ export function buildInfo(root) {
   return { version, commit };
 }
 
-/** esbuild `define` entries for src/self.ts. */
+/** esbuild `define` entries for src/os/self.ts. */
 export const buildDefines = ({ version, commit }) => ({
   __PORTFLIP_VERSION__: JSON.stringify(version),
   __PORTFLIP_COMMIT__: JSON.stringify(commit),

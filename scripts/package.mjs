@@ -77,7 +77,7 @@ async function bundleFor(arch, info, koffiNode, work) {
     target: 'node20',
     supported: { 'dynamic-import': false }, // one script: every import is in it
     external: ['koffi'], // never required here: self.ts loads the embedded module instead
-    alias: { 'string-width': path.join(dist, 'text-width.js'), assert: path.join(dist, 'assert-lite.js') }, // as bundle.mjs
+    alias: { 'string-width': path.join(dist, 'cli', 'text-width.js'), assert: path.join(dist, 'cli', 'assert-lite.js') }, // as bundle.mjs
     define: {
       'import.meta.url': '__pfModuleUrl',
       ...buildDefines(info),
@@ -140,7 +140,7 @@ async function deb(arch, exe, info, work, out) {
     chmodSync(file, mode);
   };
   put('usr/bin/portflip', readFileSync(exe), 0o755);
-  const systemd = await import(path.join(dist, 'systemd.js'));
+  const systemd = await import(path.join(dist, 'os', 'systemd.js'));
   const exec = ['/usr/bin/portflip'];
   put(`usr/lib/systemd/system/${systemd.APP_TEMPLATE_UNIT}`, systemd.appTemplateUnit(exec));
   put(`usr/lib/systemd/system/${systemd.RESTORE_UNIT}`, systemd.restoreUnit(exec));
@@ -180,7 +180,7 @@ async function deb(arch, exe, info, work, out) {
 const o = parseArgs(process.argv.slice(2));
 const hostArch = process.arch;
 if (!DEB_ARCH[hostArch]) usage(`this machine is ${hostArch}: build on x64 or arm64`);
-for (const f of ['sea-main.js', 'node-drain.cjs', 'main.cjs', 'systemd.js'])
+for (const f of ['sea-main.js', 'node-drain.cjs', 'main.cjs', 'os/systemd.js'])
   if (!existsSync(path.join(dist, f))) usage(`dist/src/${f} is missing: run npm run build first (npm run package does)`);
 const info = buildInfo(root);
 const cache = path.join(root, 'node_modules', '.cache', 'portflip-package');

@@ -9,7 +9,7 @@
 
 import { createServer } from 'node:net';
 import { readFileSync, unlinkSync } from 'node:fs';
-import { NfQueue, parseQueueStats } from './nfqueue.js';
+import { NfQueue, parseQueueStats } from './os/nfqueue.js';
 
 export const EXIT_GRACE_MS = 10_000;
 

@@ -8,7 +8,7 @@ import Module, { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { Script } from 'node:vm';
 
-type Cli = typeof import('./cli.js', { with: { 'resolution-mode': 'import' } });
+type Cli = typeof import('./cli/cli.js', { with: { 'resolution-mode': 'import' } });
 
 /** The CLI and, after its command succeeded, a way to keep what it compiled for the next run. */
 export interface LoadedCli {
@@ -30,7 +30,7 @@ export async function loadCli(argv: string[]): Promise<LoadedCli> {
     stamp = `portflip-cache ${st.size} ${st.mtimeMs} ${process.version} ${process.arch}\n`;
   } catch {
     // not bundled (tsc's output alone, as the unit tests use it)
-    const cli: Cli = await import('./cli.js');
+    const cli: Cli = await import('./cli/cli.js');
     return { main: cli.main, yieldCpu: cli.yieldCpu, keep: () => {} };
   }
   const word = argv.find((a) => !a.startsWith('-')) ?? '';

@@ -1,7 +1,7 @@
 // The single executable's entry (scripts/package.mjs bundles it): the hidden `_holder` word runs the holder,
 // anything else the CLI, as main.cts does for the npm build. It first tells self.ts what the executable carries.
 
-import { setEmbedded, type Embedded } from './self.js';
+import { setEmbedded, type Embedded } from './os/self.js';
 
 // written by scripts/package.mjs: the sha256 and size of each embedded file, koffi's version
 declare const __PORTFLIP_EMBEDDED__: Omit<Embedded, 'asset'>;
@@ -28,7 +28,7 @@ void (async () => {
       return null;
     }
   })();
-  const cli = await import('./cli.js');
+  const cli = await import('./cli/cli.js');
   cli.yieldCpu(uidMap);
   process.exitCode = await cli.main(argv);
   // as main.cts: the command is over and its output written; skip tearing down V8's heap

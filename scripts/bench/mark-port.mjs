@@ -1,9 +1,9 @@
 // Benchmark helper, run inside a namespace: sends one port's packets through portflip's marking queue until stdin ends.
 // node mark-port.mjs PORT   (prints "ready" once the queue is bound and the rules are in; the marker's counts at the end)
 import { spawnSync } from 'node:child_process';
-import { markPort } from '../../dist/src/drainmark.js';
-import { appText, parseSave } from '../../dist/src/iptables.js';
-import { realSys } from '../../dist/src/sys.js';
+import { markPort } from '../../dist/src/drain/drainmark.js';
+import { appText, parseSave } from '../../dist/src/os/iptables.js';
+import { realSys } from '../../dist/src/os/sys.js';
 
 const port = Number(process.argv[2]);
 const restore = (mark) => {

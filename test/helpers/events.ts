@@ -1,7 +1,7 @@
 // portflip's --json output in tests: one Event (src/events.ts) per line, typed, read whole or awaited as it comes.
 
 import type { ChildProcess } from 'node:child_process';
-import type { Event } from '../../src/events.js';
+import type { Event } from '../../src/core/events.js';
 
 /** An event as read back: its kind and known fields typed, any other field readable without narrowing first. */
 export type JsonEvent = Event & Record<string, any>;

@@ -7,10 +7,10 @@
 // Killed and nothing more changes, while the instances it started live on, as they would after a SIGKILL.
 
 import { posix } from 'node:path';
-import type { DeployOptions } from '../../src/deploy.js';
-import type { Event } from '../../src/events.js';
-import type { Ctx } from '../../src/ops.js';
-import type { Child, Exit, FileStat, RunOptions, RunResult, SpawnOptions, Sys, SysFs } from '../../src/sys.js';
+import type { DeployOptions } from '../../src/commands/deploy.js';
+import type { Event } from '../../src/core/events.js';
+import type { Ctx } from '../../src/ops/context.js';
+import type { Child, Exit, FileStat, RunOptions, RunResult, SpawnOptions, Sys, SysFs } from '../../src/os/sys.js';
 
 /** Thrown by every call once portflip has "died". */
 export class Killed extends Error {

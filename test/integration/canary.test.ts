@@ -3,7 +3,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import type { ChildProcess } from 'node:child_process';
-import { natRules, parseSave, type AppSpec, type Family } from '../../src/iptables.js';
+import { natRules, parseSave, type AppSpec, type Family } from '../../src/os/iptables.js';
 import { SERVER_ADDR, SERVER_ADDR6, fixture, freePorts, startLoad, waitFor, type Netns } from '../helpers/netns.js';
 import { inWorld, deployArgs, show, get, alive, type World } from '../helpers/world.js';
 import { events, waitEvent } from '../helpers/events.js';

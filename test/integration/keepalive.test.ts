@@ -8,7 +8,7 @@ import path from 'node:path';
 import { fixture, freePorts, startLoad, waitForPort, type LoadResult } from '../helpers/netns.js';
 import { inWorld, get, show, type World } from '../helpers/world.js';
 import { events } from '../helpers/events.js';
-import { PRELOAD_SOURCE } from '../../src/preload.js';
+import { PRELOAD_SOURCE } from '../../src/drain/preload.js';
 
 const node = process.execPath;
 const PLAIN = fixture('plain-app.mjs');

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePorts } from '../helpers/netns.js';
 import { inWorld, deployArgs, show, get } from '../helpers/world.js';
-import { appText, filterRules, parseSave, type AppSpec } from '../../src/iptables.js';
+import { appText, filterRules, parseSave, type AppSpec } from '../../src/os/iptables.js';
 import { needsRoot, skip, testUnless } from '../helpers/skip.js';
 
 const legacyWhyNot = needsRoot('iptables-legacy cannot take its lock in a user namespace');

@@ -7,18 +7,10 @@ import { mkdtemp, readFile, rm, utimes, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import {
-  READY_FOR_MS,
-  agentAnswer,
-  canaryWeightOf,
-  modeFromFlag,
-  readView,
-  setMode,
-  type AgentView,
-} from '../../src/agent.js';
-import { PortflipError } from '../../src/errors.js';
-import { paths, writeState, type AppState } from '../../src/state.js';
-import { realSys } from '../../src/sys.js';
+import { READY_FOR_MS, agentAnswer, canaryWeightOf, modeFromFlag, readView, setMode, type AgentView } from '../../src/commands/agent.js';
+import { PortflipError } from '../../src/core/errors.js';
+import { paths, writeState, type AppState } from '../../src/core/state.js';
+import { realSys } from '../../src/os/sys.js';
 import { repoRoot } from '../helpers/netns.js';
 
 const view = (v: Partial<AgentView>): AgentView => ({ app: 'web', mode: null, known: true, alive: true, ...v });

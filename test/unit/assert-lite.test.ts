@@ -2,7 +2,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as node from 'node:assert';
-import { notStrictEqual, strictEqual } from '../../src/assert-lite.js';
+import { notStrictEqual, strictEqual } from '../../src/cli/assert-lite.js';
 
 const outcome = (fn: () => void) => {
   try {

@@ -2,11 +2,12 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { abort, canaryOptions, parseShare, promote } from '../../src/canary.js';
-import { restore } from '../../src/commands.js';
-import { deploy } from '../../src/deploy.js';
-import { PortflipError } from '../../src/errors.js';
-import type { Event } from '../../src/events.js';
+import { abort, promote } from '../../src/commands/canary.js';
+import { canaryOptions, parseShare } from '../../src/cli/options.js';
+import { restore } from '../../src/commands/restore.js';
+import { deploy } from '../../src/commands/deploy.js';
+import { PortflipError } from '../../src/core/errors.js';
+import type { Event } from '../../src/core/events.js';
 import {
   appRules,
   appText,
@@ -17,10 +18,10 @@ import {
   parseSave,
   probabilityText,
   type AppSpec,
-} from '../../src/iptables.js';
-import { canMove, invariantProblem } from '../../src/lifecycle.js';
-import { Healer } from '../../src/ops.js';
-import { readState } from '../../src/state.js';
+} from '../../src/os/iptables.js';
+import { canMove, invariantProblem } from '../../src/core/lifecycle.js';
+import { Healer } from '../../src/ops/healer.js';
+import { readState } from '../../src/core/state.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
 // ---- rule text ------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { restore, rollback, stop } from '../../src/commands.js';
-import { deploy } from '../../src/deploy.js';
-import { PortflipError } from '../../src/errors.js';
-import type { Event } from '../../src/events.js';
-import { readState } from '../../src/state.js';
+import { restore } from '../../src/commands/restore.js';
+import { rollback } from '../../src/commands/rollback.js';
+import { stop } from '../../src/commands/stop.js';
+import { deploy } from '../../src/commands/deploy.js';
+import { PortflipError } from '../../src/core/errors.js';
+import type { Event } from '../../src/core/events.js';
+import { readState } from '../../src/core/state.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
 type StepEvent = Extract<Event, { kind: 'step' }>;
@@ -207,7 +209,7 @@ test('stop with a foreign rule jumping to the app chain empties the chain, says 
 test.run();
 
 test('status reads every app through the Sys seam: instances, their usage, and whether the rules agree', async () => {
-  const { status } = await import('../../src/commands.js');
+  const { status } = await import('../../src/commands/status.js');
   const sys = new FakeSys();
   await deploy(fakeDeploy(), fakeCtx(sys).ctx);
   await deploy(fakeDeploy({ app: 'api', listen: 81 }), fakeCtx(sys).ctx);

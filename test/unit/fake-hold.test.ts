@@ -2,10 +2,10 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { deploy } from '../../src/deploy.js';
-import { PortflipError } from '../../src/errors.js';
-import type { Event } from '../../src/events.js';
-import { readState } from '../../src/state.js';
+import { deploy } from '../../src/commands/deploy.js';
+import { PortflipError } from '../../src/core/errors.js';
+import type { Event } from '../../src/core/events.js';
+import { readState } from '../../src/core/state.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
 type StepEvent = Extract<Event, { kind: 'step' }>;
@@ -33,11 +33,8 @@ test('an in-place deploy on a kernel without nfnetlink_queue changes nothing and
   assert.is(v1.port, 20001, 'the first deploy with one port is an ordinary first deploy');
   for (let i = 0; i < 2; i++) {
     const { ctx, events } = fakeCtx(sys);
-    const err = await deploy(fakeDeploy(ONE_PORT), ctx).then(
-      () => null,
-      (e) => e,
-    );
-    assert.ok(err instanceof PortflipError && err.kind === 'noIptables', String(err));
+    const err = await deploy(fakeDeploy(ONE_PORT), ctx).then(() => null, (e) => e);
+    assert.ok(err instanceof PortflipError && err.kind === 'noNfqueue', String(err));
     assert.match(err.message, /nfnetlink_queue/);
     assert.equal(steps(events), ['preflight:ok'], 'and the lock was released: the second try fails the same way');
   }

@@ -6,11 +6,11 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { restore } from '../../src/commands.js';
-import { deploy } from '../../src/deploy.js';
-import type { StepName } from '../../src/events.js';
-import type { DeployOptions } from '../../src/deploy.js';
-import { readState } from '../../src/state.js';
+import { restore } from '../../src/commands/restore.js';
+import { deploy } from '../../src/commands/deploy.js';
+import type { StepName } from '../../src/core/events.js';
+import type { DeployOptions } from '../../src/commands/deploy.js';
+import { readState } from '../../src/core/state.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
 async function invariant(sys: FakeSys, where: string): Promise<void> {

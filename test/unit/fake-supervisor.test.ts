@@ -8,9 +8,9 @@ import * as assert from 'uvu/assert';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { Event } from '../../src/events.js';
-import { readState } from '../../src/state.js';
-import { supervise } from '../../src/supervisor.js';
+import type { Event } from '../../src/core/events.js';
+import { readState } from '../../src/core/state.js';
+import { supervise } from '../../src/commands/supervisor.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
 test('crash restarts back off 1s, 2s, 4s ... at most 30s, and the streak starts over after 60s up', async () => {

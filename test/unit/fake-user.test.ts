@@ -2,9 +2,9 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { whatBlocks } from '../../src/access.js';
-import { deploy } from '../../src/deploy.js';
-import { ExitCode, PortflipError } from '../../src/errors.js';
+import { whatBlocks } from '../../src/os/access.js';
+import { deploy } from '../../src/commands/deploy.js';
+import { ExitCode, PortflipError } from '../../src/core/errors.js';
 import { FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
 /** A fake host with user `app` (uid 1000, gid 1000) and a private directory /root/clone (0700 root). */

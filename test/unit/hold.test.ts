@@ -2,15 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import {
-  appText,
-  checkApp,
-  cleanupText,
-  holdRule,
-  parseSave,
-  removeAppText,
-  type AppSpec,
-} from '../../src/iptables.js';
+import { appText, checkApp, cleanupText, holdRule, parseSave, removeAppText, type AppSpec } from '../../src/os/iptables.js';
 import {
   batchVerdictMessage,
   bindMessage,
@@ -18,8 +10,8 @@ import {
   parseMessages,
   parseQueueStats,
   unbindMessage,
-} from '../../src/nfqueue.js';
-import { queueFor } from '../../src/hold.js';
+} from '../../src/os/nfqueue.js';
+import { queueFor } from '../../src/commands/hold.js';
 
 const spec = (o: Partial<AppSpec> = {}): AppSpec => ({
   app: 'web',

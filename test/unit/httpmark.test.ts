@@ -2,7 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { closeEdit, Marker, parseSegment, QUIET_MS, unmap } from '../../src/httpmark.js';
+import { closeEdit, Marker, parseSegment, QUIET_MS, unmap } from '../../src/drain/httpmark.js';
 
 const PORT = 8001;
 const CLIENT = { addr: '10.0.0.2', port: 40000 };

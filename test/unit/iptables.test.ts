@@ -2,22 +2,8 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import {
-  appChain,
-  appRules,
-  appText,
-  canonicalCidr,
-  checkApp,
-  cleanupText,
-  filterRules,
-  markRules,
-  markText,
-  parseSave,
-  removeAppText,
-  wouldDrop,
-  type AppSpec,
-} from '../../src/iptables.js';
-import { PortflipError } from '../../src/errors.js';
+import { appChain, appRules, appText, canonicalCidr, checkApp, cleanupText, filterRules, markRules, markText, parseSave, removeAppText, wouldDrop, type AppSpec } from '../../src/os/iptables.js';
+import { PortflipError } from '../../src/core/errors.js';
 
 const spec = (app: string, listen: number, target: number | null, o: Partial<AppSpec> = {}): AppSpec => ({
   app,
@@ -384,9 +370,8 @@ test('marking: both directions of a draining port to its queue, tagged with the 
   const gone = markText(last, done)!;
   assert.match(gone, /-D INPUT -j PF-MARK-IN\n-D OUTPUT -j PF-MARK-OUT\n-X PF-MARK-IN\n-X PF-MARK-OUT\nCOMMIT/);
   for (const f of foreign) assert.not.ok(gone.includes(f.slice(3)), f);
-  // no other commit touches the marking (its chains are shared: ops.ts syncMarks changes them one at a time)
-  for (const only of ['nat', 'filter', undefined] as const)
-    assert.not.ok((appText(last, done, 'ipv4', only) ?? '').includes('PF-MARK'));
+  // no other commit touches the marking (its chains are shared: ops/retire.ts syncMarks changes them one at a time)
+  for (const only of ['nat', 'filter', undefined] as const) assert.not.ok((appText(last, done, 'ipv4', only) ?? '').includes('PF-MARK'));
   const clean = cleanupText(last)!;
   assert.match(clean, /-D INPUT -j PF-MARK-IN/);
   assert.match(clean, /-X PF-MARK-OUT/);

@@ -2,10 +2,10 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { canMove, invariantProblem, move, type InstanceState } from '../../src/lifecycle.js';
-import { PortflipError } from '../../src/errors.js';
-import { writeState, type AppState } from '../../src/state.js';
-import { realSys } from '../../src/sys.js';
+import { canMove, invariantProblem, move, type InstanceState } from '../../src/core/lifecycle.js';
+import { PortflipError } from '../../src/core/errors.js';
+import { writeState, type AppState } from '../../src/core/state.js';
+import { realSys } from '../../src/os/sys.js';
 
 const inst = (port: number, state: InstanceState) => ({ port, pid: 100 + port, state });
 

@@ -6,11 +6,11 @@ import { mkdtemp, readdir, readFile, rm, writeFile, mkdir } from 'node:fs/promis
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { spawn } from 'node:child_process';
-import { parseDuration, formatMs } from '../../src/duration.js';
-import { PortflipError } from '../../src/errors.js';
-import { formatHuman } from '../../src/events.js';
-import { ensureDirs, readState, takeLock, writeState, type AppState } from '../../src/state.js';
-import { realSys } from '../../src/sys.js';
+import { parseDuration, formatMs } from '../../src/core/duration.js';
+import { PortflipError } from '../../src/core/errors.js';
+import { formatHuman } from '../../src/core/events.js';
+import { ensureDirs, readState, takeLock, writeState, type AppState } from '../../src/core/state.js';
+import { realSys } from '../../src/os/sys.js';
 
 test('durations', () => {
   assert.is(parseDuration('500ms', 'x'), 500);
@@ -74,11 +74,8 @@ test('state files are written whole and read back; no temp files remain', async 
     assert.equal((await readdir(p.stateDir)).sort(), ['logs', 'web.json']);
     assert.is(await readState(realSys, p, 'none'), null);
     await writeFile(join(p.stateDir, 'bad.json'), '{"schema": 99}');
-    const err = await readState(realSys, p, 'bad').then(
-      () => null,
-      (e) => e,
-    );
-    assert.ok(err instanceof PortflipError && err.kind === 'config', 'a foreign schema is refused');
+    const err = await readState(realSys, p, 'bad').then(() => null, (e) => e);
+    assert.ok(err instanceof PortflipError && err.kind === 'badState', 'a foreign schema is refused');
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -2,7 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { guardComment, guardRules, guardScript, parseRuleset } from '../../src/nftguard.js';
+import { guardComment, guardRules, guardScript, parseRuleset } from '../../src/os/nftguard.js';
 
 // `nft -j list ruleset` of: inet filter input (policy drop, with portflip's rule), ip fw inp (policy accept,
 // ending in a bare drop), and iptables-nft's own ip filter INPUT (policy drop), which the filter chain covers

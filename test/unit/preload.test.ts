@@ -5,9 +5,9 @@ import * as assert from 'uvu/assert';
 import { chmod, mkdtemp, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { placePreload, preloadEnv, readableBy, withPreload, PRELOAD_SOURCE } from '../../src/preload.js';
-import { realSys } from '../../src/sys.js';
-import { toDeployOptions } from '../../src/cli.js';
+import { placePreload, preloadEnv, readableBy, withPreload, PRELOAD_SOURCE } from '../../src/drain/preload.js';
+import { realSys } from '../../src/os/sys.js';
+import { toDeployOptions } from '../../src/cli/options.js';
 
 test("NODE_OPTIONS: the preload is appended to the user's own options, once, quoted when needed", () => {
   assert.is(withPreload(undefined, '/opt/pf/node-drain.cjs'), '--require /opt/pf/node-drain.cjs');

@@ -2,15 +2,7 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import {
-  bindProblem,
-  hasNetAdmin,
-  listenersOn,
-  openConnections,
-  parseNetTcp,
-  parseStat,
-  pendingAccepts,
-} from '../../src/proc.js';
+import { bindProblem, hasNetAdmin, listenersOn, openConnections, parseNetTcp, parseStat, pendingAccepts } from '../../src/os/proc.js';
 
 test('parseStat survives spaces and parens in the command name', () => {
   const st = parseStat(

@@ -2,9 +2,9 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import type { Event } from '../../src/events.js';
-import { planSteps, runSteps, StepFailed, type Step } from '../../src/steps.js';
-import type { Sys } from '../../src/sys.js';
+import type { Event } from '../../src/core/events.js';
+import { planSteps, runSteps, StepFailed, type Step } from '../../src/core/steps.js';
+import type { Sys } from '../../src/os/sys.js';
 
 const clock = { now: () => 0 } as unknown as Sys;
 

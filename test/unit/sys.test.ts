@@ -5,7 +5,7 @@ import * as assert from 'uvu/assert';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { realSys, which } from '../../src/sys.js';
+import { realSys, which } from '../../src/os/sys.js';
 
 test('readFrom reads on from an offset, and from the start again once the file got shorter', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'pf-sys-'));

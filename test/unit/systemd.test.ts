@@ -2,9 +2,9 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { appUnit, execPrefix, quoteArg, restoreUnit } from '../../src/systemd.js';
-import { PortflipError } from '../../src/errors.js';
-import { backoffMs } from '../../src/supervisor.js';
+import { appUnit, execPrefix, quoteArg, restoreUnit } from '../../src/os/systemd.js';
+import { PortflipError } from '../../src/core/errors.js';
+import { backoffMs } from '../../src/commands/supervisor.js';
 
 const lines = (text: string) => text.split('\n');
 const section = (text: string, name: string) => {

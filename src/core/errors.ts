@@ -9,11 +9,14 @@ export const ExitCode = {
   noIptables: 5, // iptables missing or not working
   portInUse: 6, // an instance port is already bound
   commandNotFound: 7, // the app command cannot be resolved
-  config: 8, // unknown user, missing directory, unreadable config
+  config: 8, // unknown user, missing directory, unreadable config file
   nothingToDo: 9, // rollback with no kept instance, unknown app
   rules: 10, // iptables refused portflip's rules (a foreign rule in the way, a kernel without a match)
   system: 11, // the OS refused a file or process operation (permissions, a read-only or full disk)
   canaryLive: 12, // a canary is live: promote or abort it before the next deploy
+  noNfqueue: 13, // the kernel cannot queue packets (no nfnetlink_queue): no pause, no in-place deploy
+  badState: 14, // a state file that is not JSON or has another schema version
+  noFreeQueue: 15, // every NFQUEUE number portflip may use (30000-39999) is taken
   internal: 70,
 } as const;
 

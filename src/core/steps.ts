@@ -7,7 +7,7 @@
 // then rethrows. A step that calls settled() ends the undo: from there on the change stands.
 
 import type { Emit, StepName } from './events.js';
-import type { Sys } from './sys.js';
+import type { Sys } from '../os/sys.js';
 
 export interface StepRun {
   /** Registers how to take back what the step is about to do. */
@@ -29,6 +29,9 @@ export interface Step<C> {
   /** Reaching this step, run or skipped, ends the undo: what came before stands. */
   settles?: boolean;
 }
+
+/** What --dry-run shows of a step: a step done outside the runner (a deploy's preflight) is one of these. */
+export type StepPlan<C> = Pick<Step<C>, 'name' | 'does' | 'undo' | 'skip'>;
 
 export interface Runner {
   app: string;
@@ -101,7 +104,7 @@ async function undoAll(undos: { title: string; fn: () => Promise<void> }[], io: 
 }
 
 /** The same list, for --dry-run: what each step would do and how it would be undone. */
-export function planSteps<C>(steps: Step<C>[], c: C): { step: string; does: string; undo: string }[] {
+export function planSteps<C>(steps: StepPlan<C>[], c: C): { step: string; does: string; undo: string }[] {
   return steps.filter((s) => !s.skip?.(c)).map((s) => ({ step: s.name, does: s.does(c), undo: s.undo }));
 }
 

@@ -3,21 +3,25 @@
 // A hold is a detached holder process (holder.ts) reading an NFQUEUE, plus a mangle rule sending the
 // public port's new-connection SYNs to that queue (iptables.ts holdRule). The state file records the
 // hold before the rule goes in, so a portflip killed mid-hold is repaired by the next command
-// (ops.ts reconcile). Fail-safe: the rule carries --queue-bypass, so when the holder is gone SYNs
+// (ops/reconcile.ts). Fail-safe: the rule carries --queue-bypass, so when the holder is gone SYNs
 // pass as if there were no rule; the holder releases on its own when its time is up.
 
 import { join } from 'node:path';
-import { fail, PortflipError } from './errors.js';
-import { formatMs } from './duration.js';
-import { logTail } from './instance.js';
-import type { Iptables } from './iptables.js';
-import { parseQueueStats } from './nfqueue.js';
-import { applySpec, holdStands, instanceLabel, underLock, wantedSpec, type Ctx } from './ops.js';
-import { isAlive, readStat } from './proc.js';
-import { holderArgv } from './self.js';
-import { listApps, readState, writeState, type AppState, type HoldState } from './state.js';
-import { causeOf, planSteps, runSteps, type Step } from './steps.js';
-import type { Sys } from './sys.js';
+import { fail, PortflipError } from '../core/errors.js';
+import { formatMs } from '../core/duration.js';
+import { logTail } from '../ops/instance.js';
+import type { Iptables } from '../os/iptables.js';
+import { parseQueueStats } from '../os/nfqueue.js';
+import { applySpec, wantedSpec } from '../ops/rules.js';
+import { holdStands } from '../ops/reconcile.js';
+import { instanceLabel } from '../core/state.js';
+import { underLock } from '../ops/lock.js';
+import { type Ctx } from '../ops/context.js';
+import { isAlive, readStat } from '../os/proc.js';
+import { holderArgv } from '../os/self.js';
+import { listApps, readState, writeState, type AppState, type HoldState } from '../core/state.js';
+import { causeOf, planSteps, runSteps, type Step } from '../core/steps.js';
+import type { Sys } from '../os/sys.js';
 
 /**
  * Queue length: how many SYNs the kernel keeps before it drops new ones (the client then retries
@@ -37,7 +41,7 @@ export function queueFor(app: string, taken: Set<number>): number {
     const q = QUEUE_BASE + ((h + i) % 10000);
     if (!taken.has(q)) return q;
   }
-  return fail('rules', 'no free NFQUEUE number in 30000-39999');
+  return fail('noFreeQueue', 'no free NFQUEUE number in 30000-39999');
 }
 
 /** Queue numbers in use: other apps' holds, and queues some other program reads. */
@@ -61,7 +65,7 @@ export async function requireNfqueue(sys: Sys): Promise<void> {
   await sys.run('modprobe', ['nfnetlink_queue'], { output: 'ignore' }).catch(() => null);
   if ((await sys.readText('/proc/net/netfilter/nfnetlink_queue')) === null)
     fail(
-      'noIptables',
+      'noNfqueue',
       'holding connections needs the kernel module nfnetlink_queue (NFQUEUE), which is not available: ' +
         'run "modprobe nfnetlink_queue" (package linux-modules on minimal kernels), or deploy with two --ports',
     );

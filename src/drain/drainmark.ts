@@ -3,12 +3,12 @@
 // One NFQUEUE per portflip process, read in this process (a deploy drains its old instance itself),
 // serving every port it drains at once. Fail-open on every path: the rules carry --queue-bypass, so
 // when this process dies (the socket closes) packets pass untouched; a full queue lets packets pass
-// (CFG_F_FAIL_OPEN). The rules and the state file entry are ops.ts's (retire); this module binds,
+// (CFG_F_FAIL_OPEN). The rules and the state file entry are ops/retire.ts's; this module binds,
 // reads and counts.
 
 import { Marker, type MarkStats } from './httpmark.js';
-import type { DrainWatch } from './instance.js';
-import type { PacketQueue, Sys } from './sys.js';
+import type { DrainWatch } from '../ops/instance.js';
+import type { PacketQueue, Sys } from '../os/sys.js';
 
 const QUEUE_BASE = 40000; // marking queues: 40000-49999 (holds use 30000-39999)
 const QUEUE_TRIES = 64;

@@ -16,7 +16,7 @@
 //   (pipelining), TLS, HTTP/2 and anything else that is not HTTP/1.x are left alone.
 // - A marked answer is marked again when TCP resends it: the sender's queue keeps the original bytes.
 
-import { compressV6 } from './proc.js';
+import { compressV6 } from '../os/proc.js';
 
 /** A connection counts as quiet after this long with no packet either way and no request waiting. */
 export const QUIET_MS = 1000;

@@ -10,14 +10,15 @@
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { chmod, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { stop } from './commands.js';
+import { stop } from './stop.js';
 import { deploy, type DeployOptions } from './deploy.js';
-import { ExitCode, fail, PortflipError, type ExitCodeName } from './errors.js';
-import type { Emit, Event, SupervisorAction } from './events.js';
-import { Healer, type Ctx } from './ops.js';
-import { isAlive } from './proc.js';
-import { ensureDirs, readState, takeLock, writeState, type Paths } from './state.js';
-import type { Sys } from './sys.js';
+import { ExitCode, fail, PortflipError, type ExitCodeName } from '../core/errors.js';
+import type { Emit, Event, SupervisorAction } from '../core/events.js';
+import { Healer } from '../ops/healer.js';
+import { type Ctx } from '../ops/context.js';
+import { isAlive } from '../os/proc.js';
+import { ensureDirs, readState, takeLock, writeState, type Paths } from '../core/state.js';
+import type { Sys } from '../os/sys.js';
 
 export interface SuperviseOptions {
   app: string;

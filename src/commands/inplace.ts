@@ -7,15 +7,16 @@
 // undo of stop-old starts the previous command again on the port, and the hold's undo releases to it.
 
 import { join } from 'node:path';
-import type { DeployRun } from './deploy.js';
-import { fail, PortflipError } from './errors.js';
+import type { DeployRun } from './deploy-run.js';
+import { fail, PortflipError } from '../core/errors.js';
 import { applyHold, DEFAULT_QUEUE_LEN, releaseHold, requireNfqueue, startHolder } from './hold.js';
-import { killNow, spawnInstance, waitReady } from './instance.js';
-import { move } from './lifecycle.js';
-import { instanceLabel, retire } from './ops.js';
-import { readStat } from './proc.js';
-import { writeState, type Instance } from './state.js';
-import type { Step } from './steps.js';
+import { killNow, spawnInstance, waitReady } from '../ops/instance.js';
+import { move } from '../core/lifecycle.js';
+import { instanceLabel } from '../core/state.js';
+import { retire } from '../ops/retire.js';
+import { readStat } from '../os/proc.js';
+import { writeState, type Instance } from '../core/state.js';
+import type { Step } from '../core/steps.js';
 
 /** How long a deploy's holder may hold at most: the drain, the kill, a start, and a restart of the previous. */
 const holdBound = (r: DeployRun) => r.o.stop.drainTimeoutMs + r.o.stop.killAfterMs + 2 * r.o.readyTimeoutMs + 30_000;
@@ -66,55 +67,53 @@ async function restartPrevious(r: DeployRun, prev: Instance): Promise<void> {
   await writeState(ctx.sys, ctx.paths, st);
 }
 
-const before: Step<DeployRun>[] = [
-  {
-    name: 'hold',
-    does: (r) =>
-      `start a holder and queue new connections to port ${r.o.listen} (mangle NFQUEUE, --queue-bypass; up to ` +
-      `${DEFAULT_QUEUE_LEN} SYNs, at most ${Math.round(holdBound(r) / 1000)}s)`,
-    undo: 'release every held connection, remove the rule',
-    skip: (r) => !r.inPlace,
-    run: async (r, run) => {
-      const hold = await startHolder(r.ctx, r.st, 'deploy', holdBound(r), DEFAULT_QUEUE_LEN);
-      run.undo('held connections released', async () => {
-        r.st.hold ??= hold;
-        await releaseHold(r.ctx, r.pre.ipt, r.st);
-      });
-      await applyHold(r.ctx, r.pre.ipt, r.st, hold);
-      // the later steps commit from these views: they must see the mangle chain the hold just added
-      await Promise.all(r.pre.ipt.families.map(async (f) => r.pre.views.set(f, await r.pre.ipt.save(f))));
-    },
-    where: (r) => ({ port: r.o.listen, pid: r.st.hold?.pid }),
-    detail: (r) => `queue ${r.st.hold?.queue}`,
+/** In place: new connections to the public port wait in a queue while the port changes hands. */
+export const hold: Step<DeployRun> = {
+  name: 'hold',
+  does: (r) =>
+    `start a holder and queue new connections to port ${r.o.listen} (mangle NFQUEUE, --queue-bypass; up to ` +
+    `${DEFAULT_QUEUE_LEN} SYNs, at most ${Math.round(holdBound(r) / 1000)}s)`,
+  undo: 'release every held connection, remove the rule',
+  skip: (r) => !r.inPlace,
+  run: async (r, run) => {
+    const hold = await startHolder(r.ctx, r.st, 'deploy', holdBound(r), DEFAULT_QUEUE_LEN);
+    run.undo('held connections released', async () => {
+      r.st.hold ??= hold;
+      await releaseHold(r.ctx, r.pre.ipt, r.st);
+    });
+    await applyHold(r.ctx, r.pre.ipt, r.st, hold);
+    // the later steps commit from these views: they must see the mangle chain the hold just added
+    await Promise.all(r.pre.ipt.families.map(async (f) => r.pre.views.set(f, await r.pre.ipt.save(f))));
   },
-  {
-    name: 'stop-old',
-    does: (r) =>
-      `drain and stop the active instance on ${instanceLabel(r.prev!)}, which holds the port the new one needs`,
-    undo: 'start the previous command again on its port and wait until it is ready',
-    skip: (r) => !r.inPlace,
-    run: async (r, run) => {
-      const prev = r.prev!;
-      run.undo(`previous command running again on port ${prev.port}`, () => restartPrevious(r, prev));
-      await retire(r.ctx, r.st, prev, r.pre.ipt);
-    },
-    where: (r) => ({ port: r.prev?.port, pid: r.prev?.pid }),
-  },
-];
+  where: (r) => ({ port: r.o.listen, pid: r.st.hold?.pid }),
+  detail: (r) => `queue ${r.st.hold?.queue}`,
+};
 
-const after: Step<DeployRun>[] = [
-  {
-    name: 'release',
-    does: (r) => `let every held connection in at once, to port ${r.cand.port}, and remove the hold rule`,
-    undo: '',
-    skip: (r) => !r.inPlace,
-    run: async (r) => void (r.released = await releaseHold(r.ctx, r.pre.ipt, r.st)),
-    where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
-    detail: (r) => `${r.released ?? 0} held connection${r.released === 1 ? '' : 's'} released`,
+/** In place: the active instance holds the port the new one needs, so it drains and stops first. */
+export const stopOld: Step<DeployRun> = {
+  name: 'stop-old',
+  does: (r) =>
+    `drain and stop the active instance on ${instanceLabel(r.prev!)}, which holds the port the new one needs`,
+  undo: 'start the previous command again on its port and wait until it is ready',
+  skip: (r) => !r.inPlace,
+  run: async (r, run) => {
+    const prev = r.prev!;
+    run.undo(`previous command running again on port ${prev.port}`, () => restartPrevious(r, prev));
+    await retire(r.ctx, r.st, prev, r.pre.ipt);
   },
-];
+  where: (r) => ({ port: r.prev?.port, pid: r.prev?.pid }),
+};
 
-export const inPlaceSteps = { before, after };
+/** In place: once the new instance is ready, every held connection goes to it at once. */
+export const release: Step<DeployRun> = {
+  name: 'release',
+  does: (r) => `let every held connection in at once, to port ${r.cand.port}, and remove the hold rule`,
+  undo: '',
+  skip: (r) => !r.inPlace,
+  run: async (r) => void (r.released = await releaseHold(r.ctx, r.pre.ipt, r.st)),
+  where: (r) => ({ port: r.cand.port, pid: r.cand.pid }),
+  detail: (r) => `${r.released ?? 0} held connection${r.released === 1 ? '' : 's'} released`,
+};
 
 /** What must hold before an in-place deploy changes anything: the kernel can queue, and no pause runs. */
 export async function inPlacePreflight(r: DeployRun): Promise<void> {

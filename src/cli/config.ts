@@ -2,8 +2,8 @@
 
 import { basename, dirname, join } from 'node:path';
 import type { z as Zod } from 'zod';
-import { fail } from './errors.js';
-import type { Sys } from './sys.js';
+import { fail } from '../core/errors.js';
+import type { Sys } from '../os/sys.js';
 
 export const configDir = (env: NodeJS.ProcessEnv = process.env) => env.PORTFLIP_CONFIG_DIR || '/etc/portflip';
 

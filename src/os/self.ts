@@ -31,6 +31,16 @@ export function setEmbedded(e: Embedded): void {
 }
 export const isExecutable = () => embedded !== null;
 
+// Set by scripts/bundle.mjs to the bundle's own folder; tsc's output of this module sits one folder below it.
+declare const __PORTFLIP_DIST_SRC__: string | undefined;
+
+/** dist/src, where the bundle and the files Node starts sit (main.cjs, holder.js, node-drain.cjs). */
+export function distSrc(): string {
+  return typeof __PORTFLIP_DIST_SRC__ === 'string'
+    ? __PORTFLIP_DIST_SRC__
+    : fileURLToPath(new URL('..', import.meta.url));
+}
+
 // Both are replaced by the bundlers (scripts/bundle.mjs, scripts/package.mjs); tsc's per-module output reads package.json.
 declare const __PORTFLIP_VERSION__: string | undefined;
 declare const __PORTFLIP_COMMIT__: string | undefined;
@@ -39,7 +49,7 @@ declare const __PORTFLIP_COMMIT__: string | undefined;
 export function versionText(): string {
   if (typeof __PORTFLIP_VERSION__ === 'string') return `${__PORTFLIP_VERSION__} (commit ${__PORTFLIP_COMMIT__})`;
   try {
-    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8'));
+    const pkg = JSON.parse(readFileSync(join(distSrc(), '..', '..', 'package.json'), 'utf8'));
     return `${pkg.version} (commit unknown: not bundled)`;
   } catch {
     return 'unknown';
@@ -53,9 +63,7 @@ export function selfArgv(): string[] {
 
 /** argv that starts the holder (holder.ts): its own script under node, or a hidden word of the executable. */
 export function holderArgv(): string[] {
-  return embedded
-    ? [process.execPath, '_holder']
-    : [process.execPath, join(dirname(fileURLToPath(import.meta.url)), 'holder.js')];
+  return embedded ? [process.execPath, '_holder'] : [process.execPath, join(distSrc(), 'holder.js')];
 }
 
 /**

@@ -1,14 +1,13 @@
 // The Node drain preload (node-drain.cjs): where it is read from, how it joins NODE_OPTIONS, and proof it loaded.
 
 import { basename, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { whatBlocks } from './access.js';
-import { groupMembers, listenersOn, tcpListeners } from './proc.js';
-import { drainModulePath } from './self.js';
-import type { Sys } from './sys.js';
+import { whatBlocks } from '../os/access.js';
+import { groupMembers, listenersOn, tcpListeners } from '../os/proc.js';
+import { distSrc, drainModulePath } from '../os/self.js';
+import type { Sys } from '../os/sys.js';
 
-/** The preload as built, next to this module in the installed package (the executable writes its own: self.ts). */
-export const PRELOAD_SOURCE = fileURLToPath(new URL('./node-drain.cjs', import.meta.url));
+/** The preload as built, in dist/src beside the bundle (the executable writes its own: os/self.ts). */
+export const PRELOAD_SOURCE = join(distSrc(), 'node-drain.cjs');
 
 /**
  * Where a copy goes when the package is not readable by the app's user (a clone in /root, say). Not the

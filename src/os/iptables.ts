@@ -32,7 +32,7 @@
 // chain runs before nat PREROUTING/OUTPUT, so a SYN released after a switch follows the new redirect;
 // --queue-bypass lets SYNs pass when no holder reads the queue (it died), so nothing is black-holed.
 
-import { fail, PortflipError } from './errors.js';
+import { fail, PortflipError } from '../core/errors.js';
 import { compressV6 } from './proc.js';
 import { which, type Sys } from './sys.js';
 
@@ -420,7 +420,7 @@ export function wouldDrop(t: TableView, port: number): boolean {
  * are declared only when missing. The filter table comes first when the app gains a port (the way
  * is open before the redirect points at it) and last when the app goes. `only`: one table, the other
  * left as it is (a hold still follows nat and filter commits). 'mangle' is the marking alone, which no other
- * commit touches: its chains are shared by every app, so their changes go one at a time (ops.ts syncMarks).
+ * commit touches: its chains are shared by every app, so their changes go one at a time (ops/retire.ts syncMarks).
  * Null: nothing to do.
  */
 export function appText(view: RulesView, spec: AppSpec, family: Family, only?: Table): string | null {

@@ -1,9 +1,9 @@
 // Typed events the core emits, and the two ways to render them: lines for people, JSON for scripts.
 
-import type { HookName } from './config.js';
-import type { ExitCodeName } from './errors.js';
+import type { HookName } from '../cli/config.js';
 import { formatMs } from './duration.js';
-import type { MarkStats } from './httpmark.js';
+import type { ExitCodeName } from './errors.js';
+import type { MarkStats } from '../drain/httpmark.js';
 
 export type StepName =
   | 'preflight'

@@ -1,11 +1,11 @@
 // Instances as processes: spawn detached in their own group, wait until ready, drain and stop.
 
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
-import { fail } from './errors.js';
-import { groupMembers, isAlive, openConnections, openSockets, pendingAccepts, tcpSockets } from './proc.js';
-import type { Emit } from './events.js';
-import type { Instance, StopPolicy } from './state.js';
-import type { Child, Exit, Sys } from './sys.js';
+import { fail } from '../core/errors.js';
+import { groupMembers, isAlive, openConnections, openSockets, pendingAccepts, tcpSockets } from '../os/proc.js';
+import type { Emit } from '../core/events.js';
+import type { Instance, StopPolicy } from '../core/state.js';
+import type { Child, Exit, Sys } from '../os/sys.js';
 
 export interface User {
   name: string;

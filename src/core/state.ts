@@ -6,10 +6,10 @@
 import { join } from 'node:path';
 import { fail, PortflipError } from './errors.js';
 import { invariantProblem, type InstanceState } from './lifecycle.js';
-import { isAlive, readStat } from './proc.js';
+import { isAlive, readStat } from '../os/proc.js';
 export type { InstanceState } from './lifecycle.js';
-import type { Backend, Family } from './iptables.js';
-import type { Sys } from './sys.js';
+import type { Backend, Family } from '../os/iptables.js';
+import type { Sys } from '../os/sys.js';
 
 export const SCHEMA = 1;
 
@@ -26,6 +26,9 @@ export interface Instance {
   nodeDrain?: boolean; // every process listening on its port is Node.js with the drain module loaded
   marking?: Marking; // while it drains: its answers are marked Connection: close (drainmark.ts)
 }
+
+/** How people read an instance in messages: "port 8002 (pid 9203)". */
+export const instanceLabel = (i: Instance) => `port ${i.port}${i.pid ? ` (pid ${i.pid})` : ''}`;
 
 /** Who marks a draining instance's answers: the queue its packets go to, read by that portflip process. */
 export interface Marking {
@@ -119,10 +122,10 @@ export async function readState(sys: Sys, p: Paths, app: string): Promise<AppSta
   try {
     data = JSON.parse(text);
   } catch {
-    return fail('config', `state file ${stateFile(p, app)} is not valid JSON; move it away and run "portflip restore"`);
+    return fail('badState', `state file ${stateFile(p, app)} is not valid JSON; move it away and run "portflip restore"`);
   }
   if (data.schema !== SCHEMA)
-    fail('config', `state file ${stateFile(p, app)} has schema ${data.schema}, this portflip reads ${SCHEMA}`);
+    fail('badState', `state file ${stateFile(p, app)} has schema ${data.schema}, this portflip reads ${SCHEMA}`);
   return data;
 }
 

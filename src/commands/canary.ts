@@ -2,67 +2,31 @@
 //
 // The split is part of the app's nat chain (iptables.ts canaryRules), so every move here is one
 // iptables-restore commit per family, like a switch. Crash safety comes from the order of the state
-// write and the commit, chosen so that reconcile (ops.ts) finishes or reverses a run killed between them:
+// write and the commit, chosen so that reconcile (ops/reconcile.ts) finishes or reverses a run killed between them:
 //   split (deploy --canary)  state first: a recorded canary whose split is missing gets it (it was ready)
 //   share (promote --canary) state first: the recorded share is the one the rules get
 //   promote                  commit first: the live redirect at the canary makes reconcile adopt it
 //   abort                    state first: a canary recorded as draining gets no split and is retired
 // Invariant (lifecycle.ts): a canary comes with exactly one active instance and nothing else settled.
 
-import { parseDuration } from './duration.js';
-import { fail, PortflipError } from './errors.js';
-import { checkOnce, type ReadyCheck } from './instance.js';
-import { appText, parseSave, type Family, type Iptables, type RulesView } from './iptables.js';
-import { move } from './lifecycle.js';
-import {
-  finishLeftovers,
-  instanceLabel,
-  openIptables,
-  pointAll,
-  retire,
-  underLock,
-  wantedSpec,
-  type Ctx,
-} from './ops.js';
-import { isAlive } from './proc.js';
-import { readState, writeState, type AppState, type Instance } from './state.js';
-import { causeOf, planSteps, runSteps, type Step, type StepRun } from './steps.js';
+import { fail, PortflipError } from '../core/errors.js';
+import { checkOnce, type ReadyCheck } from '../ops/instance.js';
+import { appText, parseSave, type Family, type Iptables, type RulesView } from '../os/iptables.js';
+import { move } from '../core/lifecycle.js';
+import { finishLeftovers } from '../ops/reconcile.js';
+import { instanceLabel } from '../core/state.js';
+import { openIptables, type Ctx } from '../ops/context.js';
+import { pointAll, wantedSpec } from '../ops/rules.js';
+import { retire } from '../ops/retire.js';
+import { underLock } from '../ops/lock.js';
+import { isAlive } from '../os/proc.js';
+import { readState, writeState, type AppState, type Instance } from '../core/state.js';
+import { causeOf, planSteps, runSteps, type Step, type StepRun } from '../core/steps.js';
 
 export interface CanaryOptions {
   percent: number; // whole percent, 1-99
   by: 'conn' | 'ip';
   forMs?: number; // --canary-for: watch this long, then promote; abort on death or two failed checks
-}
-
-/** "10%" or "10" -> 10; a whole percent from 1 to 99 (0 and 100 are abort and promote). */
-export function parseShare(v: unknown, flag: string): number {
-  const m = /^(\d{1,2})%?$/.exec(String(v).trim());
-  const n = m ? Number(m[1]) : NaN;
-  if (!(n >= 1 && n <= 99)) fail('usage', `${flag} ${v}: give a whole percent from 1 to 99, like 10%`);
-  return n;
-}
-
-export function parseBy(v: unknown): 'conn' | 'ip' {
-  const by = String(v ?? 'conn');
-  if (by !== 'conn' && by !== 'ip')
-    fail('usage', `--canary-by ${by}: use conn (each new connection) or ip (each client address)`);
-  return by as 'conn' | 'ip';
-}
-
-/** The canary flags of a deploy, checked against the rest of its options; undefined without --canary. */
-export function canaryOptions(flags: Record<string, unknown>): CanaryOptions | undefined {
-  if (flags.canary === undefined) {
-    for (const f of ['canaryBy', 'canaryFor'] as const)
-      if (flags[f] !== undefined) fail('usage', `--${f === 'canaryBy' ? 'canary-by' : 'canary-for'} needs --canary P%`);
-    return undefined;
-  }
-  // keep_old and verify in a config file are for plain deploys: the CLI drops them for a canary one
-  if (flags.keepOld !== undefined)
-    fail('usage', '--keep-old does not go with --canary: the old instance stays up until promote or abort');
-  if (flags.verify !== undefined) fail('usage', '--verify does not go with --canary: use --canary-for DURATION');
-  const forMs = flags.canaryFor === undefined ? undefined : parseDuration(String(flags.canaryFor), '--canary-for');
-  if (forMs !== undefined && forMs < 1000) fail('usage', `--canary-for ${flags.canaryFor}: give at least 1s`);
-  return { percent: parseShare(flags.canary, '--canary'), by: parseBy(flags.canaryBy), forMs };
 }
 
 const splitWords = (c: { percent: number; by: 'conn' | 'ip' }) =>

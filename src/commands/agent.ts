@@ -9,12 +9,12 @@
 
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { PortflipError, fail } from './errors.js';
-import type { Emit } from './events.js';
-import { appChain } from './iptables.js';
-import { isAlive } from './proc.js';
-import { readState, type AppState, type Paths } from './state.js';
-import type { Sys } from './sys.js';
+import { PortflipError, fail } from '../core/errors.js';
+import type { Emit } from '../core/events.js';
+import { appChain } from '../os/iptables.js';
+import { isAlive } from '../os/proc.js';
+import { readState, type AppState, type Paths } from '../core/state.js';
+import type { Sys } from '../os/sys.js';
 
 export type AgentMode = 'ready' | 'drain' | 'maint';
 export const SET_MODES = ['ready', 'drain', 'maint', 'clear'] as const;

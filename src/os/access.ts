@@ -5,7 +5,7 @@
 // applies to the owner, the group class to the group, and root passes.
 
 import { isAbsolute, join, resolve } from 'node:path';
-import { fail } from './errors.js';
+import { fail } from '../core/errors.js';
 import type { Sys } from './sys.js';
 
 export type Access = 'read' | 'execute';
