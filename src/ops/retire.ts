@@ -118,8 +118,19 @@ async function endMarking(
   const stats = structuredClone(m.handle.stats());
   if (inst.marking) {
     delete inst.marking;
-    await syncMarks(ctx, m.ipt ?? (await openIptables(ctx, st.backend)), st);
-    await writeState(ctx.sys, ctx.paths, st);
+    try {
+      await syncMarks(ctx, m.ipt ?? (await openIptables(ctx, st.backend)), st);
+      await writeState(ctx.sys, ctx.paths, st);
+    } catch (err) {
+      // the drain itself is over: rules left behind pass every packet (--queue-bypass) once this process is
+      // gone, and the state file still names them, so the next run that takes the lock removes them
+      const why = (err as Error).message;
+      ctx.emit({
+        kind: 'notice',
+        app: st.app,
+        message: `${instanceLabel(inst)}: marking rules left for the next run (${why})`,
+      });
+    }
   }
   await m.handle.end();
   return stats;
