@@ -7,7 +7,7 @@ import { execFileSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fixture, freePorts, startLoad, type Netns } from '../helpers/netns.js';
+import { fixture, freePorts, startLoad, waitFor, type Netns } from '../helpers/netns.js';
 import { goBuild, serverFlags } from '../helpers/servers.js';
 import { inWorld, show, type World } from '../helpers/world.js';
 import { events } from '../helpers/events.js';
@@ -31,10 +31,13 @@ function bodyClient(ns: Netns, mode: 'keepalive' | 'pipeline', concurrency: numb
     '90000',
   ]);
   let out = '';
+  let err = '';
   child.stdout!.on('data', (d) => (out += d));
-  child.stderr!.on('data', (d) => (out += d));
+  child.stderr!.on('data', (d) => (err += d));
   const exited = new Promise((r) => child.once('exit', r));
   return {
+    /** Resolves once the first answer came: a client that starts slowly must not miss the first version. */
+    ready: () => waitFor(() => err.includes('ready'), 20_000, `the ${mode} body client's first answer`),
     async stop(): Promise<Record<string, any>> {
       child.stdin!.end('stop\n');
       await Promise.race([exited, sleep(15_000)]);
@@ -76,6 +79,7 @@ test('bodies whose every segment begins with a response head reach their clients
       assert.is((await deploy('v1')).code, 0);
       const keep = bodyClient(w.ns, 'keepalive', 8);
       const pipe = bodyClient(w.ns, 'pipeline', 2);
+      await Promise.all([keep.ready(), pipe.ready()]);
       const marks: Record<string, any>[] = [];
       try {
         for (const v of ['v2', 'v3', 'v4']) {
@@ -91,7 +95,8 @@ test('bodies whose every segment begins with a response head reach their clients
       assert.ok(k.ok > 200, JSON.stringify(k));
       assert.is(k.mismatched, 0, `no body changed: ${JSON.stringify(k)}`);
       assert.is(k.failed, 0, JSON.stringify(k));
-      assert.equal(k.versions, ['v1', 'v2', 'v3', 'v4']);
+      // connections move one by one, so versions alternate while they do: their order of first sight is the check
+      assert.equal([...new Set(k.versions)], ['v1', 'v2', 'v3', 'v4'], k.versions.join(','));
       assert.ok(p.ok > 50, JSON.stringify(p));
       assert.is(p.mismatched, 0, JSON.stringify(p));
       assert.is(p.touched, 0, `no pipelined answer was marked: ${JSON.stringify(p)}`);
