@@ -91,7 +91,6 @@ export async function markPort(sys: Sys, port: number): Promise<MarkHandle> {
     queue: s.queue.queue,
     watch: {
       quiet: (remotes) => !s.failure && s.marker.quiet(port, remotes, sys.now()),
-      failure: () => s.failure,
     },
     stats: () => s.marker.stats(port)!,
     async end() {

@@ -175,8 +175,6 @@ export const killNow = async (sys: Sys, inst: Instance) => {
 export interface DrainWatch {
   /** No packet either way on any of these connections for a second, and none waits for an answer. */
   quiet(remotes: { addr: string; port: number }[]): boolean;
-  /** Why marking stopped early (its queue failed), if it did. */
-  failure(): string | undefined;
   /** Told how many connections were open when the stop signal went. */
   signalled?(open: number): void;
 }

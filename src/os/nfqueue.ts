@@ -26,7 +26,6 @@ export const CFG_F_FAIL_OPEN = 1; // a full queue lets packets pass instead of d
 const NFQA_PACKET_HDR = 1;
 const NFQA_VERDICT_HDR = 2;
 const NFQA_PAYLOAD = 10;
-const NFQA_CAP_LEN = 13;
 export const NF_DROP = 0;
 export const NF_ACCEPT = 1;
 const MSG_DONTWAIT = 0x40;
@@ -102,7 +101,7 @@ export function verdictMessage(queue: number, seq: number, id: number, payload?:
 }
 
 export type Parsed =
-  | { kind: 'packet'; queue: number; id: number; payload?: Buffer; capLen?: number }
+  | { kind: 'packet'; queue: number; id: number; payload?: Buffer }
   | { kind: 'error'; seq: number; errno: number } // errno 0 is an ack
   | { kind: 'other'; type: number };
 
@@ -122,17 +121,15 @@ export function parseMessages(buf: Buffer): Parsed[] {
       let a = off + 20;
       let id: number | null = null;
       let payload: Buffer | undefined;
-      let capLen: number | undefined;
       while (a + 4 <= off + len) {
         const alen = buf.readUInt16LE(a);
         const atype = buf.readUInt16LE(a + 2) & 0x3fff; // without the nested/byte-order bits
         if (alen < 4) break;
         if (atype === NFQA_PACKET_HDR && alen >= 8) id = buf.readUInt32BE(a + 4);
         else if (atype === NFQA_PAYLOAD) payload = buf.subarray(a + 4, Math.min(a + alen, off + len));
-        else if (atype === NFQA_CAP_LEN && alen >= 8) capLen = buf.readUInt32BE(a + 4);
         a += align4(alen);
       }
-      if (id !== null) out.push({ kind: 'packet', queue, id, ...(payload ? { payload } : {}), ...(capLen ? { capLen } : {}) });
+      if (id !== null) out.push({ kind: 'packet', queue, id, ...(payload ? { payload } : {}) });
     } else out.push({ kind: 'other', type });
     off += align4(len);
   }
@@ -306,12 +303,11 @@ export class NfQueue {
         count++;
         if (m.id > maxId) maxId = m.id;
         if (!m.payload) continue;
-        // a truncated copy (capLen) is handed over as it is: its IP length says what is missing
+        // a truncated copy is handed over as it is: its IP length says what is missing (httpmark.ts)
         const out = fn(m.payload);
         if (!out) continue;
         const msg = verdictMessage(this.queue, this.seq++, m.id, out);
-        if (c.send(this.fd, msg, msg.length, 0) < 0)
-          throw new Error(`queue ${this.queue} verdict: errno ${c.errno()}`);
+        if (c.send(this.fd, msg, msg.length, 0) < 0) throw new Error(`queue ${this.queue} verdict: errno ${c.errno()}`);
       }
     }
     if (maxId >= 0) this.acceptUpTo(maxId);
