@@ -1,6 +1,7 @@
 // Test runner for `npm test`: runs each built dist/test/**/*.test.js in its own process and sums uvu's summaries.
 // Usage: node scripts/test.mjs [substring ...]   (runs only files whose path contains one of the substrings)
 // PORTFLIP_TEST_ONLY=a,b filters the same way, on top of argv: the fresh-clone test runs `npm test` with it set to unit.
+// Files run in two lanes (SIDE_LANE below); PORTFLIP_TEST_LANES=1 runs them one at a time.
 // A test skips through test/helpers/skip.ts, which prints a line this runner counts and lists with why. The last line
 // is `N passed, N failed`, or `N passed, N failed, N skipped` when something skipped (.ci/run fails on that).
 import { spawn } from 'node:child_process';
@@ -27,6 +28,15 @@ function findTests(dir) {
   });
 }
 
+// Node reads NODE_EXTRA_CA_CERTS at every start (about 80 ms where it names the system bundle), and the suite starts
+// thousands of node processes (portflip, apps, load clients) that talk only to loopback and namespaces. Only npm
+// reaches out, to the registry: it gets the same file as its own cafile.
+const testEnv = { ...process.env };
+if (testEnv.NODE_EXTRA_CA_CERTS) {
+  testEnv.npm_config_cafile ??= testEnv.NODE_EXTRA_CA_CERTS;
+  delete testEnv.NODE_EXTRA_CA_CERTS;
+}
+
 const SKIP_LINE = 'portflip-test-skip '; // test/helpers/skip.ts writes it, then JSON: { name, why }
 
 // uvu prints "Total: N", "Passed: N", "Skipped: N" once per process; colours are stripped first.
@@ -42,15 +52,18 @@ function parseSummary(text) {
   return { found, total: grab('Total'), passed: grab('Passed'), skipped: grab('Skipped'), failures, skips };
 }
 
-function runFile(file) {
+/** Runs one file; its output is kept and printed whole when it ends, so two lanes never interleave lines. */
+function runFile(file, { stream }) {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [file], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    const child = spawn(process.execPath, [file], { cwd: root, env: testEnv, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     let stdout = '';
+    let output = '';
+    const out = (d, to) => (stream ? to.write(d) : (output += d));
     child.stdout.on('data', (d) => {
       stdout += d;
-      process.stdout.write(d);
+      out(d, process.stdout);
     });
-    child.stderr.on('data', (d) => process.stderr.write(d));
+    child.stderr.on('data', (d) => out(d, process.stderr));
     let timedOut = false;
     const signalGroup = (sig) => {
       try {
@@ -59,13 +72,13 @@ function runFile(file) {
     };
     const timer = setTimeout(() => {
       timedOut = true;
-      process.stderr.write(`\n${path.relative(root, file)}: timed out after ${FILE_TIMEOUT_MS} ms, killing it\n`);
+      out(`\n${path.relative(root, file)}: timed out after ${FILE_TIMEOUT_MS} ms, killing it\n`, process.stderr);
       signalGroup('SIGTERM');
       setTimeout(() => signalGroup('SIGKILL'), KILL_GRACE_MS).unref();
     }, FILE_TIMEOUT_MS);
     child.on('close', (code, signal) => {
       clearTimeout(timer);
-      resolve({ code, signal, timedOut, summary: parseSummary(stdout) });
+      resolve({ code, signal, timedOut, output, summary: parseSummary(stdout) });
     });
   });
 }
@@ -85,12 +98,8 @@ let skipped = 0;
 const broken = [];
 const skips = [];
 const startedAll = performance.now();
-for (const file of files) {
-  const rel = path.relative(root, file);
-  process.stdout.write(`\n# ${rel}\n`);
-  const started = performance.now();
-  const r = await runFile(file);
-  process.stdout.write(`# ${rel}: ${seconds(performance.now() - started)}\n`);
+
+function tally(rel, r) {
   const s = r.summary;
   let fileFailed = s.total - s.passed;
   // A crash, a timeout or a non-zero exit is a failure even when uvu's own count says otherwise.
@@ -106,6 +115,37 @@ for (const file of files) {
   for (const k of s.skips) skips.push(`${rel}: "${k.name}": ${k.why}`);
   if (s.skipped) skips.push(`${rel}: ${s.skipped} test.skip without a reason`);
 }
+
+// Two lanes on a machine of two cores: the files that put clients under load and count failed requests run one
+// at a time; beside them, the files that run no load and time nothing that a busy core could tip over (unit tests,
+// input checks, rule layouts, installs). PORTFLIP_TEST_LANES=1 runs everything in one lane, streaming.
+const SIDE_LANE = [
+  'test/unit/',
+  'integration/input.test',
+  'integration/status.test',
+  'integration/user.test',
+  'integration/config.test',
+  'integration/rules.test',
+  'integration/fleet-stop.test',
+  'integration/npm-install.test',
+  'integration/freshclone.test',
+];
+const lanes = process.env.PORTFLIP_TEST_LANES === '1' ? 1 : 2;
+const inSide = (f) => lanes > 1 && SIDE_LANE.some((s) => path.relative(root, f).includes(s));
+const stream = lanes === 1;
+
+async function lane(list) {
+  for (const file of list) {
+    const rel = path.relative(root, file);
+    if (stream) process.stdout.write(`\n# ${rel}\n`);
+    const started = performance.now();
+    const r = await runFile(file, { stream });
+    if (!stream) process.stdout.write(`\n# ${rel}\n${r.output}`);
+    process.stdout.write(`# ${rel}: ${seconds(performance.now() - started)}\n`);
+    tally(rel, r);
+  }
+}
+await Promise.all([lane(files.filter((f) => !inSide(f))), lane(files.filter(inSide))]);
 
 if (files.length === 0) process.stdout.write(`no test files under ${path.relative(root, testDir)}${filters.length ? ` matching ${filters.join(', ')}` : ''}\n`);
 if (files.length) process.stdout.write(`\n${files.length} files in ${seconds(performance.now() - startedAll)}\n`);
