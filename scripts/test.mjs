@@ -127,6 +127,7 @@ const SIDE_LANE = [
   'integration/config.test',
   'integration/rules.test',
   'integration/fleet-stop.test',
+  'integration/fleet-install.test',
   'integration/npm-install.test',
   'integration/freshclone.test',
 ];
