@@ -28,6 +28,27 @@ export function parseStat(text: string): ProcStat | null {
   };
 }
 
+/** User plus system CPU time of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat). */
+export function cpuTicks(text: string): number {
+  const f = text
+    .slice(text.lastIndexOf(')') + 2)
+    .trim()
+    .split(/\s+/);
+  return (Number(f[11]) || 0) + (Number(f[12]) || 0);
+}
+
+/**
+ * Clock ticks per second as /proc/PID/stat counts them: USER_HZ, which the kernel fixes at 100 for
+ * userspace on every architecture Debian ships (asking `getconf CLK_TCK` would cost a process).
+ */
+export const CLOCK_TICKS = 100;
+
+/** Resident memory in bytes from /proc/PID/status (VmRSS, in kB: no page size to know); 0 without the line. */
+export function rssBytes(status: string): number {
+  const m = /^VmRSS:\s*(\d+)\s*kB/m.exec(status);
+  return m ? Number(m[1]) * 1024 : 0;
+}
+
 export async function readStat(sys: Sys, pid: number): Promise<ProcStat | null> {
   const text = await sys.readText(`/proc/${pid}/stat`);
   return text ? parseStat(text) : null;
