@@ -53,7 +53,8 @@ export async function serveMetrics(ctx: Ctx, addr: MetricsAddress): Promise<Metr
     server.listen({ port: addr.port, host: addr.host }, () => resolve());
   });
   const host = addr.host === undefined ? '*' : addr.host.includes(':') ? `[${addr.host}]` : addr.host;
-  const url = `http://${host}:${addr.port}/metrics`;
+  const bound = server.address();
+  const url = `http://${host}:${typeof bound === 'object' && bound ? bound.port : addr.port}/metrics`; // port 0: the one given
   ctx.emit({ kind: 'notice', message: `serving metrics on ${url}` });
   return {
     url,

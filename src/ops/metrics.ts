@@ -287,7 +287,7 @@ export function render(v: MetricsView): string {
   const actions = (app: string) =>
     [...new Set(['deploy', ...Object.keys(counters(app).changes).map((k) => k.split(' ')[0])])].sort();
   const apps = [...live.values()].sort((a, b) => a.app.localeCompare(b.app));
-  const actives = apps.filter((a) => a.active);
+  const actives = apps.filter((a) => a.active?.up); // a gone instance has no connections, CPU or memory to show
   const gauge = (name: string, help: string, samples: Sample[]): Family => ({ name, type: 'gauge', help, samples });
 
   const families: Family[] = [
