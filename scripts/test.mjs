@@ -44,7 +44,9 @@ function parseSummary(text) {
 
 function runFile(file) {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [file], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+    // every portflip a test starts inherits this: no test writes the machine's node_exporter textfile directory
+    const env = { ...process.env, PORTFLIP_TEXTFILE_DIR: process.env.PORTFLIP_TEXTFILE_DIR ?? '' };
+    const child = spawn(process.execPath, [file], { cwd: root, env, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     let stdout = '';
     child.stdout.on('data', (d) => {
       stdout += d;
