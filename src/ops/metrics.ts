@@ -446,11 +446,19 @@ export async function textfileDir(ctx: Pick<Ctx, 'sys' | 'env'>): Promise<string
  * Writes portflip.prom into the textfile directory, atomically: node_exporter reads only files ending in
  * .prom, and the temp file beside it (Sys.fs.writeAtomic) does not. Returns the path, or null when off.
  */
-export async function writeTextfile(ctx: Ctx): Promise<string | null> {
-  const dir = await textfileDir(ctx);
-  if (!dir) return null;
-  const path = join(dir, TEXTFILE);
-  // 0644: node_exporter runs as its own user (prometheus on Debian)
-  await ctx.sys.fs.writeAtomic(path, render(await gather(ctx)), 0o644);
-  return path;
+export function writeTextfile(ctx: Ctx): Promise<string | null> {
+  // one at a time in this process: writeAtomic's temp file is named by pid, so two writes at once (run's
+  // refresh and a publish after its restart) would share it and could rename a half-written file into place
+  const next = textfileWrites.then(async () => {
+    const dir = await textfileDir(ctx);
+    if (!dir) return null;
+    const path = join(dir, TEXTFILE);
+    // 0644: node_exporter runs as its own user (prometheus on Debian)
+    await ctx.sys.fs.writeAtomic(path, render(await gather(ctx)), 0o644);
+    return path;
+  });
+  textfileWrites = next.catch(() => null);
+  return next;
 }
+
+let textfileWrites: Promise<unknown> = Promise.resolve();

@@ -28,13 +28,17 @@ export function parseStat(text: string): ProcStat | null {
   };
 }
 
-/** User plus system CPU time of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat). */
+/**
+ * CPU time of a process and of its children it has waited for, in clock ticks (fields 14-17 of /proc/PID/stat:
+ * utime, stime, cutime, cstime). Summed over a process group, a worker that exits moves from its own fields
+ * into its parent's, so the sum does not fall back.
+ */
 export function cpuTicks(text: string): number {
   const f = text
     .slice(text.lastIndexOf(')') + 2)
     .trim()
     .split(/\s+/);
-  return (Number(f[11]) || 0) + (Number(f[12]) || 0);
+  return [11, 12, 13, 14].reduce((n, i) => n + (Number(f[i]) || 0), 0);
 }
 
 /**

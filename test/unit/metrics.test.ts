@@ -308,6 +308,9 @@ test('writeTextfile on disk: only portflip.prom is left in the directory (the te
     };
     await publish(ctx, record());
     await publish(ctx, record());
+    // several at once in one process (run's refresh beside a publish): each whole, none failing
+    const texts = await Promise.all([1, 2, 3, 4].map(() => writeTextfile(ctx)));
+    assert.equal(texts, Array(4).fill(path.join(dir, 'portflip.prom')));
     assert.equal((await readdir(dir)).sort(), ['portflip.prom', 'run', 'state']);
     assert.equal(await readdir(path.join(state, 'metrics')), ['counters.json']);
     assert.is((await stat(path.join(dir, 'portflip.prom'))).mode & 0o777, 0o644);
@@ -384,7 +387,8 @@ test('the endpoint on loopback: /metrics in the text format, 404 elsewhere, 405 
 
 test('procfs: CPU ticks from /proc/PID/stat, resident memory from /proc/PID/status', () => {
   const stat = '42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 1 0 12345 1000 50';
-  assert.is(cpuTicks(stat), 325);
+  assert.is(cpuTicks(stat), 325, 'utime 250 + stime 75 + cutime 0 + cstime 0');
+  assert.is(cpuTicks(stat.replace(' 250 75 0 0 ', ' 250 75 30 5 ')), 360, 'waited-for children count');
   assert.is(rssBytes('Name:\tx\nVmRSS:\t   2048 kB\n'), 2048 * 1024);
   assert.is(rssBytes('Name:\tkthread\n'), 0);
   assert.ok(
