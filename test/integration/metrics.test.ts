@@ -1,5 +1,6 @@
 // Metrics for real, in a namespace: `watch --metrics` and `run --metrics` scraped (connections under a short load,
-// counters after publish), the textfile rewritten by watch, and Debian's prometheus-node-exporter serving it.
+// a pause's held client, a canary's share, counters after publish), the textfile rewritten by watch, and Debian's
+// prometheus-node-exporter serving it.
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -135,6 +136,43 @@ testUnless(
           const r = await load.stop();
           assert.is(r.failed, 0, JSON.stringify(r));
         }
+
+        // a pause: the hold and a client held in it, asked of the holder's control socket at each scrape
+        const paused = await w.pf(['pause', 'web', '--timeout', '20s'], env);
+        assert.is(paused.code, 0, show(paused));
+        const held = w.ns.spawn(process.execPath, [
+          '-e',
+          "fetch('http://127.0.0.1:80/').then(r=>r.text()).then(()=>process.exit(0),()=>process.exit(1))",
+        ]);
+        try {
+          await waitFor(
+            async () => {
+              const body = (await scrape(w, url)).body;
+              return (
+                value(body, 'portflip_hold_active{app="web"}') === 1 &&
+                value(body, 'portflip_held_connections{app="web"}')! >= 1
+              );
+            },
+            6000,
+            'the hold and its waiting client in the series',
+          );
+          const resumed = await w.pf(['resume', 'web'], env);
+          assert.is(resumed.code, 0, show(resumed));
+          assert.is(await exitOf(held), 0, 'the held client got its answer after resume');
+        } finally {
+          if (held.exitCode === null) await end(held, 'SIGKILL');
+        }
+        assert.is(value((await scrape(w, url)).body, 'portflip_hold_active{app="web"}'), 0);
+
+        // a canary's share, and back to 0 once it is aborted
+        const canary = await w.pf(deployArgs([p1, p2], ['--canary', '10%'], ['--version', 'v2']), env);
+        assert.is(canary.code, 0, show(canary));
+        const split = (await scrape(w, url)).body;
+        assert.is(value(split, 'portflip_canary_share_ratio{app="web"}'), 0.1);
+        assert.is(value(split, 'portflip_instances{app="web",state="canary"}'), 1);
+        const aborted = await w.pf(['abort', 'web'], env);
+        assert.is(aborted.code, 0, show(aborted));
+        assert.is(value((await scrape(w, url)).body, 'portflip_canary_share_ratio{app="web"}'), 0);
 
         // a second server on the same address: its own exit code; a bad address: usage
         const taken = await w.pf(['watch', '--metrics', `127.0.0.1:${metricsPort}`], env);
