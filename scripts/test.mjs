@@ -36,6 +36,8 @@ if (testEnv.NODE_EXTRA_CA_CERTS) {
   testEnv.npm_config_cafile ??= testEnv.NODE_EXTRA_CA_CERTS;
   delete testEnv.NODE_EXTRA_CA_CERTS;
 }
+// every portflip a test starts inherits this: no test writes the machine's node_exporter textfile directory
+testEnv.PORTFLIP_TEXTFILE_DIR ??= '';
 
 const SKIP_LINE = 'portflip-test-skip '; // test/helpers/skip.ts writes it, then JSON: { name, why }
 

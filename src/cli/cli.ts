@@ -9,10 +9,21 @@ import { ExitCode, PortflipError, fail, fromSystemError } from '../core/errors.j
 import { formatHuman, makeEmitter, type Event } from '../core/events.js';
 import { paths } from '../core/state.js';
 import type { Ctx } from '../ops/context.js';
+import type { MetricsAddress } from '../ops/metrics-http.js';
 import { isExecutable, versionText } from '../os/self.js';
 import { realSys } from '../os/sys.js';
 import { readConfig, writeStarter } from './config.js';
-import { appArg, appName, canaryFlags, deployFlags, parseShare, port, toDeployOptions } from './options.js';
+import {
+  appArg,
+  appName,
+  canaryFlags,
+  deployFlags,
+  metricsAddress,
+  metricsFlag,
+  parseShare,
+  port,
+  toDeployOptions,
+} from './options.js';
 export { yieldCpu } from '../os/sys.js'; // main.cts calls it once the CLI is loaded, before any work
 
 /** What a command runs with: the core's context, --json, and the abort signal of the first Ctrl-C. */
@@ -28,6 +39,19 @@ interface Command {
   flags?: (y: Argv) => Argv;
   run(a: Record<string, any>, io: Io): Promise<void>;
 }
+
+/** A long-lived command with its metrics: `--metrics ADDR` served, and with `refreshTextfile` the textfile kept fresh. */
+async function withMetrics(
+  listen: MetricsAddress | undefined,
+  ctx: Ctx,
+  refreshTextfile: boolean,
+  fn: () => Promise<void>,
+): Promise<void> {
+  if (!listen && !refreshTextfile) return fn(); // nothing to load
+  await (await import('../ops/metrics-http.js')).withMetrics(ctx, { listen, refreshTextfile }, fn);
+}
+
+const metricsOf = (a: Record<string, any>) => (a.metrics === undefined ? undefined : metricsAddress(a.metrics));
 
 const dryRunFlag = (y: Argv) =>
   y.option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
@@ -64,14 +88,18 @@ const COMMANDS: Command[] = [
     describe:
       'deploy the app and keep it up in the foreground (for systemd): restart it when it crashes, ' +
       'deploy again on SIGHUP or `portflip reload`',
-    flags: (y) => deployFlags(appArg(y)).usage('$0 run <app> [-c FILE] [deploy options] [-- COMMAND [ARGS...]]'),
+    flags: (y) =>
+      metricsFlag(deployFlags(appArg(y))).usage('$0 run <app> [-c FILE] [deploy options] [-- COMMAND [ARGS...]]'),
     run: async (a, { ctx }) => {
       const app = appName(a);
       if (a.dryRun) fail('usage', 'run keeps an app up; --dry-run belongs to deploy (portflip deploy --dry-run ...)');
+      const listen = metricsOf(a); // a bad ADDR fails before any work
       // a long-lived supervisor queues its own signals (supervisor.ts), not main()'s one-shot Ctrl-C handling
       for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.removeAllListeners(sig);
       const { supervise } = await import('../commands/supervisor.js');
-      await supervise({ app, load: () => deployOptions({ ...a, app }, ctx) }, ctx);
+      await withMetrics(listen, ctx, true, () =>
+        supervise({ app, load: () => deployOptions({ ...a, app }, ctx) }, ctx),
+      );
     },
   },
   {
@@ -106,14 +134,17 @@ const COMMANDS: Command[] = [
   {
     usage: 'watch',
     describe: "keep every app's rules in line with its state file: repair them within a second after a firewall reload",
-    flags: (y) => y.option('interval', { type: 'string', describe: 'how often to compare (default 500ms)' }),
+    flags: (y) =>
+      metricsFlag(y.option('interval', { type: 'string', describe: 'how often to compare (default 500ms)' })),
     run: async (a, { ctx }) => {
       const [{ requireNetAdmin }, { watch }] = await Promise.all([
         import('../ops/context.js'),
         import('../commands/watch.js'),
       ]);
+      const every = a.interval === undefined ? 500 : parseDuration(String(a.interval), '--interval');
+      const listen = metricsOf(a);
       await requireNetAdmin(ctx.sys);
-      await watch(ctx, a.interval === undefined ? 500 : parseDuration(String(a.interval), '--interval'));
+      await withMetrics(listen, ctx, true, () => watch(ctx, every));
     },
   },
   {
@@ -243,9 +274,16 @@ const COMMANDS: Command[] = [
           type: 'string',
           describe: 'drain, maint, ready or clear: what this host tells HAProxy from now on',
         })
-        .option('once', { type: 'boolean', describe: 'print the answer HAProxy would get now, and exit' }),
+        .option('once', { type: 'boolean', describe: 'print the answer HAProxy would get now, and exit' })
+        .option('metrics', {
+          type: 'string',
+          describe: 'while answering, also serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9778',
+        }),
     run: async (a, { ctx, abort }) => {
       const app = appName(a);
+      if (a.metrics !== undefined && (a.set !== undefined || a.once))
+        fail('usage', '--metrics goes with the agent that keeps answering, not with --set or --once');
+      const metrics = metricsOf(a);
       const { DEFAULT_AGENT_PORT, agentAnswer, readView, serveAgent, setMode } = await import('../commands/agent.js');
       if (a.set !== undefined) {
         const file = await setMode(ctx.sys, ctx.paths, app, String(a.set));
@@ -254,7 +292,10 @@ const COMMANDS: Command[] = [
       else {
         const listen = a.port === undefined ? DEFAULT_AGENT_PORT : port(a.port, '--port');
         const address = a.address as string | undefined;
-        await serveAgent(ctx.sys, ctx.paths, { app, port: listen, address }, ctx.emit, abort);
+        // read-only like the agent: the endpoint, but no textfile writes (the agent may run without root)
+        await withMetrics(metrics, ctx, false, () =>
+          serveAgent(ctx.sys, ctx.paths, { app, port: listen, address }, ctx.emit, abort),
+        );
       }
     },
   },

@@ -2,12 +2,14 @@
 // fails here with exit 2 (usage) before a command's module loads. What a deploy's options must say
 // together is deploy-run.ts's checkOptions, which the deploy runs for every caller (run, tests).
 
+import { isIP } from 'node:net';
 import type { Argv } from 'yargs';
 import type { CanaryOptions } from '../commands/canary.js';
 import type { DeployOptions } from '../commands/deploy-run.js';
 import { parseDuration } from '../core/duration.js';
 import { fail } from '../core/errors.js';
 import type { DrainMode } from '../core/state.js';
+import type { MetricsAddress } from '../ops/metrics-http.js';
 import { canonicalCidr } from '../os/iptables.js';
 import { HOOKS, appFromFile, type AppConfig } from './config.js';
 
@@ -19,6 +21,26 @@ export function port(v: unknown, flag: string): number {
     fail('usage', `${flag} ${v}: a port is a whole number from 1 to 65535`);
   return n;
 }
+
+/** `--metrics ADDR`: `127.0.0.1:9778`, `[::1]:9778`, `localhost:9778`, or `:9778` for every address. */
+export function metricsAddress(v: unknown): MetricsAddress {
+  const text = String(v);
+  const bad = () =>
+    fail('usage', `--metrics ${text}: give ADDRESS:PORT, like 127.0.0.1:9778, [::1]:9778 or :9778 (every address)`);
+  const m = /^(?:\[([^\]]+)\]|([^:[\]]*)):([^:]+)$/.exec(text.trim());
+  if (!m) return bad();
+  const host = m[1] ?? m[2];
+  if (m[1] !== undefined ? isIP(host) !== 6 : host && !isIP(host) && !/^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$/i.test(host))
+    return bad();
+  return { host: host || undefined, port: port(m[3], '--metrics'), text };
+}
+
+/** The --metrics flag of watch, run and agent. */
+export const metricsFlag = (y: Argv) =>
+  y.option('metrics', {
+    type: 'string',
+    describe: 'serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9778 or :9778',
+  });
 
 /** Flags win over the config file, which wins over the defaults. */
 export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file: string | null): DeployOptions {

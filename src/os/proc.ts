@@ -28,6 +28,31 @@ export function parseStat(text: string): ProcStat | null {
   };
 }
 
+/**
+ * CPU time of a process and of its children it has waited for, in clock ticks (fields 14-17 of /proc/PID/stat:
+ * utime, stime, cutime, cstime). Summed over a process group, a worker that exits moves from its own fields
+ * into its parent's, so the sum does not fall back.
+ */
+export function cpuTicks(text: string): number {
+  const f = text
+    .slice(text.lastIndexOf(')') + 2)
+    .trim()
+    .split(/\s+/);
+  return [11, 12, 13, 14].reduce((n, i) => n + (Number(f[i]) || 0), 0);
+}
+
+/**
+ * Clock ticks per second as /proc/PID/stat counts them: USER_HZ, which the kernel fixes at 100 for
+ * userspace on every architecture Debian ships (asking `getconf CLK_TCK` would cost a process).
+ */
+export const CLOCK_TICKS = 100;
+
+/** Resident memory in bytes from /proc/PID/status (VmRSS, in kB: no page size to know); 0 without the line. */
+export function rssBytes(status: string): number {
+  const m = /^VmRSS:\s*(\d+)\s*kB/m.exec(status);
+  return m ? Number(m[1]) * 1024 : 0;
+}
+
 export async function readStat(sys: Sys, pid: number): Promise<ProcStat | null> {
   const text = await sys.readText(`/proc/${pid}/stat`);
   return text ? parseStat(text) : null;

@@ -184,6 +184,7 @@ export async function createFleet(n = 3, opts: { noNode?: NoNodeFiles } = {}): P
         PORTFLIP_STATE_DIR: dirs.stateDir,
         PORTFLIP_RUN_DIR: dirs.runDir,
         PORTFLIP_PRELOAD_DIR: dirs.preloadDir,
+        PORTFLIP_TEXTFILE_DIR: '', // the machine's node_exporter directory is not the tests' to write
       };
       const dir = path.join(base, name);
       mkdirSync(dir);

@@ -584,7 +584,9 @@ function portflipEnv(
   env?: NodeJS.ProcessEnv,
 ): NodeJS.ProcessEnv {
   const preload = dirs.preloadDir ? { PORTFLIP_PRELOAD_DIR: dirs.preloadDir } : {};
-  return { ...preload, ...env, PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir };
+  // no textfile unless a test asks for one: the machine's node_exporter directory is not the tests' to write
+  const textfile = { PORTFLIP_TEXTFILE_DIR: '' };
+  return { ...preload, ...textfile, ...env, PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir };
 }
 
 // Runs the built CLI inside the server namespace.
