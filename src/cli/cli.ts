@@ -8,6 +8,7 @@ import { parseDuration } from '../core/duration.js';
 import { ExitCode, PortflipError, fail, fromSystemError } from '../core/errors.js';
 import { formatHuman, makeEmitter, type Event } from '../core/events.js';
 import { paths } from '../core/state.js';
+import type { HistoryAction } from '../core/history.js';
 import type { Ctx } from '../ops/context.js';
 import { isExecutable, versionText } from '../os/self.js';
 import { realSys } from '../os/sys.js';
@@ -27,6 +28,9 @@ interface Command {
   describe: string | false; // false: hidden
   flags?: (y: Argv) => Argv;
   run(a: Record<string, any>, io: Io): Promise<void>;
+  /** What a run does to its app, for the app's history (ops/record.ts); absent: it changes no app. */
+  records?: HistoryAction;
+  every?: true; // it works on every app (restore, cleanup): one record per app it changed
 }
 
 const dryRunFlag = (y: Argv) =>
@@ -35,13 +39,15 @@ const dryRunFlag = (y: Argv) =>
 /** The flags, and a config file when the app has one, as deploy options (options.ts checks them all). */
 async function deployOptions(a: Record<string, any>, ctx: Ctx) {
   const app = appName(a);
-  const { path, config } = await readConfig(ctx.sys, app, a.config as string | undefined);
-  return toDeployOptions({ ...a, app }, config, path);
+  const { path, config, hash } = await readConfig(ctx.sys, app, a.config as string | undefined);
+  const o = toDeployOptions({ ...a, app }, config, path);
+  return hash ? { ...o, configHash: hash } : o;
 }
 
 const COMMANDS: Command[] = [
   {
     usage: 'deploy [app]',
+    records: 'deploy',
     describe: 'start a new instance and flip the public port to it',
     flags: (y) =>
       canaryFlags(deployFlags(appArg(y))).usage('$0 deploy <app> --listen PORT [options] -- COMMAND [ARGS...]'),
@@ -168,12 +174,14 @@ const COMMANDS: Command[] = [
   },
   {
     usage: 'rollback [app]',
+    records: 'rollback',
     describe: 'point the public port back at the kept previous instance',
     flags: appArg,
     run: async (a, { ctx }) => (await import('../commands/rollback.js')).rollback(ctx, appName(a)),
   },
   {
     usage: 'pause [app]',
+    records: 'pause',
     describe: 'hold new connections to the public port until resume (open ones keep flowing)',
     flags: (y) =>
       appArg(y)
@@ -189,12 +197,14 @@ const COMMANDS: Command[] = [
   },
   {
     usage: 'resume [app]',
+    records: 'resume',
     describe: 'let every held new connection in at once and stop holding',
     flags: appArg,
     run: async (a, { ctx }) => (await import('../commands/hold.js')).resume(ctx, appName(a)),
   },
   {
     usage: 'promote [app]',
+    records: 'promote',
     describe: 'make the live canary the only instance (its old one drains); with --canary P%, only set its share',
     flags: (y) =>
       dryRunFlag(
@@ -210,23 +220,29 @@ const COMMANDS: Command[] = [
   },
   {
     usage: 'abort [app]',
+    records: 'abort',
     describe: 'send every new connection back to the active instance; the canary drains and stops',
     flags: (y) => dryRunFlag(appArg(y)),
     run: async (a, { ctx }) => (await import('../commands/canary.js')).abort(ctx, appName(a), { dryRun: !!a.dryRun }),
   },
   {
     usage: 'stop [app]',
+    records: 'stop',
     describe: "remove the app's rules and stop all its instances",
     flags: appArg,
     run: async (a, { ctx }) => (await import('../commands/stop.js')).stop(ctx, appName(a)),
   },
   {
     usage: 'restore',
+    records: 'restore',
+    every: true,
     describe: "re-create every app's rules from the state files",
     run: async (_a, { ctx }) => (await import('../commands/restore.js')).restore(ctx),
   },
   {
     usage: 'cleanup',
+    records: 'cleanup',
+    every: true,
     describe: 'remove every chain and rule portflip owns',
     flags: (y) =>
       y.option('stop-instances', { type: 'boolean', describe: 'also stop every instance and forget the apps' }),
@@ -266,6 +282,22 @@ const COMMANDS: Command[] = [
   },
 ];
 
+/** Runs a command; one that changes an app leaves a record in its history, ok or failed (a dry run none). */
+async function runRecorded(c: Command, a: Record<string, any>, io: Io): Promise<void> {
+  if (!c.records || a.dryRun) return c.run(a, io);
+  const { recorded, recordedEvery } = await import('../ops/record.js');
+  const as = { action: c.records, by: 'cli' as const };
+  const run = (ctx: Ctx) => c.run(a, { ...io, ctx });
+  if (c.every) return recordedEvery(io.ctx, as, run);
+  let app: string;
+  try {
+    app = appName(a);
+  } catch {
+    return c.run(a, io); // no app named: the command says so, and there is nothing to record
+  }
+  return recorded(io.ctx, app, as, run);
+}
+
 /** The part of yargs' internals that main() reaches to skip its help-text cache (as in yargs 18). */
 interface YargsInternals {
   getInternalMethods?(): { getUsageInstance?(): { cacheHelpMessage: () => void } } | undefined;
@@ -294,7 +326,7 @@ export async function main(argv: string[]): Promise<number> {
     .option('config', { alias: 'c', type: 'string', describe: 'config file (default /etc/portflip/APP.toml)' });
   for (const c of COMMANDS) {
     const flags = c.flags ?? ((y: Argv) => y);
-    const handler = (a: Record<string, any>) => void (command = c.run(a, io));
+    const handler = (a: Record<string, any>) => void (command = runRecorded(c, a, io));
     // yargs types a hidden command (false) apart from one with a description
     if (c.describe === false) parser.command(c.usage, false, flags, handler);
     else parser.command(c.usage, c.describe, flags, handler);
