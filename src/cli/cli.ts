@@ -13,7 +13,7 @@ import type { Ctx } from '../ops/context.js';
 import { isExecutable, versionText } from '../os/self.js';
 import { realSys } from '../os/sys.js';
 import { readConfig, writeStarter } from './config.js';
-import { appArg, appName, canaryFlags, deployFlags, parseShare, port, toDeployOptions } from './options.js';
+import { appArg, appName, canaryFlags, count, deployFlags, parseShare, port, toDeployOptions } from './options.js';
 export { yieldCpu } from '../os/sys.js'; // main.cts calls it once the CLI is loaded, before any work
 
 /** What a command runs with: the core's context, --json, and the abort signal of the first Ctrl-C. */
@@ -171,6 +171,30 @@ const COMMANDS: Command[] = [
         { follow: !!a.follow, lines: Number(a.lines) },
         (s) => void process.stdout.write(s),
       ),
+  },
+  {
+    usage: 'history [app]',
+    describe: 'show what changed each app (deploys, rollbacks, restarts, repairs ...), newest first',
+    flags: (y) =>
+      appArg(y)
+        .option('n', { type: 'string', describe: 'show the last N records (default 20)' })
+        .option('svg', { type: 'string', describe: 'draw them as a timeline of their steps into this SVG file' }),
+    run: async (a, { ctx, json }) => {
+      const limit = a.n === undefined ? 20 : count(a.n, '-n');
+      const { history, formatHistory } = await import('../commands/history.js');
+      const app = a.app || a.config ? appName(a) : undefined;
+      const { records, skipped } = await history(ctx, app, limit);
+      if (skipped)
+        ctx.emit({ kind: 'notice', app, message: `${skipped} torn line(s) skipped (a run killed mid-write)` });
+      if (a.svg !== undefined) {
+        const { historySvg } = await import('../commands/history-svg.js');
+        const file = resolve(String(a.svg));
+        await ctx.sys.fs.write(file, historySvg(records, `portflip history${app ? `: ${app}` : ''}`), 0o644);
+        process.stderr.write(`wrote ${file}: ${records.length} record(s)\n`);
+      } else if (json) for (const r of records) process.stdout.write(JSON.stringify(r) + '\n');
+      else if (records.length) process.stdout.write(formatHistory(records) + '\n');
+      else process.stderr.write(`nothing recorded yet${app ? ` for ${app}` : ''}\n`);
+    },
   },
   {
     usage: 'rollback [app]',
@@ -334,8 +358,8 @@ export async function main(argv: string[]): Promise<number> {
   parser
     .demandCommand(
       1,
-      'name a command: deploy, promote, abort, status, logs, rollback, pause, resume, stop, restore, cleanup, init, ' +
-        'run, reload, watch, systemd or agent',
+      'name a command: deploy, promote, abort, status, history, logs, rollback, pause, resume, stop, restore, ' +
+        'cleanup, init, run, reload, watch, systemd or agent',
     )
     .strict()
     .help()

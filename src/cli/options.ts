@@ -140,6 +140,13 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
   return canary ? { ...o, canary, keepOldMs: undefined, verifyMs: undefined } : o;
 }
 
+/** A count of at least 1 (`history -n`). */
+export function count(v: unknown, flag: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) fail('usage', `${flag} ${v}: give a whole number of at least 1`);
+  return n;
+}
+
 /** "10%" or "10" -> 10; a whole percent from 1 to 99 (0 and 100 are abort and promote). */
 export function parseShare(v: unknown, flag: string): number {
   const m = /^(\d{1,2})%?$/.exec(String(v).trim());
