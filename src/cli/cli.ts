@@ -184,8 +184,8 @@ const COMMANDS: Command[] = [
       const { history, formatHistory } = await import('../commands/history.js');
       const app = a.app || a.config ? appName(a) : undefined;
       const { records, skipped } = await history(ctx, app, limit);
-      if (skipped)
-        ctx.emit({ kind: 'notice', app, message: `${skipped} torn line(s) skipped (a run killed mid-write)` });
+      // on stderr even with --json: stdout holds records only
+      if (skipped) process.stderr.write(`note: ${skipped} torn line(s) skipped (a run killed mid-write)\n`);
       if (a.svg !== undefined) {
         const { historySvg } = await import('../commands/history-svg.js');
         const file = resolve(String(a.svg));
