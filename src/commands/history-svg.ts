@@ -7,9 +7,16 @@ import { formatMs } from '../core/duration.js';
 import type { HistoryRecord, HistoryStep } from '../core/history.js';
 import { drainMs, localTime, recordNote, sideText, switchMs } from './history.js';
 
-const W = 1200;
-const BARS_X = 440; // where each row's first step starts
-const BARS_END = 990; // the widest row ends here; totals to its right
+const W = 1240;
+const BARS_X = 520; // where each row's first step starts
+const BARS_END = 1040; // the widest row ends here; totals to its right
+/** The columns left of the steps: when, app, action (by), from -> to; x and how many characters fit. */
+const COLUMNS = [
+  { x: 20, chars: 19 },
+  { x: 148, chars: 14 },
+  { x: 240, chars: 17 },
+  { x: 350, chars: 28 },
+];
 const ROW = 24;
 const BAR = 14;
 const NOTE = 14; // the extra line under a failed run: its step and message
@@ -85,7 +92,9 @@ export function historySvg(records: HistoryRecord[], title = 'portflip history')
     lx += 16 + s.length * 6.5 + 14;
   }
   out.push(
-    `<text x="20" y="${top - 8}" fill="#555" font-weight="bold">when, app, action (by), from -> to</text>`,
+    ...['when', 'app', 'action (by)', 'from -> to (port label)'].map(
+      (h, c) => `<text x="${COLUMNS[c].x}" y="${top - 8}" fill="#555" font-weight="bold">${esc(h)}</text>`,
+    ),
     `<text x="${BARS_X}" y="${top - 8}" fill="#555" font-weight="bold">steps</text>`,
     `<text x="${W - 10}" y="${top - 8}" text-anchor="end" fill="#555" font-weight="bold">run / switch / drain</text>`,
   );
@@ -94,7 +103,11 @@ export function historySvg(records: HistoryRecord[], title = 'portflip history')
     const failed = r.result === 'failed';
     out.push(
       `<rect x="10" y="${y}" width="${W - 20}" height="${heights[k]}" fill="${k % 2 ? '#ffffff' : '#fafafa'}"/>`,
-      `<text x="20" y="${y + 16}" fill="${failed ? FAILED : '#000'}">${esc(cut(rowTitle(r), 68))}</text>`,
+      ...rowTitle(r).map(
+        (t, c) =>
+          `<text x="${COLUMNS[c].x}" y="${y + 16}" fill="${failed ? FAILED : '#000'}">` +
+          `${esc(cut(t, COLUMNS[c].chars))}</text>`,
+      ),
     );
     let x = BARS_X;
     for (const s of drawn(r)) {
@@ -132,10 +145,10 @@ export function historySvg(records: HistoryRecord[], title = 'portflip history')
   return out.join('\n') + '\n';
 }
 
-/** "2026-12-03 11:40:24  web  deploy (cli)  8001 v1 -> 8002 v2", labels cut so the row's steps keep their place. */
-function rowTitle(r: HistoryRecord): string {
-  const side = (x: HistoryRecord['from']) => cut(sideText(x), 14);
-  return `${localTime(r.startedAt)}  ${cut(r.app, 16)}  ${r.action} (${r.by})  ${side(r.from)} -> ${side(r.to)}`;
+/** When, app, action (by), from -> to: each cut to its column, so the row's steps keep their place. */
+function rowTitle(r: HistoryRecord): string[] {
+  const side = (x: HistoryRecord['from']) => cut(sideText(x), 13);
+  return [localTime(r.startedAt), r.app, `${r.action} (${r.by})`, `${side(r.from)} -> ${side(r.to)}`];
 }
 
 function bar(s: HistoryStep, x: number, y: number, w: number): string {
