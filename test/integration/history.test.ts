@@ -91,6 +91,9 @@ test('every command that changed the app left one record; a kill mid-deploy leav
     const svg = readFileSync(svgFile, 'utf8');
     assert.ok(svg.startsWith('<svg') && svg.trimEnd().endsWith('</svg>'));
     assert.match(svg, /#d62728/, 'the failed deploy is marked');
+    const status = await run(['status', 'web', '--json']);
+    assert.is(JSON.parse(status.stdout).apps[0].active.label, 'v5', 'status shows the label');
+    assert.match((await run(['status', 'web'])).stdout, /LABEL\n(.*\n)*web .* v5$/m);
     const unknown = await run(['history', 'nosuch'], 9);
     assert.match(unknown.stderr, /no app named "nosuch"/);
   });
