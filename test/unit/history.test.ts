@@ -25,6 +25,9 @@ import {
 import { Healer } from '../../src/ops/healer.js';
 import { recorded, recordedEvery } from '../../src/ops/record.js';
 import { restore } from '../../src/commands/restore.js';
+import { createHash } from 'node:crypto';
+import { readConfig } from '../../src/cli/config.js';
+import { count, toDeployOptions } from '../../src/cli/options.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
 process.env.TZ = 'UTC'; // the table shows local time
@@ -183,6 +186,26 @@ test('the SVG: well-formed, one row per record, the failed step red with its mes
   const w = (step: string) => Number(new RegExp(`width="([\\d.]+)"[^>]*><title>${step} `).exec(svg)![1]);
   assert.ok(w('switch') >= 10 && w('drain') > w('switch') * 2, `switch ${w('switch')}px, drain ${w('drain')}px`);
   assert.is(wellFormed(historySvg([])), null);
+});
+
+test('--label and the config key label; the config file read is hashed; -n is a count', async () => {
+  const flags = { app: 'web', listen: 80, '--': ['node', 'x.js'] };
+  assert.is(toDeployOptions({ ...flags, label: 'v1.4' }, {}, null).label, 'v1.4');
+  assert.is(toDeployOptions(flags, { label: 'from-file' }, '/etc/portflip/web.toml').label, 'from-file');
+  assert.is(toDeployOptions({ ...flags, label: 'flag' }, { label: 'file' }, null).label, 'flag', 'the flag wins');
+  assert.is(toDeployOptions(flags, {}, null).label, undefined);
+  for (const bad of ['', 'x'.repeat(65), 'a\nb'])
+    assert.throws(() => toDeployOptions({ ...flags, label: bad }, {}, null), /--label/);
+  const sys = new FakeSys();
+  await sys.fs.mkdir('/etc/portflip', 0o755);
+  const text = 'listen = 80\nlabel = "v2"\ncommand = ["node", "x.js"]\n';
+  await sys.fs.write('/etc/portflip/web.toml', text, 0o644);
+  const read = await readConfig(sys, 'web', undefined, { PORTFLIP_CONFIG_DIR: '/etc/portflip' });
+  assert.is(read.hash, createHash('sha256').update(text).digest('hex'));
+  assert.is(read.config.label, 'v2');
+  assert.is((await readConfig(sys, 'api', undefined, { PORTFLIP_CONFIG_DIR: '/etc/portflip' })).hash, undefined);
+  assert.is(count('3', '-n'), 3);
+  for (const bad of ['0', '-1', '1.5', 'many']) assert.throws(() => count(bad, '-n'), /-n/);
 });
 
 // ---- records through the commands ----------------------------------------------------------
