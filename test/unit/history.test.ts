@@ -25,6 +25,8 @@ import {
 import { Healer } from '../../src/ops/healer.js';
 import { recorded, recordedEvery } from '../../src/ops/record.js';
 import { restore } from '../../src/commands/restore.js';
+import { abort, promote } from '../../src/commands/canary.js';
+import { cleanup } from '../../src/commands/cleanup.js';
 import { createHash } from 'node:crypto';
 import { readConfig } from '../../src/cli/config.js';
 import { count, toDeployOptions } from '../../src/cli/options.js';
@@ -290,6 +292,32 @@ test('the healer records a repair with what was missing; restore records only th
   assert.is((await readHistory(sys, FAKE_PATHS, 'web')).records.length, 1, 'web was in line: no restore record');
   const [api] = (await readHistory(sys, FAKE_PATHS, 'api')).records;
   assert.equal([api.action, api.result, api.to?.port], ['restore', 'ok', sys.redirectTarget('api')]);
+});
+
+test('a canary deploy records the canary as "to"; promote moves from the old to it; abort from the canary back', async () => {
+  const sys = new FakeSys();
+  const { ctx } = fakeCtx(sys);
+  const canary = { percent: 10, by: 'conn' as const };
+  await deploy(fakeDeploy({ label: 'v1' }), ctx);
+  await recorded(ctx, 'web', { action: 'deploy', ...cli }, (c) => deploy(fakeDeploy({ label: 'v2', canary }), c));
+  await recorded(ctx, 'web', { action: 'promote', ...cli }, (c) => promote(c, 'web'));
+  await recorded(ctx, 'web', { action: 'deploy', ...cli }, (c) => deploy(fakeDeploy({ label: 'v3', canary }), c));
+  await recorded(ctx, 'web', { action: 'abort', ...cli }, (c) => abort(c, 'web'));
+  await recordedEvery(ctx, { action: 'cleanup', ...cli }, (c) => cleanup(c, true));
+  const { records } = await readHistory(sys, FAKE_PATHS, 'web');
+  const labels = records.map((r) => `${r.action}:${r.from?.label ?? '-'}->${r.to?.label ?? '-'}:${r.result}`);
+  assert.equal(labels, [
+    'deploy:v1->v2:ok',
+    'promote:v1->v2:ok',
+    'deploy:v2->v3:ok',
+    'abort:v3->v2:ok',
+    'cleanup:v2->-:ok',
+  ]);
+  assert.ok(records[0].steps.some((s) => s.step === 'canary'));
+  assert.ok(
+    records[4].steps.some((s) => s.step === 'cleanup'),
+    "cleanup's one step is in every app's record",
+  );
 });
 
 test('a history that cannot be written is a notice; the command succeeds', async () => {
