@@ -8,6 +8,7 @@ import { parseDuration } from '../core/duration.js';
 import { ExitCode, PortflipError, fail, fromSystemError } from '../core/errors.js';
 import { formatHuman, makeEmitter, type Event } from '../core/events.js';
 import { paths } from '../core/state.js';
+import type { HistoryAction } from '../core/history.js';
 import type { Ctx } from '../ops/context.js';
 import type { MetricsAddress } from '../ops/metrics-http.js';
 import { isExecutable, versionText } from '../os/self.js';
@@ -17,6 +18,7 @@ import {
   appArg,
   appName,
   canaryFlags,
+  count,
   deployFlags,
   metricsAddress,
   metricsFlag,
@@ -38,6 +40,9 @@ interface Command {
   describe: string | false; // false: hidden
   flags?: (y: Argv) => Argv;
   run(a: Record<string, any>, io: Io): Promise<void>;
+  /** What a run does to its app, for the app's history (ops/record.ts); absent: it changes no app. */
+  records?: HistoryAction;
+  every?: true; // it works on every app (restore, cleanup): one record per app it changed
 }
 
 /** A long-lived command with its metrics: `--metrics ADDR` served, and with `refreshTextfile` the textfile kept fresh. */
@@ -59,13 +64,15 @@ const dryRunFlag = (y: Argv) =>
 /** The flags, and a config file when the app has one, as deploy options (options.ts checks them all). */
 async function deployOptions(a: Record<string, any>, ctx: Ctx) {
   const app = appName(a);
-  const { path, config } = await readConfig(ctx.sys, app, a.config as string | undefined);
-  return toDeployOptions({ ...a, app }, config, path);
+  const { path, config, hash } = await readConfig(ctx.sys, app, a.config as string | undefined);
+  const o = toDeployOptions({ ...a, app }, config, path);
+  return hash ? { ...o, configHash: hash } : o;
 }
 
 const COMMANDS: Command[] = [
   {
     usage: 'deploy [app]',
+    records: 'deploy',
     describe: 'start a new instance and flip the public port to it',
     flags: (y) =>
       canaryFlags(deployFlags(appArg(y))).usage('$0 deploy <app> --listen PORT [options] -- COMMAND [ARGS...]'),
@@ -198,13 +205,39 @@ const COMMANDS: Command[] = [
       ),
   },
   {
+    usage: 'history [app]',
+    describe: 'show what changed each app (deploys, rollbacks, restarts, repairs ...), newest first',
+    flags: (y) =>
+      appArg(y)
+        .option('n', { type: 'string', describe: 'show the last N records (default 20)' })
+        .option('svg', { type: 'string', describe: 'draw them as a timeline of their steps into this SVG file' }),
+    run: async (a, { ctx, json }) => {
+      const limit = a.n === undefined ? 20 : count(a.n, '-n');
+      const { history, formatHistory } = await import('../commands/history.js');
+      const app = a.app || a.config ? appName(a) : undefined;
+      const { records, skipped } = await history(ctx, app, limit);
+      // on stderr even with --json: stdout holds records only
+      if (skipped) process.stderr.write(`note: ${skipped} torn line(s) skipped (a run killed mid-write)\n`);
+      if (a.svg !== undefined) {
+        const { historySvg } = await import('../commands/history-svg.js');
+        const file = resolve(String(a.svg));
+        await ctx.sys.fs.write(file, historySvg(records, `portflip history${app ? `: ${app}` : ''}`), 0o644);
+        process.stderr.write(`wrote ${file}: ${records.length} record(s)\n`);
+      } else if (json) for (const r of records) process.stdout.write(JSON.stringify(r) + '\n');
+      else if (records.length) process.stdout.write(formatHistory(records) + '\n');
+      else process.stderr.write(`nothing recorded yet${app ? ` for ${app}` : ''}\n`);
+    },
+  },
+  {
     usage: 'rollback [app]',
+    records: 'rollback',
     describe: 'point the public port back at the kept previous instance',
     flags: appArg,
     run: async (a, { ctx }) => (await import('../commands/rollback.js')).rollback(ctx, appName(a)),
   },
   {
     usage: 'pause [app]',
+    records: 'pause',
     describe: 'hold new connections to the public port until resume (open ones keep flowing)',
     flags: (y) =>
       appArg(y)
@@ -220,12 +253,14 @@ const COMMANDS: Command[] = [
   },
   {
     usage: 'resume [app]',
+    records: 'resume',
     describe: 'let every held new connection in at once and stop holding',
     flags: appArg,
     run: async (a, { ctx }) => (await import('../commands/hold.js')).resume(ctx, appName(a)),
   },
   {
     usage: 'promote [app]',
+    records: 'promote',
     describe: 'make the live canary the only instance (its old one drains); with --canary P%, only set its share',
     flags: (y) =>
       dryRunFlag(
@@ -241,23 +276,29 @@ const COMMANDS: Command[] = [
   },
   {
     usage: 'abort [app]',
+    records: 'abort',
     describe: 'send every new connection back to the active instance; the canary drains and stops',
     flags: (y) => dryRunFlag(appArg(y)),
     run: async (a, { ctx }) => (await import('../commands/canary.js')).abort(ctx, appName(a), { dryRun: !!a.dryRun }),
   },
   {
     usage: 'stop [app]',
+    records: 'stop',
     describe: "remove the app's rules and stop all its instances",
     flags: appArg,
     run: async (a, { ctx }) => (await import('../commands/stop.js')).stop(ctx, appName(a)),
   },
   {
     usage: 'restore',
+    records: 'restore',
+    every: true,
     describe: "re-create every app's rules from the state files",
     run: async (_a, { ctx }) => (await import('../commands/restore.js')).restore(ctx),
   },
   {
     usage: 'cleanup',
+    records: 'cleanup',
+    every: true,
     describe: 'remove every chain and rule portflip owns',
     flags: (y) =>
       y.option('stop-instances', { type: 'boolean', describe: 'also stop every instance and forget the apps' }),
@@ -307,6 +348,22 @@ const COMMANDS: Command[] = [
   },
 ];
 
+/** Runs a command; one that changes an app leaves a record in its history, ok or failed (a dry run none). */
+async function runRecorded(c: Command, a: Record<string, any>, io: Io): Promise<void> {
+  if (!c.records || a.dryRun) return c.run(a, io);
+  const { recorded, recordedEvery } = await import('../ops/record.js');
+  const as = { action: c.records, by: 'cli' as const };
+  const run = (ctx: Ctx) => c.run(a, { ...io, ctx });
+  if (c.every) return recordedEvery(io.ctx, as, run);
+  let app: string;
+  try {
+    app = appName(a);
+  } catch {
+    return c.run(a, io); // no app named: the command says so, and there is nothing to record
+  }
+  return recorded(io.ctx, app, as, run);
+}
+
 /** The part of yargs' internals that main() reaches to skip its help-text cache (as in yargs 18). */
 interface YargsInternals {
   getInternalMethods?(): { getUsageInstance?(): { cacheHelpMessage: () => void } } | undefined;
@@ -335,7 +392,7 @@ export async function main(argv: string[]): Promise<number> {
     .option('config', { alias: 'c', type: 'string', describe: 'config file (default /etc/portflip/APP.toml)' });
   for (const c of COMMANDS) {
     const flags = c.flags ?? ((y: Argv) => y);
-    const handler = (a: Record<string, any>) => void (command = c.run(a, io));
+    const handler = (a: Record<string, any>) => void (command = runRecorded(c, a, io));
     // yargs types a hidden command (false) apart from one with a description
     if (c.describe === false) parser.command(c.usage, false, flags, handler);
     else parser.command(c.usage, c.describe, flags, handler);
@@ -343,8 +400,8 @@ export async function main(argv: string[]): Promise<number> {
   parser
     .demandCommand(
       1,
-      'name a command: deploy, promote, abort, status, logs, rollback, pause, resume, stop, restore, cleanup, init, ' +
-        'run, reload, watch, systemd or agent',
+      'name a command: deploy, promote, abort, status, history, logs, rollback, pause, resume, stop, restore, ' +
+        'cleanup, init, run, reload, watch, systemd or agent',
     )
     .strict()
     .help()

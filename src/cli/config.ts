@@ -1,5 +1,6 @@
 // Per-app config files (TOML): every deploy flag has a key of the same name in snake_case; flags win.
 
+import { createHash } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import type { z as Zod } from 'zod';
 import { fail } from '../core/errors.js';
@@ -47,6 +48,7 @@ function makeSchema(z: typeof Zod) {
       .optional(),
     node_drain: z.enum(['on', 'off'], { error: 'expected "on" or "off"' }).optional(),
     mark_close: z.enum(['on', 'off'], { error: 'expected "on" or "off"' }).optional(),
+    label: z.string({ error: 'expected a version label (a string)' }).optional(),
     before_start: hook.optional(),
     after_ready: hook.optional(),
     after_switch: hook.optional(),
@@ -59,14 +61,15 @@ export type AppConfig = Zod.infer<ReturnType<typeof makeSchema>>;
 
 /**
  * Reads the app's config file. The default path may be absent (flags then say everything);
- * a file named with -c must exist. Any mistake is one line naming the file and the key.
+ * a file named with -c must exist. Any mistake is one line naming the file and the key. `hash` is the
+ * sha256 of the file as read, which the history records beside the instance it deployed.
  */
 export async function readConfig(
   sys: Sys,
   app: string | undefined,
   file: string | undefined,
   env = process.env,
-): Promise<{ path: string | null; config: AppConfig }> {
+): Promise<{ path: string | null; config: AppConfig; hash?: string }> {
   const path = file ?? (app ? join(configDir(env), `${app}.toml`) : null);
   if (!path) return { path: null, config: {} };
   let text: string;
@@ -94,7 +97,7 @@ export async function readConfig(
     const key = issue.path.map(String).join('.') || '(file)';
     fail('config', `${path}: key "${key}": ${issue.message}`);
   }
-  return { path, config: r.data! };
+  return { path, config: r.data!, hash: createHash('sha256').update(text).digest('hex') };
 }
 
 /** The app name a config file stands for, when the command line names none: web.toml -> web. */
@@ -133,6 +136,7 @@ kill_after = "10s"
 # ipv6 = "auto"
 # node_drain = "on"  # Node.js apps: make server.close() drain keep-alive connections (docs/drain.md)
 # mark_close = "on"  # any HTTP/1.x app: one answer per keep-alive connection says Connection: close while it drains
+# label = "v1.4.2"   # a version name, shown in status and portflip history (--label wins)
 
 # Firewall: "auto" accepts the connections portflip redirected in its own filter chain, so a default-deny
 # firewall (ufw) that opens only the public port keeps working; "off" never touches the filter table.

@@ -69,6 +69,7 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     markClose: from('markClose', 'mark_close', 'on'),
     dryRun: flags.dryRun,
     env: flags.env,
+    label: from('label', 'label'),
   };
   const where = file ? ` or set it in ${file}` : '';
   if (a.listen === undefined)
@@ -110,6 +111,9 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     fail('usage', "--allow-from needs portflip's filter chain; drop --firewall off");
   if (!['on', 'off'].includes(a.nodeDrain)) fail('usage', `--node-drain ${a.nodeDrain}: use on or off`);
   if (!['on', 'off'].includes(a.markClose)) fail('usage', `--mark-close ${a.markClose}: use on or off`);
+  const label = a.label === undefined ? undefined : String(a.label);
+  if (label !== undefined && (!label || label.length > 64 || /[\x00-\x1f\x7f]/.test(label)))
+    fail('usage', `--label ${JSON.stringify(label)}: give 1-64 printable characters, like v1.4.2 or a commit hash`);
   const env: Record<string, string> = { ...cfg.env };
   for (const kv of [a.env ?? []].flat().map(String)) {
     const i = kv.indexOf('=');
@@ -151,10 +155,18 @@ export function toDeployOptions(flags: Record<string, any>, cfg: AppConfig, file
     nodeDrain: a.nodeDrain === 'on',
     dryRun: !!a.dryRun,
     hooks: Object.fromEntries(HOOKS.filter((h) => cfg[h]).map((h) => [h, cfg[h]!])),
+    ...(label ? { label } : {}),
   };
   // deploy only (run has no canary flags): keep_old and verify in a config file are for plain deploys
   const canary = canaryOptions(flags);
   return canary ? { ...o, canary, keepOldMs: undefined, verifyMs: undefined } : o;
+}
+
+/** A count of at least 1 (`history -n`). */
+export function count(v: unknown, flag: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) fail('usage', `${flag} ${v}: give a whole number of at least 1`);
+  return n;
 }
 
 /** "10%" or "10" -> 10; a whole percent from 1 to 99 (0 and 100 are abort and promote). */
@@ -243,6 +255,7 @@ export const deployFlags = (y: Argv) =>
         'on (default): while an instance idle-drains, mark one HTTP/1.x answer per keep-alive connection ' +
         'Connection: close, so its client reconnects to the new instance; off',
     })
+    .option('label', { type: 'string', describe: 'a version name for this deploy, shown in status and history' })
     .option('dry-run', { type: 'boolean', describe: 'print the steps and rules, change nothing' });
 
 /** deploy only: a canary is one deploy's choice, so `portflip run` and config files do not take it (docs/canary.md). */

@@ -31,6 +31,8 @@ export interface DeployOptions {
   firewall: FirewallSettings;
   nodeDrain: boolean; // load the Node drain preload (node-drain.cjs) through NODE_OPTIONS
   canary?: CanaryOptions; // --canary: a share of new connections instead of the switch (canary.ts)
+  label?: string; // --label: a version name, kept on the instance (status, history)
+  configHash?: string; // sha256 of the config file read, kept on the instance (history)
 }
 
 /** Everything one deploy works on: preflight fills the first fields, the steps the rest, in order. */
@@ -84,6 +86,8 @@ export function newRun(o: DeployOptions, ctx: Ctx, pre: Preflight): DeployRun {
       startedAt: new Date(ctx.sys.wallNow()).toISOString(),
       command: o.command.map((a) => a.replaceAll('{port}', String(pre.port))),
       log: join(ctx.paths.logDir, `${o.app}-${pre.port}.log`),
+      ...(o.label ? { label: o.label } : {}),
+      ...(o.configHash ? { configHash: o.configHash } : {}),
     },
     check: o.ready.kind === 'cmd' ? { ...o.ready, user: pre.user } : o.ready,
     preload: null,

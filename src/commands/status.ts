@@ -29,6 +29,7 @@ export interface InstanceStatus {
   memory: number | null;
   connections: number;
   keepUntil?: string;
+  label?: string; // the deploy's --label
   log: string;
 }
 
@@ -88,6 +89,7 @@ export async function status(ctx: Ctx, only?: string): Promise<AppStatus[]> {
         memory: u?.memory ?? null,
         connections: openConnections(socks, i.port),
         keepUntil: i.keepUntil ? new Date(i.keepUntil).toISOString() : undefined,
+        ...(i.label ? { label: i.label } : {}),
         log: i.log,
       });
     }
@@ -196,10 +198,16 @@ export function formatStatus(apps: AppStatus[], colour = false, conntrack: Connt
 
 function formatApps(apps: AppStatus[], colour: boolean): string {
   if (!apps.length) return 'no apps';
+  // a LABEL column only once some deploy had a --label: other hosts' tables stay as they were
+  const labelled = apps.some((a) => [a.active, ...a.others].some((i) => i?.label));
   const rows = [['APP', 'LISTEN', 'PORT', 'PID', 'STATE', 'UPTIME', 'CPU%', 'MEM', 'CONNS', 'FIREWALL', 'RULES']];
+  if (labelled) rows[0].push('LABEL');
   for (const a of apps) {
     const list = [a.active, ...a.others].filter(Boolean) as InstanceStatus[];
-    if (!list.length) rows.push([a.app, String(a.listen), '-', '-', 'none', '-', '-', '-', '-', a.firewall, a.rules]);
+    if (!list.length) {
+      const none = [a.app, String(a.listen), '-', '-', 'none', '-', '-', '-', '-', a.firewall, a.rules];
+      rows.push(labelled ? [...none, '-'] : none);
+    }
     for (const i of list) {
       rows.push([
         a.app,
@@ -213,6 +221,7 @@ function formatApps(apps: AppStatus[], colour: boolean): string {
         String(i.connections),
         i === list[0] ? a.firewall : '',
         i === list[0] ? `${a.rules} (${a.backend} ${a.families.join('+')})` : '',
+        ...(labelled ? [i.label ?? '-'] : []),
       ]);
     }
   }

@@ -15,6 +15,7 @@ import { deploy, type DeployOptions } from './deploy.js';
 import { ExitCode, fail, PortflipError, type ExitCodeName } from '../core/errors.js';
 import type { Emit, Event, SupervisorAction } from '../core/events.js';
 import { Healer } from '../ops/healer.js';
+import { recorded, type RecordAs } from '../ops/record.js';
 import { type Ctx } from '../ops/context.js';
 import { isAlive } from '../os/proc.js';
 import { ensureDirs, readState, takeLock, writeState, type Paths } from '../core/state.js';
@@ -88,12 +89,13 @@ export async function supervise(o: SuperviseOptions, ctx: Ctx): Promise<void> {
   for (const s of HANDLED_SIGNALS) process.on(s, onSignal);
 
   // one deploy, cancelled (and undone by deploy itself) if a stop arrives while it waits for readiness
-  const deployNow = async (opts: DeployOptions) => {
+  // each recorded in the app's history as what started it: the first deploy, a reload, a crash restart
+  const deployNow = async (opts: DeployOptions, as: RecordAs) => {
     const abort = new AbortController();
     inbox.onStop = () => abort.abort();
     if (inbox.stop) abort.abort();
     try {
-      await deploy(opts, { ...ctx, emit, abort: abort.signal });
+      await recorded({ ...ctx, emit, abort: abort.signal }, app, as, (c) => deploy(opts, c));
       return await watchActive();
     } finally {
       inbox.onStop = () => {};
@@ -112,13 +114,14 @@ export async function supervise(o: SuperviseOptions, ctx: Ctx): Promise<void> {
     let current = await o.load();
     let watched: Watched | null = null;
     try {
-      watched = await deployNow(current); // a first deploy that fails ends run with its exit code
+      // a first deploy that fails ends run with its exit code
+      watched = await deployNow(current, { action: 'deploy', by: 'run' });
     } catch (err) {
       if (!inbox.stop) throw err;
     }
     let streak = 0; // crashes in a row, for the backoff
     let restartAt: number | null = null; // set while the app is down and a restart is due
-    const healer = new Healer({ ...ctx, emit });
+    const healer = new Healer({ ...ctx, emit }, 'run');
     let healAt = sys.now() + HEAL_MS;
 
     for (;;) {
@@ -130,7 +133,7 @@ export async function supervise(o: SuperviseOptions, ctx: Ctx): Promise<void> {
         say('reload', { detail: waiting.length ? `asked by ${waiting.length} client(s)` : 'SIGHUP' });
         try {
           const next = await o.load(); // re-read the config file: edits take effect now
-          watched = await deployNow(next);
+          watched = await deployNow(next, { action: 'reload', by: 'reload' });
           current = next;
           restartAt = null;
           say('reloaded', { port: watched?.port, pid: watched?.pid });
@@ -170,7 +173,8 @@ export async function supervise(o: SuperviseOptions, ctx: Ctx): Promise<void> {
       if (restartAt !== null && sys.now() >= restartAt) {
         say('restart', { detail: `attempt ${streak}` });
         try {
-          watched = await deployNow(current); // the last options that deployed: unreloaded edits wait for a reload
+          // the last options that deployed: unreloaded edits wait for a reload
+          watched = await deployNow(current, { action: 'restart', by: 'run' });
           restartAt = null;
           say('restarted', {
             port: watched?.port,
@@ -220,7 +224,7 @@ async function stopApp(
 ): Promise<void> {
   say('stopping', { detail: 'removing the rules, then stopping the instances with their stop signal' });
   try {
-    await stop({ ...ctx, emit }, app);
+    await recorded({ ...ctx, emit }, app, { action: 'stop', by: 'run' }, (c) => stop(c, app));
   } catch (err) {
     if (!(err instanceof PortflipError && err.kind === 'nothingToDo')) throw err; // nothing was deployed
   }

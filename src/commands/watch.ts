@@ -6,7 +6,7 @@ import { Healer } from '../ops/healer.js';
 
 /** `portflip watch`: heals every app's rules after a firewall reload, for apps deployed with the plain CLI. */
 export async function watch(ctx: Ctx, everyMs: number): Promise<void> {
-  const healer = new Healer(ctx);
+  const healer = new Healer(ctx, 'watch');
   ctx.emit({ kind: 'notice', message: `watching the rules of every app in ${ctx.paths.stateDir} every ${everyMs}ms` });
   while (!ctx.abort.aborted) {
     for (const app of await listApps(ctx.sys, ctx.paths)) {

@@ -24,6 +24,8 @@ export interface Instance {
   keepUntil?: number; // epoch ms; a kept instance is retired after this
   signalledAt?: string; // when the stop signal went out
   nodeDrain?: boolean; // every process listening on its port is Node.js with the drain module loaded
+  label?: string; // the deploy's --label: a version name for people and the history
+  configHash?: string; // sha256 of the config file the deploy read
   marking?: Marking; // while it drains: its answers are marked Connection: close (drainmark.ts)
 }
 

@@ -1,18 +1,24 @@
 // Live rules checked against the state file and repaired under the app's lock: `portflip run` and `watch`.
 
 import { PortflipError } from '../core/errors.js';
+import type { HistoryOrigin } from '../core/history.js';
 import { readState, takeLock, type AppState } from '../core/state.js';
 import { checkApp, markText, type Iptables } from '../os/iptables.js';
 import { isAlive } from '../os/proc.js';
 import { openIptables, type Ctx } from './context.js';
 import { pendingGuardScript } from './guard.js';
 import { holdStands, reconcile } from './reconcile.js';
+import { recorded } from './record.js';
 import { wantedSpec } from './rules.js';
 
 /** Live rules against the state file, for `portflip run` and `portflip watch`; repairs under the app's lock. */
 export class Healer {
   private ipts = new Map<string, Promise<Iptables>>();
-  constructor(private ctx: Ctx) {}
+  /** `by`: who heals, for the history (`watch`, or `run` for its own app). */
+  constructor(
+    private ctx: Ctx,
+    private by: HistoryOrigin = 'watch',
+  ) {}
 
   private iptables(st: AppState): Promise<Iptables> {
     // detecting the backend costs several processes: once per backend, not once a second
@@ -42,7 +48,8 @@ export class Healer {
 
   /**
    * Repairs the app if its rules differ: reconcile under the lock, which emits one repair event per
-   * family with what was missing. A held lock means a deploy is running; it leaves the rules right.
+   * family with what was missing, and a `repair` record in the app's history. A held lock means a
+   * deploy is running; it leaves the rules right.
    */
   async heal(app: string): Promise<'ok' | 'repaired' | 'busy' | 'gone'> {
     const st = await readState(this.ctx.sys, this.ctx.paths, app).catch(() => null);
@@ -66,7 +73,10 @@ export class Healer {
         app,
         message: `rules changed behind portflip's back (${missing.join('; ')}); repairing`,
       });
-      await reconcile(this.ctx, await this.iptables(fresh), fresh);
+      const ipt = await this.iptables(fresh);
+      await recorded(this.ctx, app, { action: 'repair', by: this.by, repaired: missing }, async (ctx) => {
+        await reconcile(ctx, ipt, fresh);
+      });
       return 'repaired';
     } finally {
       await lock.release();

@@ -62,6 +62,8 @@ export interface SysFs {
   readFrom(path: string, offset: number): Promise<{ size: number; text: string }>;
   /** A plain write (truncates); `exclusive` fails with EEXIST when the file is there. */
   write(path: string, text: string, mode: number, exclusive?: boolean): Promise<void>;
+  /** One O_APPEND write of the whole text (created with `mode` when absent): lines of other appenders stay whole. */
+  append(path: string, text: string, mode: number): Promise<void>;
   /** Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new file, never half. */
   writeAtomic(path: string, text: string, mode: number): Promise<void>;
   mkdir(path: string, mode: number): Promise<void>; // with parents; no error when it exists
@@ -138,6 +140,14 @@ const realFs: SysFs = {
     }
   },
   write: (path, text, mode, exclusive) => fsp.writeFile(path, text, { mode, flag: exclusive ? 'wx' : 'w' }),
+  async append(path, text, mode) {
+    const fh = await fsp.open(path, 'a', mode);
+    try {
+      await fh.write(text); // one write(2): a kill leaves at most this line torn
+    } finally {
+      await fh.close();
+    }
+  },
   async writeAtomic(path, text, mode) {
     const tmp = `${path}.${process.pid}.tmp`;
     const fh = await fsp.open(tmp, 'w', mode);

@@ -319,6 +319,14 @@ export class FakeSys implements Sys {
         old.data = text; // the same inode: a hard link sees it
       else this.files.set(path, { kind: 'file', data: text, mode, uid: 0, gid: 0 });
     },
+    append: async (path, text, mode) => {
+      this.effect(`append ${path}`);
+      this.parentDir(path, 'open');
+      const old = this.files.get(path);
+      if (old?.kind === 'file') old.data += text;
+      else if (old) throw errno('EISDIR', 'open', path);
+      else this.files.set(path, { kind: 'file', data: text, mode, uid: 0, gid: 0 });
+    },
     writeAtomic: async (path, text, mode) => {
       this.effect(`write ${path} (atomic)`);
       this.parentDir(path, 'open');
