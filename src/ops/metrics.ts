@@ -128,7 +128,7 @@ export async function publish(ctx: Ctx, record: HistoryRecord): Promise<void> {
   } finally {
     await lock.release();
   }
-  await writeTextfile(ctx);
+  await writeTextfile(ctx, false); // the live gauges are watch's and run's (gather says why)
 }
 
 // ---- what is true right now --------------------------------------------------------------------
@@ -140,12 +140,13 @@ export interface LiveApp {
   instances: Partial<Record<InstanceState, number>>; // live instances by state
   active: {
     up: boolean; // its pid and start time still match
-    connections: number;
-    cpuSeconds: number; // its process group's, since the instance started
-    memoryBytes: number; // its process group's resident memory
+    // null where not read: the end of a command (publish) leaves them to watch, run and /metrics
+    connections: number | null;
+    cpuSeconds: number | null; // its process group's, since the instance started
+    memoryBytes: number | null; // its process group's resident memory
     startedAt: number; // epoch seconds
   } | null;
-  hold: { waiting: number } | null; // a hold in force whose holder is alive; waiting: SYNs it queues now
+  hold: { waiting: number | null } | null; // a hold in force whose holder is alive; waiting: SYNs it queues now
   canaryShare: number; // 0-1 of new connections (or client addresses) a live canary gets
 }
 
@@ -159,7 +160,12 @@ export interface MetricsView {
 const HOLDER_ASK_MS = 500;
 
 /** Everything render() shows, read now: the counters file, every app's state file, procfs. Changes nothing. */
-export async function gather(ctx: Ctx): Promise<MetricsView> {
+/**
+ * `processes` false skips what costs a deploy time and is stale by the next scrape: the socket table (tens of
+ * thousands of lines under load), a pass over /proc, and the holder's answer. publish() runs at the end of every
+ * command; the live gauges come from watch and run, whose textfile refresh and /metrics read them fresh.
+ */
+export async function gather(ctx: Ctx, processes = true): Promise<MetricsView> {
   const { sys } = ctx;
   const [{ counters }, names, conntrack] = await Promise.all([
     readCounters(sys, countersFile(ctx)),
@@ -170,7 +176,7 @@ export async function gather(ctx: Ctx): Promise<MetricsView> {
   const states = (await Promise.all(names.map((a) => readState(sys, ctx.paths, a).catch(() => null)))).filter(
     (s): s is AppState => s !== null,
   );
-  const socks = states.some((s) => s.instances.length) ? await tcpSockets(sys) : [];
+  const socks = processes && states.some((s) => s.instances.length) ? await tcpSockets(sys) : [];
   const apps = await Promise.all(
     states.map(async (st): Promise<LiveApp> => {
       const alive = await Promise.all(st.instances.map((i) => isAlive(sys, i.pid, i.startTime)));
@@ -180,8 +186,12 @@ export async function gather(ctx: Ctx): Promise<MetricsView> {
       const a = st.instances[at];
       let active: LiveApp['active'] = null;
       if (a) {
-        const use = alive[at] ? await groupUsage(sys, a.pid!) : { cpuSeconds: 0, memoryBytes: 0 };
-        const connections = alive[at] ? openConnections(socks, a.port) : 0;
+        const use = !processes
+          ? { cpuSeconds: null, memoryBytes: null }
+          : alive[at]
+            ? await groupUsage(sys, a.pid!)
+            : { cpuSeconds: 0, memoryBytes: 0 };
+        const connections = !processes ? null : alive[at] ? openConnections(socks, a.port) : 0;
         active = { up: alive[at], connections, ...use, startedAt: Date.parse(a.startedAt) / 1000 };
       }
       const canaryLive = st.canary && instances.canary;
@@ -191,7 +201,7 @@ export async function gather(ctx: Ctx): Promise<MetricsView> {
         backend: st.backend,
         instances,
         active,
-        hold: await liveHold(sys, st),
+        hold: await liveHold(sys, st, processes),
         canaryShare: canaryLive ? st.canary!.percent / 100 : 0,
       };
     }),
@@ -199,10 +209,11 @@ export async function gather(ctx: Ctx): Promise<MetricsView> {
   return { counters, apps, conntrack: conntrack && { count: conntrack.count, max: conntrack.max } };
 }
 
-async function liveHold(sys: Sys, st: AppState): Promise<LiveApp['hold']> {
+async function liveHold(sys: Sys, st: AppState, ask: boolean): Promise<LiveApp['hold']> {
   // as reconcile's holdStands, without loading reconcile (and the drain code) into every command's end
   if (!st.hold || st.hold.untilMs <= sys.wallNow() || !(await isAlive(sys, st.hold.pid, st.hold.startTime)))
     return null;
+  if (!ask) return { waiting: null };
   const line = await sys.ask(st.hold.socket, 'status', HOLDER_ASK_MS);
   let waiting = 0;
   try {
@@ -377,18 +388,24 @@ export function render(v: MetricsView): string {
     gauge(
       'portflip_active_connections',
       "Open TCP connections to the active instance's port (established, being set up, or closing).",
-      actives.map((a) => ({ labels: { app: a.app }, value: a.active!.connections })),
+      actives.flatMap((a) =>
+        a.active!.connections === null ? [] : [{ labels: { app: a.app }, value: a.active!.connections }],
+      ),
     ),
     {
       name: 'portflip_active_cpu_seconds_total',
       type: 'counter',
       help: "CPU time (user and system) of the active instance's process group; starts over with each deploy.",
-      samples: actives.map((a) => ({ labels: { app: a.app }, value: a.active!.cpuSeconds })),
+      samples: actives.flatMap((a) =>
+        a.active!.cpuSeconds === null ? [] : [{ labels: { app: a.app }, value: a.active!.cpuSeconds }],
+      ),
     },
     gauge(
       'portflip_active_memory_bytes',
       "Resident memory of the active instance's process group.",
-      actives.map((a) => ({ labels: { app: a.app }, value: a.active!.memoryBytes })),
+      actives.flatMap((a) =>
+        a.active!.memoryBytes === null ? [] : [{ labels: { app: a.app }, value: a.active!.memoryBytes }],
+      ),
     ),
     gauge(
       'portflip_active_start_time_seconds',
@@ -403,7 +420,9 @@ export function render(v: MetricsView): string {
     gauge(
       'portflip_held_connections',
       'New connections (SYNs) waiting in the hold right now.',
-      apps.map((a) => ({ labels: { app: a.app }, value: a.hold?.waiting ?? 0 })),
+      apps.flatMap((a) =>
+        a.hold && a.hold.waiting === null ? [] : [{ labels: { app: a.app }, value: a.hold?.waiting ?? 0 }],
+      ),
     ),
     gauge(
       'portflip_canary_share_ratio',
@@ -446,7 +465,7 @@ export async function textfileDir(ctx: Pick<Ctx, 'sys' | 'env'>): Promise<string
  * Writes portflip.prom into the textfile directory, atomically: node_exporter reads only files ending in
  * .prom, and the temp file beside it (Sys.fs.writeAtomic) does not. Returns the path, or null when off.
  */
-export function writeTextfile(ctx: Ctx): Promise<string | null> {
+export function writeTextfile(ctx: Ctx, processes = true): Promise<string | null> {
   // one at a time in this process: writeAtomic's temp file is named by pid, so two writes at once (run's
   // refresh and a publish after its restart) would share it and could rename a half-written file into place
   const next = textfileWrites.then(async () => {
@@ -454,7 +473,7 @@ export function writeTextfile(ctx: Ctx): Promise<string | null> {
     if (!dir) return null;
     const path = join(dir, TEXTFILE);
     // 0644: node_exporter runs as its own user (prometheus on Debian)
-    await ctx.sys.fs.writeAtomic(path, render(await gather(ctx)), 0o644);
+    await ctx.sys.fs.writeAtomic(path, render(await gather(ctx, processes)), 0o644);
     return path;
   });
   textfileWrites = next.catch(() => null);

@@ -246,10 +246,14 @@ test('publish on the fake Sys: counters in the state dir, the textfile written a
   const s = samples(await sys.fs.read('/srv/textfile/portflip.prom'));
   assert.is(s.get('portflip_deploys_total{app="web",result="ok"}'), 1);
   assert.is(s.get('portflip_deploys_total{app="web",result="failed"}'), 1);
-  assert.is(s.get('portflip_active_connections{app="web"}'), 2);
   assert.is(s.get('portflip_active_up{app="web"}'), 1);
   assert.is(s.get('portflip_instances{app="web",state="active"}'), 1);
   assert.is(s.get('portflip_last_deploy_success{app="web"}'), 0);
+  // the end of a command reads no sockets and no /proc: those gauges are watch's and run's, read fresh
+  assert.is(s.get('portflip_active_connections{app="web"}'), undefined);
+  assert.is(s.get('portflip_active_memory_bytes{app="web"}'), undefined);
+  await writeTextfile(ctx);
+  assert.is(samples(await sys.fs.read('/srv/textfile/portflip.prom')).get('portflip_active_connections{app="web"}'), 2);
 });
 
 test("the textfile directory: PORTFLIP_TEXTFILE_DIR, empty turns it off, else Debian's when it exists", async () => {
