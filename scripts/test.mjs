@@ -130,6 +130,8 @@ const SIDE_LANE = [
   'integration/rules.test',
   'integration/fleet-stop.test',
   'integration/fleet-install.test',
+  'integration/drain.test',
+  'integration/history.test',
   'integration/npm-install.test',
   'integration/freshclone.test',
 ];
