@@ -15,7 +15,7 @@ try {
   mkdirSync(path.join(state, 'history'));
   copyFileSync(from, path.join(state, 'history', 'web.jsonl'));
   execFileSync(process.execPath, [path.join(root, 'dist', 'src', 'main.cjs'), 'history', 'web', '--svg', out], {
-    env: { ...process.env, PORTFLIP_STATE_DIR: state, PORTFLIP_RUN_DIR: state, TZ: 'UTC' },
+    env: { ...process.env, PORTFLIP_STATE_DIR: state, PORTFLIP_RUN_DIR: state, PORTFLIP_TEXTFILE_DIR: '', TZ: 'UTC' },
     stdio: 'inherit',
   });
 } finally {

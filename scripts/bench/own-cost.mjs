@@ -30,7 +30,8 @@ const spread = (xs) => ({ median: median(xs), min: Math.min(...xs), max: Math.ma
 export async function runOwnCost({ withNetns, h, log }) {
   return withNetns(async (ns) => {
     const dirs = h.tmpDirs();
-    const env = { PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir };
+    // a deploy on a host with node_exporter writes its textfile: measured, into a directory of the run's own
+    const env = { PORTFLIP_STATE_DIR: dirs.stateDir, PORTFLIP_RUN_DIR: dirs.runDir, PORTFLIP_TEXTFILE_DIR: dirs.stateDir };
     const main = path.join(h.repoRoot, 'dist', 'src', 'main.cjs');
     const app = [process.execPath, h.fixture('app.mjs'), '--port', '{port}', '--version'];
     const deployArgv = (v) => [process.execPath, main, 'deploy', 'web', '--listen', '80', '--ports', '20001,20002', '--json', '--', ...app, v];
