@@ -12,15 +12,18 @@ import {
   rmSync,
   writeFileSync,
 } from 'node:fs';
+import type { ChildProcess } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { repoRoot } from './netns.js';
+import { repoRoot, type ExecResult } from './netns.js';
+import type { World } from './world.js';
 
 export interface Built {
-  dir: string; // holds the executable, the .deb and SHA256SUMS
-  exe: string;
+  dir: string; // holds both executables, both .debs and SHA256SUMS
+  exe: string; // this machine's arch
   deb: string;
   version: string;
+  foreignExe: string; // the other arch's executable (arm64 on x64), run through qemu-user
 }
 
 /**
@@ -43,20 +46,27 @@ function inputsHash(): string {
   return h.digest('hex').slice(0, 16);
 }
 
-/** Builds (or finds built) the x64 or arm64 executable of this machine and its .deb. */
+/** Builds (or finds built) what `npm run package` makes: both arches' executables and .debs, as a release has them. */
 export async function builtExecutable(): Promise<Built> {
   const { version } = JSON.parse(readFileSync(path.join(repoRoot, 'package.json'), 'utf8'));
   const base = path.join(repoRoot, 'dist', 'test-package');
   const dir = path.join(base, inputsHash());
   const exe = path.join(dir, `portflip-${version}-linux-${process.arch}`);
   const debArch = process.arch === 'x64' ? 'amd64' : process.arch;
-  const built: Built = { dir, exe, version, deb: path.join(dir, `portflip_${version}_${debArch}.deb`) };
+  const other = process.arch === 'x64' ? 'arm64' : 'x64';
+  const built: Built = {
+    dir,
+    exe,
+    version,
+    deb: path.join(dir, `portflip_${version}_${debArch}.deb`),
+    foreignExe: path.join(dir, `portflip-${version}-linux-${other}`),
+  };
   if (existsSync(path.join(dir, 'SHA256SUMS'))) return built;
   // older builds of other inputs go: each is some 100 MB
   rmSync(base, { recursive: true, force: true });
   mkdirSync(base, { recursive: true });
   const tmp = `${dir}.${process.pid}`;
-  const args = [path.join(repoRoot, 'scripts', 'package.mjs'), '--arch', process.arch, '--out', tmp];
+  const args = [path.join(repoRoot, 'scripts', 'package.mjs'), '--arch', `${process.arch},${other}`, '--out', tmp];
   await new Promise<void>((resolve, reject) =>
     execFile(process.execPath, args, { cwd: repoRoot, timeout: 240_000, maxBuffer: 1 << 24 }, (err, _out, stderr) =>
       err ? reject(new Error(`scripts/package.mjs failed: ${err.message}\n${stderr}`)) : resolve(),
@@ -112,4 +122,33 @@ export function noNodeFiles(): NoNodeFiles {
   writeFileSync(appNode, '', { mode: 0o755 });
   writeFileSync(empty, '', { mode: 0o644 });
   return { base, appNode, empty };
+}
+
+/** The env of a no-Node run: the world's state dirs, and the two files hideNodeScript binds. */
+function noNodeEnv(w: World, files: NoNodeFiles): NodeJS.ProcessEnv {
+  return {
+    PORTFLIP_STATE_DIR: w.dirs.stateDir,
+    PORTFLIP_RUN_DIR: w.dirs.runDir,
+    PORTFLIP_PRELOAD_DIR: w.dirs.preloadDir,
+    PF_APP_NODE: files.appNode,
+    PF_EMPTY: files.empty,
+  };
+}
+
+/** Runs the executable in a fresh mount namespace of the world's server namespace, where node and npm do not run. */
+export function noNodeExec(w: World, built: Built, files: NoNodeFiles, args: string[]): Promise<ExecResult> {
+  return w.ns.exec('unshare', ['-m', 'sh', '-c', hideNodeScript(), 'sh', built.exe, ...args], {
+    env: noNodeEnv(w, files),
+    timeoutMs: 60_000,
+  });
+}
+
+/**
+ * Starts the executable as noNodeExec does, for commands that keep running (run, watch, agent). nsenter, unshare
+ * and sh each exec the next, so the child's pid is portflip's own: the caller kills it by that pid.
+ */
+export function noNodeSpawn(w: World, built: Built, files: NoNodeFiles, args: string[]): ChildProcess {
+  return w.ns.spawn('unshare', ['-m', 'sh', '-c', hideNodeScript(), 'sh', built.exe, ...args], {
+    env: noNodeEnv(w, files),
+  });
 }
