@@ -1,5 +1,5 @@
 // The single executable for tests: built by scripts/package.mjs for this machine's arch, once per set of inputs.
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import {
   chmodSync,
@@ -12,7 +12,6 @@ import {
   rmSync,
   writeFileSync,
 } from 'node:fs';
-import type { ChildProcess } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { repoRoot, type ExecResult } from './netns.js';
@@ -151,4 +150,76 @@ export function noNodeSpawn(w: World, built: Built, files: NoNodeFiles, args: st
   return w.ns.spawn('unshare', ['-m', 'sh', '-c', hideNodeScript(), 'sh', built.exe, ...args], {
     env: noNodeEnv(w, files),
   });
+}
+
+/** The other arch as Debian and qemu-user name it: what runs the foreign executable. */
+export const foreignArch =
+  process.arch === 'x64' ? { deb: 'arm64', qemu: 'qemu-aarch64' } : { deb: 'amd64', qemu: 'qemu-x86_64' };
+
+/** The host's Debian archive entries (deb822 stanzas or one-line), for an apt of the foreign arch; others are left out. */
+function debianSources(): string {
+  const dir = '/etc/apt/sources.list.d';
+  const files = [
+    '/etc/apt/sources.list',
+    ...(existsSync(dir) ? readdirSync(dir).map((f) => path.join(dir, f)) : []),
+  ].filter((f) => /\.(list|sources)$/.test(f) && existsSync(f));
+  const debian = (uri: string) => /\/debian(-security)?\/?$/.test(uri);
+  const out: string[] = [];
+  for (const f of files) {
+    const text = readFileSync(f, 'utf8');
+    if (f.endsWith('.sources'))
+      for (const stanza of text.split(/\n\s*\n/)) {
+        const uris = /^URIs:\s*(.+)$/m.exec(stanza)?.[1].split(/\s+/) ?? [];
+        if (/^Types:.*\bdeb\b/m.test(stanza) && uris.some(debian))
+          out.push(
+            stanza
+              .split('\n')
+              .filter((l) => !/^(Architectures|Enabled):/.test(l))
+              .join('\n'),
+          );
+      }
+    else
+      for (const line of text.split('\n'))
+        if (/^deb\s/.test(line) && line.split(/\s+/).some(debian))
+          out.push(`${line.replace(/\[[^\]]*arch=[^\]]*\]/, '')}\n`);
+  }
+  return out.join('\n\n') + '\n';
+}
+
+/**
+ * A sysroot with the foreign arch's libc6, libstdc++6 and libgcc-s1 (what Node needs) for `qemu -L`: fetched by an
+ * apt of that arch whose lists, cache and sources are all its own (the machine's dpkg gets no foreign arch, its
+ * apt lists stay as they are), checked against the archive's signatures as any apt download is, cached.
+ */
+export function foreignSysroot(): string {
+  const base = path.join(repoRoot, 'node_modules', '.cache', `portflip-sysroot-${foreignArch.deb}`);
+  const root = path.join(base, 'root');
+  if (existsSync(path.join(root, '.done'))) return root;
+  rmSync(base, { recursive: true, force: true });
+  for (const d of ['lists/partial', 'archives/partial', 'sources.list.d', 'debs'])
+    mkdirSync(path.join(base, d), { recursive: true });
+  writeFileSync(path.join(base, 'sources.list.d', 'debian.sources'), debianSources());
+  writeFileSync(path.join(base, 'none.list'), '');
+  const apt = [
+    `Dir::Etc::SourceList=${path.join(base, 'none.list')}`,
+    `Dir::Etc::SourceParts=${path.join(base, 'sources.list.d')}`,
+    `Dir::State::Lists=${path.join(base, 'lists')}`,
+    `Dir::Cache=${base}`,
+    `Dir::Cache::archives=${path.join(base, 'archives')}`,
+    `APT::Architecture=${foreignArch.deb}`,
+    `APT::Architectures::=${foreignArch.deb}`,
+    'APT::Sandbox::User=root', // the cache is root's; _apt could not write it
+    'Debug::NoLocking=1', // its own lists: the machine's apt lock is not needed
+  ].flatMap((o) => ['-o', o]);
+  execFileSync('apt-get', [...apt, '-qq', 'update'], { stdio: ['ignore', 'ignore', 'pipe'], timeout: 120_000 });
+  const pkgs = ['libc6', 'libstdc++6', 'libgcc-s1'].map((p) => `${p}:${foreignArch.deb}`);
+  execFileSync('apt-get', [...apt, '-qq', 'download', ...pkgs], {
+    cwd: path.join(base, 'debs'),
+    stdio: ['ignore', 'ignore', 'pipe'],
+    timeout: 120_000,
+  });
+  for (const deb of readdirSync(path.join(base, 'debs')))
+    execFileSync('dpkg-deb', ['-x', path.join(base, 'debs', deb), root]);
+  writeFileSync(path.join(root, '.done'), '');
+  return root;
 }

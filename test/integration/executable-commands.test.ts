@@ -128,7 +128,14 @@ test('no Node.js on the host: run (crash restart, reload, SIGTERM), watch, agent
       const once = await pf(w, ['agent', 'web', '--once']);
       assert.is(once.code, 0, show(once));
       assert.is(once.stdout, 'up 100%\n');
-      const agent = noNodeSpawn(w, built, files, ['agent', 'web', '--port', String(agentPort), '--address', '127.0.0.1']);
+      const agent = noNodeSpawn(w, built, files, [
+        'agent',
+        'web',
+        '--port',
+        String(agentPort),
+        '--address',
+        '127.0.0.1',
+      ]);
       const served = follow(agent);
       try {
         const read = `require('node:net').connect(${agentPort}, '127.0.0.1').on('data', (d) => process.stdout.write(d))`;

@@ -39,7 +39,12 @@ async function throwawayRoot(w: World, base: string): Promise<ChildProcess> {
     return `mkdir -p ${up} ${work} && mount -t overlay overlay -o lowerdir=${d},upperdir=${up},workdir=${work} ${d}`;
   });
   // unshare makes every mount private: nothing here propagates to the host's mount namespace
-  const holder = w.ns.spawn('unshare', ['-m', 'sh', '-c', ['set -e', ...mounts, 'echo ready', 'exec sleep 600'].join('\n')]);
+  const holder = w.ns.spawn('unshare', [
+    '-m',
+    'sh',
+    '-c',
+    ['set -e', ...mounts, 'echo ready', 'exec sleep 600'].join('\n'),
+  ]);
   let out = '';
   let err = '';
   holder.stdout!.on('data', (d) => (out += d));
@@ -88,7 +93,10 @@ testUnless(
           assert.is(inst.code, 0, show(inst));
           const v = await inRoot('/usr/bin/portflip', ['--version']);
           assert.is(v.code, 0, show(v));
-          assert.match(v.stdout, new RegExp(`^${built.version.replaceAll('.', '\\.')} \\(commit [0-9a-f]{12}(-dirty)?\\)\\n$`));
+          assert.match(
+            v.stdout,
+            new RegExp(`^${built.version.replaceAll('.', '\\.')} \\(commit [0-9a-f]{12}(-dirty)?\\)\\n$`),
+          );
           const man = await inRoot('man', ['-w', 'portflip']);
           assert.is(man.stdout.trim(), '/usr/share/man/man1/portflip.1.gz', show(man));
           const listed = await inRoot('dpkg', ['-L', 'portflip']);
@@ -132,19 +140,28 @@ testUnless(
 
           const rm = await inRoot('dpkg', ['-r', 'portflip']);
           assert.is(rm.code, 0, show(rm));
-          for (const f of ['/usr/bin/portflip', '/usr/share/man/man1/portflip.1.gz', '/usr/lib/systemd/system/portflip@.service'])
+          for (const f of [
+            '/usr/bin/portflip',
+            '/usr/share/man/man1/portflip.1.gz',
+            '/usr/lib/systemd/system/portflip@.service',
+          ])
             assert.is.not((await inRoot('test', ['-e', f])).code, 0, `${f} removed`);
           assert.is.not((await inRoot('dpkg', ['-s', 'portflip'])).code, 0, 'dpkg forgot it');
         } finally {
           root.kill('SIGKILL');
-          await new Promise((r) => (root.exitCode !== null || root.signalCode !== null ? r(null) : root.once('exit', r)));
+          await new Promise((r) =>
+            root.exitCode !== null || root.signalCode !== null ? r(null) : root.once('exit', r),
+          );
         }
       });
     } finally {
       rmSync(base, { recursive: true, force: true });
     }
     assert.equal(hostView(), before, "the host's dpkg database and /usr are as they were");
-    assert.ok(readdirSync(tmpdir()).every((f) => !f.startsWith(path.basename(base))), 'the throwaway root is gone');
+    assert.ok(
+      readdirSync(tmpdir()).every((f) => !f.startsWith(path.basename(base))),
+      'the throwaway root is gone',
+    );
   },
   test,
 );

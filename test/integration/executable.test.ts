@@ -78,8 +78,7 @@ test('package: the executable says its version and commit from any directory; SH
   }
 });
 
-const exePf = (w: World, files: NoNodeFiles, args: string[]): Promise<ExecResult> =>
-  noNodeExec(w, built, files, args);
+const exePf = (w: World, files: NoNodeFiles, args: string[]): Promise<ExecResult> => noNodeExec(w, built, files, args);
 
 test('no Node.js on the host: the executable runs 3 deploys under keep-alive load over veth, 0 failed; the Node app gets the drain module', async () => {
   const files = noNodeFiles();
