@@ -1,6 +1,8 @@
 // `npm install -g` of a packed tarball: npm pack runs the prepare step (the build), and the installed portflip
 // runs from any directory, says its version and commit, and prints its help. No namespace: nothing here
 // touches the network stack; the install reads its dependencies from the npm registry (or npm's cache).
+// And from a git URL (a bare clone of this checkout's HEAD): the prepare step builds there, and the installed
+// portflip deploys in a network namespace.
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -8,7 +10,8 @@ import { execFile } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { repoRoot } from '../helpers/netns.js';
+import { fixture, freePorts, repoRoot } from '../helpers/netns.js';
+import { inWorld, get, show } from '../helpers/world.js';
 
 function run(cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: number } = {}) {
   return new Promise<{ code: number; stdout: string; stderr: string }>((resolve) =>
@@ -24,7 +27,7 @@ function run(cmd: string, args: string[], opts: { cwd?: string; timeoutMs?: numb
 
 test('npm pack (prepare builds it), npm install -g --prefix: portflip --version and --help work from /', async () => {
   const pkg = JSON.parse(readFileSync(path.join(repoRoot, 'package.json'), 'utf8'));
-  assert.is(pkg.scripts.prepare, 'npm run build', 'a git URL install builds through prepare too');
+  assert.is(pkg.scripts.prepare, 'node scripts/prepare.mjs', 'a git URL install builds through prepare too');
   const tmp = mkdtempSync(path.join(tmpdir(), 'portflip-npm-install-'));
   try {
     const packed = await run('npm', ['pack', '--pack-destination', tmp, '--json', '--no-fund'], { cwd: repoRoot });
@@ -56,6 +59,73 @@ test('npm pack (prepare builds it), npm install -g --prefix: portflip --version 
       cwd: path.join(prefix, 'lib', 'node_modules', 'portflip'),
     });
     assert.is(koffi.code, 0, `koffi loads in the installed package: ${koffi.stderr}`);
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
+test('npm install -g --install-links from a git+file:// URL of HEAD: prepare builds it, the installed portflip deploys', async () => {
+  const tmp = mkdtempSync(path.join(tmpdir(), 'portflip-npm-git-'));
+  try {
+    const head = (await run('git', ['-C', repoRoot, 'rev-parse', '--short=12', 'HEAD'])).stdout.trim();
+    const repo = path.join(tmp, 'portflip.git');
+    const clone = await run('git', ['clone', '--quiet', '--bare', '--no-hardlinks', repoRoot, repo]);
+    assert.is(clone.code, 0, clone.stderr);
+    const prefix = path.join(tmp, 'prefix');
+    // --install-links: without it npm -g links the clone's own global install to its temp dir, then removes it
+    // under the real one (npm/cli#8440; scripts/prepare.mjs says the other half)
+    const started = Date.now();
+    const inst = await run(
+      'npm',
+      [
+        'install',
+        '-g',
+        '--install-links',
+        '--prefix',
+        prefix,
+        '--prefer-offline',
+        '--no-audit',
+        '--no-fund',
+        `git+file://${repo}`,
+      ],
+      { timeoutMs: 200_000 },
+    );
+    assert.is(inst.code, 0, inst.stderr);
+    console.log(`  npm install -g from the git URL: ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    const bin = path.join(prefix, 'bin', 'portflip');
+    const v = await run(bin, ['--version']);
+    assert.is(v.code, 0, v.stderr);
+    assert.is(
+      v.stdout,
+      `${JSON.parse(readFileSync(path.join(repoRoot, 'package.json'), 'utf8')).version} (commit ${head})\n`,
+    );
+    await inWorld(async (w) => {
+      const ports = await freePorts(2);
+      const d = await w.ns.exec(
+        bin,
+        [
+          'deploy',
+          'web',
+          '--listen',
+          '80',
+          '--ports',
+          ports.join(','),
+          '--',
+          process.execPath,
+          fixture('plain-app.mjs'),
+          'v1',
+        ],
+        {
+          env: {
+            PORTFLIP_STATE_DIR: w.dirs.stateDir,
+            PORTFLIP_RUN_DIR: w.dirs.runDir,
+            PORTFLIP_PRELOAD_DIR: w.dirs.preloadDir,
+          },
+        },
+      );
+      assert.is(d.code, 0, show(d));
+      assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
+    });
   } finally {
     rmSync(tmp, { recursive: true, force: true });
   }
