@@ -156,7 +156,7 @@ export function noNodeSpawn(w: World, built: Built, files: NoNodeFiles, args: st
 export const foreignArch =
   process.arch === 'x64' ? { deb: 'arm64', qemu: 'qemu-aarch64' } : { deb: 'amd64', qemu: 'qemu-x86_64' };
 
-/** The host's Debian archive entries (deb822 stanzas or one-line), for an apt of the foreign arch; others are left out. */
+/** The host's Debian archive entries (deb822 or one-line) for an apt of the foreign arch; other archives left out. */
 function debianSources(): string {
   const dir = '/etc/apt/sources.list.d';
   const files = [

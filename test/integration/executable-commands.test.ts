@@ -138,7 +138,8 @@ test('no Node.js on the host: run (crash restart, reload, SIGTERM), watch, agent
       ]);
       const served = follow(agent);
       try {
-        const read = `require('node:net').connect(${agentPort}, '127.0.0.1').on('data', (d) => process.stdout.write(d))`;
+        const read =
+          `require('node:net').connect(${agentPort}, '127.0.0.1')` + '.on("data", (d) => process.stdout.write(d))';
         let line = '';
         await waitFor(
           async () => {
