@@ -10,7 +10,14 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { builtExecutable, hideNodeScript, noNodeFiles, type Built, type NoNodeFiles } from '../helpers/executable.js';
+import {
+  builtExecutable,
+  hideNodeScript,
+  noNodeExec,
+  noNodeFiles,
+  type Built,
+  type NoNodeFiles,
+} from '../helpers/executable.js';
 import { fixture, freePorts, startLoad, type ExecResult } from '../helpers/netns.js';
 import { inWorld, show, type World } from '../helpers/world.js';
 import { events } from '../helpers/events.js';
@@ -71,19 +78,7 @@ test('package: the executable says its version and commit from any directory; SH
   }
 });
 
-/** The executable in a fresh mount namespace of the server namespace, with no node or npm that runs. */
-function exePf(w: World, files: NoNodeFiles, args: string[]): Promise<ExecResult> {
-  return w.ns.exec('unshare', ['-m', 'sh', '-c', hideNodeScript(), 'sh', built.exe, ...args], {
-    env: {
-      PORTFLIP_STATE_DIR: w.dirs.stateDir,
-      PORTFLIP_RUN_DIR: w.dirs.runDir,
-      PORTFLIP_PRELOAD_DIR: w.dirs.preloadDir,
-      PF_APP_NODE: files.appNode,
-      PF_EMPTY: files.empty,
-    },
-    timeoutMs: 60_000,
-  });
-}
+const exePf = (w: World, files: NoNodeFiles, args: string[]): Promise<ExecResult> => noNodeExec(w, built, files, args);
 
 test('no Node.js on the host: the executable runs 3 deploys under keep-alive load over veth, 0 failed; the Node app gets the drain module', async () => {
   const files = noNodeFiles();
