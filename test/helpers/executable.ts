@@ -61,18 +61,46 @@ export async function builtExecutable(): Promise<Built> {
     foreignExe: path.join(dir, `portflip-${version}-linux-${other}`),
   };
   if (existsSync(path.join(dir, 'SHA256SUMS'))) return built;
-  // older builds of other inputs go: each is some 100 MB
-  rmSync(base, { recursive: true, force: true });
-  mkdirSync(base, { recursive: true });
-  const tmp = `${dir}.${process.pid}`;
-  const args = [path.join(repoRoot, 'scripts', 'package.mjs'), '--arch', `${process.arch},${other}`, '--out', tmp];
-  await new Promise<void>((resolve, reject) =>
-    execFile(process.execPath, args, { cwd: repoRoot, timeout: 240_000, maxBuffer: 1 << 24 }, (err, _out, stderr) =>
-      err ? reject(new Error(`scripts/package.mjs failed: ${err.message}\n${stderr}`)) : resolve(),
-    ),
-  );
-  renameSync(tmp, dir);
-  return built;
+  // test files of both lanes (scripts/test.mjs) may ask at once: one builds, the other waits and reuses it
+  const release = await buildLock(`${base}.lock`);
+  try {
+    if (existsSync(path.join(dir, 'SHA256SUMS'))) return built;
+    // older builds of other inputs go: each is some 100 MB
+    rmSync(base, { recursive: true, force: true });
+    mkdirSync(base, { recursive: true });
+    const tmp = `${dir}.${process.pid}`;
+    const args = [path.join(repoRoot, 'scripts', 'package.mjs'), '--arch', `${process.arch},${other}`, '--out', tmp];
+    await new Promise<void>((resolve, reject) =>
+      execFile(process.execPath, args, { cwd: repoRoot, timeout: 240_000, maxBuffer: 1 << 24 }, (err, _out, stderr) =>
+        err ? reject(new Error(`scripts/package.mjs failed: ${err.message}\n${stderr}`)) : resolve(),
+      ),
+    );
+    renameSync(tmp, dir);
+    return built;
+  } finally {
+    release();
+  }
+}
+
+/** A directory made by mkdir (one taker wins) holding its taker's pid; one whose taker is gone is taken over. */
+async function buildLock(lock: string): Promise<() => void> {
+  for (const deadline = Date.now() + 300_000; Date.now() < deadline; await new Promise((r) => setTimeout(r, 500))) {
+    try {
+      mkdirSync(lock);
+      writeFileSync(path.join(lock, 'pid'), String(process.pid));
+      return () => rmSync(lock, { recursive: true, force: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    let holder = 0;
+    try {
+      holder = Number(readFileSync(path.join(lock, 'pid'), 'utf8'));
+    } catch {
+      continue; // being made or removed right now
+    }
+    if (holder && !existsSync(`/proc/${holder}`)) rmSync(lock, { recursive: true, force: true });
+  }
+  throw new Error(`${lock}: another test file has been building the executable for 5 minutes`);
 }
 
 /**
