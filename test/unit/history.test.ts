@@ -294,6 +294,28 @@ test('the healer records a repair with what was missing; restore records only th
   assert.equal([api.action, api.result, api.to?.port], ['restore', 'ok', sys.redirectTarget('api')]);
 });
 
+test('a run refused for want of root leaves no record (nor a failed deploy to count); one that failed later does', async () => {
+  const sys = new FakeSys();
+  const { ctx } = fakeCtx(sys);
+  await recorded(ctx, 'web', { action: 'deploy', ...cli }, (c) => deploy(fakeDeploy(), c));
+  const noRoot = new PortflipError('notPrivileged', 'needs root (or CAP_NET_ADMIN); run it with sudo');
+  const refused = await recorded(ctx, 'web', { action: 'deploy', ...cli }, async () => {
+    throw noRoot;
+  }).catch((e) => e);
+  assert.is(refused, noRoot, "the command's own error stands");
+  assert.is((await readHistory(sys, FAKE_PATHS, 'web')).records.length, 1, 'no record of the refusal');
+  // the same class of error after a step ran: something was tried, so it is recorded
+  await recorded(ctx, 'web', { action: 'rollback', ...cli }, async (c) => {
+    c.emit({ kind: 'step', app: 'web', step: 'switch', status: 'failed', durationMs: 3 });
+    throw noRoot;
+  }).catch(() => {});
+  const { records } = await readHistory(sys, FAKE_PATHS, 'web');
+  assert.equal(
+    records.map((r) => `${r.action}:${r.result}:${r.exitCode}`),
+    ['deploy:ok:0', 'rollback:failed:4'],
+  );
+});
+
 test('a repair someone else made between the check and the lock is not recorded again', async () => {
   const sys = new FakeSys();
   const { ctx } = fakeCtx(sys);
