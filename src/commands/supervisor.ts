@@ -30,6 +30,8 @@ export const POLL_MS = 250;
 /** How often the live rules are compared with the state file: a firewall reload is healed within a second. */
 export const HEAL_MS = 500;
 export const BACKOFF = { firstMs: 1000, maxMs: 30_000, resetAfterMs: 60_000 };
+/** How long run's stop and its restart count wait for the app's lock held by another portflip (a heal: ~0.1 s). */
+export const LOCK_WAIT_MS = 5000;
 export const backoffMs = (streak: number) => Math.min(BACKOFF.maxMs, BACKOFF.firstMs * 2 ** streak);
 export const socketPath = (p: Paths, app: string) => join(p.runDir, `${app}.sock`);
 
@@ -224,7 +226,9 @@ async function stopApp(
 ): Promise<void> {
   say('stopping', { detail: 'removing the rules, then stopping the instances with their stop signal' });
   try {
-    await recorded({ ...ctx, emit }, app, { action: 'stop', by: 'run' }, (c) => stop(c, app));
+    await recorded({ ...ctx, emit }, app, { action: 'stop', by: 'run' }, (c) =>
+      whenUnlocked(c.sys, () => stop(c, app)),
+    );
   } catch (err) {
     if (!(err instanceof PortflipError && err.kind === 'nothingToDo')) throw err; // nothing was deployed
   }
@@ -233,8 +237,10 @@ async function stopApp(
 
 /** Adds one to the app's restart count, under its lock so a concurrent deploy's write is not lost. */
 async function countRestart(ctx: Ctx, app: string): Promise<number> {
-  const lock = await takeLock(ctx.sys, ctx.paths, app, `run ${app} (count a restart)`, (m) =>
-    ctx.emit({ kind: 'notice', app, message: m }),
+  const lock = await whenUnlocked(ctx.sys, () =>
+    takeLock(ctx.sys, ctx.paths, app, `run ${app} (count a restart)`, (m) =>
+      ctx.emit({ kind: 'notice', app, message: m }),
+    ),
   );
   try {
     const st = await readState(ctx.sys, ctx.paths, app);
@@ -244,6 +250,22 @@ async function countRestart(ctx: Ctx, app: string): Promise<number> {
     return st.restarts;
   } finally {
     await lock.release();
+  }
+}
+
+/**
+ * Runs `fn` again while another portflip holds the app's lock, for up to LOCK_WAIT_MS: `portflip watch` healing the
+ * app must not make a systemd stop fail (leaving the app up) or a restart that worked count as failed (and run again).
+ */
+async function whenUnlocked<T>(sys: Sys, fn: () => Promise<T>): Promise<T> {
+  const until = sys.now() + LOCK_WAIT_MS;
+  for (;;) {
+    try {
+      return await fn();
+    } catch (err) {
+      if (!(err instanceof PortflipError && err.kind === 'lockHeld') || sys.now() >= until) throw err;
+      await sys.sleep(50);
+    }
   }
 }
 

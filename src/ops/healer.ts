@@ -68,13 +68,17 @@ export class Healer {
     try {
       const fresh = await readState(this.ctx.sys, this.ctx.paths, app);
       if (!fresh) return 'gone';
+      // again under the lock: a deploy that just ended, or another healer (run's beside watch's), may have put
+      // the rules right since the check, and a repair of nothing would be recorded and counted as one
+      const still = await this.check(fresh);
+      if (!still.length) return 'ok';
       this.ctx.emit({
         kind: 'notice',
         app,
-        message: `rules changed behind portflip's back (${missing.join('; ')}); repairing`,
+        message: `rules changed behind portflip's back (${still.join('; ')}); repairing`,
       });
       const ipt = await this.iptables(fresh);
-      await recorded(this.ctx, app, { action: 'repair', by: this.by, repaired: missing }, async (ctx) => {
+      await recorded(this.ctx, app, { action: 'repair', by: this.by, repaired: still }, async (ctx) => {
         await reconcile(ctx, ipt, fresh);
       });
       return 'repaired';

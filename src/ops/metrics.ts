@@ -115,9 +115,7 @@ async function lockCounters(ctx: Ctx): Promise<Lock> {
 export async function publish(ctx: Ctx, record: HistoryRecord): Promise<void> {
   const file = countersFile(ctx);
   await ctx.sys.fs.mkdir(join(ctx.paths.stateDir, 'metrics'), 0o700);
-  await ctx.sys.fs.mkdir(ctx.paths.runDir, 0o700);
-  const lock = await lockCounters(ctx);
-  try {
+  await underCountersLock(ctx, async () => {
     const { counters, bad } = await readCounters(ctx.sys, file);
     if (bad) {
       // kept for a person to look at; the counters start over, which Prometheus reads as a counter reset
@@ -125,11 +123,32 @@ export async function publish(ctx: Ctx, record: HistoryRecord): Promise<void> {
       ctx.emit({ kind: 'notice', message: `metrics: ${file} was not a counters file; moved to ${file}.bad` });
     }
     await ctx.sys.fs.writeAtomic(file, JSON.stringify(fold(counters, record)) + '\n', 0o600);
-  } finally {
-    await lock.release();
-  }
-  await writeTextfile(ctx, false); // the live gauges are watch's and run's (gather says why)
+    // under the lock: see writeTextfile. Only what the state files say: the live gauges are watch's and run's
+    // (gather says why), and gather(false) is cheap enough to hold the lock through
+    await writeView(ctx, await gather(ctx, false));
+  });
 }
+
+/**
+ * Runs `fn` one at a time in this process, then under the counters' lock across processes: the lock's temp file
+ * (takeLock) and writeAtomic's are named by pid, so two at once in one process (run's refresh and a publish after
+ * its restart) would share them.
+ */
+function underCountersLock<T>(ctx: Ctx, fn: () => Promise<T>): Promise<T> {
+  const next = localTurn.then(async () => {
+    await ctx.sys.fs.mkdir(ctx.paths.runDir, 0o700);
+    const lock = await lockCounters(ctx);
+    try {
+      return await fn();
+    } finally {
+      await lock.release();
+    }
+  });
+  localTurn = next.catch(() => null);
+  return next;
+}
+
+let localTurn: Promise<unknown> = Promise.resolve();
 
 // ---- what is true right now --------------------------------------------------------------------
 
@@ -464,20 +483,27 @@ export async function textfileDir(ctx: Pick<Ctx, 'sys' | 'env'>): Promise<string
 /**
  * Writes portflip.prom into the textfile directory, atomically: node_exporter reads only files ending in
  * .prom, and the temp file beside it (Sys.fs.writeAtomic) does not. Returns the path, or null when off.
+ *
+ * Under the counters' lock, as publish() writes it: two processes (a deploy's publish, run's or watch's refresh)
+ * each read the counters and then write the file, and without the lock the one that read older counters could
+ * write last, so the file's counters would go down until the next write (a reset, to Prometheus).
  */
-export function writeTextfile(ctx: Ctx, processes = true): Promise<string | null> {
-  // one at a time in this process: writeAtomic's temp file is named by pid, so two writes at once (run's
-  // refresh and a publish after its restart) would share it and could rename a half-written file into place
-  const next = textfileWrites.then(async () => {
-    const dir = await textfileDir(ctx);
-    if (!dir) return null;
-    const path = join(dir, TEXTFILE);
-    // 0644: node_exporter runs as its own user (prometheus on Debian)
-    await ctx.sys.fs.writeAtomic(path, render(await gather(ctx, processes)), 0o644);
-    return path;
-  });
-  textfileWrites = next.catch(() => null);
-  return next;
+export async function writeTextfile(ctx: Ctx, processes = true): Promise<string | null> {
+  if (!(await textfileDir(ctx))) return null;
+  // the live part is read before the lock (the socket table can be long under load, and a deploy's publish waits
+  // for this lock); the counters are read again under it, so the file never has older ones than the last write
+  const view = await gather(ctx, processes);
+  return underCountersLock(ctx, async () =>
+    writeView(ctx, { ...view, counters: (await readCounters(ctx.sys, countersFile(ctx))).counters }),
+  );
 }
 
-let textfileWrites: Promise<unknown> = Promise.resolve();
+/** The textfile from a view whose counters were read under the counters' lock; called under that lock only. */
+async function writeView(ctx: Ctx, view: MetricsView): Promise<string | null> {
+  const dir = await textfileDir(ctx);
+  if (!dir) return null;
+  const path = join(dir, TEXTFILE);
+  // 0644: node_exporter runs as its own user (prometheus on Debian)
+  await ctx.sys.fs.writeAtomic(path, render(view), 0o644);
+  return path;
+}

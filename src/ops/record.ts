@@ -43,8 +43,9 @@ export async function recorded<T>(ctx: Ctx, app: string, as: RecordAs, fn: (ctx:
     throw caught;
   } finally {
     const after = await stateOf(ctx, app);
-    // an app portflip never knew (a typo) and a refused command line leave no history
-    if ((before || after || seen.length) && !isUsage(err))
+    // an app portflip never knew (a typo), a refused command line and a run refused for want of root leave no
+    // history (nor a failed deploy in the metrics, which would page someone for a missing sudo)
+    if ((before || after || seen.length) && !refused(err, seen, before, after))
       await keep(ctx, makeRecord(ctx, { app, as, started, before, after, steps: seen, err }));
   }
 }
@@ -177,7 +178,10 @@ function validName(app: string): boolean {
   }
 }
 
-const isUsage = (err: unknown) => err instanceof PortflipError && err.kind === 'usage';
+/** Nothing was tried: a bad command line, or no root (checked before the first step, so nothing changed). */
+const refused = (err: unknown, steps: StepEvent[], before: AppState | null, after: AppState | null) =>
+  err instanceof PortflipError &&
+  (err.kind === 'usage' || (err.kind === 'notPrivileged' && !steps.length && !differs(before, after)));
 
 function asPortflipError(err: unknown): PortflipError {
   if (err instanceof PortflipError) return err;

@@ -2,16 +2,22 @@
 
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { mkdtempSync, readdirSync, rmSync, symlinkSync, existsSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { freePorts, startApp, fixture, repoRoot } from '../helpers/netns.js';
 import { inWorld, app, show, type World } from '../helpers/world.js';
 
-/** Every file under the state and run dirs: a refused command must leave none. */
+/** Where a refused command would put portflip.prom if it published metrics (it must not). */
+const textfileDir = (w: World) => join(dirname(w.dirs.stateDir), 'textfile');
+
+/**
+ * Every file under the state and run dirs (state, lock, log, history, metrics counters) and in the textfile
+ * directory: a refused command must leave none.
+ */
 const leftovers = (w: World) =>
-  [w.dirs.stateDir, w.dirs.runDir]
+  [w.dirs.stateDir, w.dirs.runDir, textfileDir(w)]
     .flatMap((d) => (existsSync(d) ? readdirSync(d, { recursive: true }).map(String) : []))
     .filter((f) => f !== 'logs');
 
@@ -24,22 +30,24 @@ async function refused(
   env?: NodeJS.ProcessEnv,
 ) {
   const before = await w.save();
+  mkdirSync(textfileDir(w), { recursive: true });
+  const textfile = { PORTFLIP_TEXTFILE_DIR: textfileDir(w) };
   const r = wrap.length
     ? await w.ns.exec(
         wrap[0],
         [...wrap.slice(1), process.execPath, join(repoRoot, 'dist', 'src', 'main.cjs'), ...args],
         {
-          env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir, ...env },
+          env: { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir, ...textfile, ...env },
         },
       )
-    : await w.pf(args, env);
+    : await w.pf(args, { ...textfile, ...env });
   assert.is(r.code, code, `${args.join(' ')}\n${show(r)}`);
   const lines = r.stderr.trim().split('\n');
   assert.is(lines.length, 1, `one line: ${r.stderr}`);
   assert.match(lines[0], message);
   assert.is(r.stdout, '');
   assert.is(await w.save(), before, 'no rule changed');
-  assert.equal(leftovers(w), [], 'no state, lock or log file');
+  assert.equal(leftovers(w), [], 'no state, lock, log, history, counters or textfile');
 }
 
 test('bad input: each error has its own exit code and message, and changes nothing', async () => {
@@ -152,6 +160,41 @@ test('not root (no CAP_NET_ADMIN): exit 4; no iptables: exit 5', async () => {
       );
     } finally {
       rmSync(bin, { recursive: true, force: true });
+    }
+  });
+});
+
+test('refused on an app that exists: its history, counters and textfile stay as they were', async () => {
+  await inWorld(async (w) => {
+    const [a, b] = await freePorts(2);
+    const env = { PORTFLIP_TEXTFILE_DIR: textfileDir(w) };
+    mkdirSync(textfileDir(w));
+    const head = ['deploy', 'web', '--listen', '80', '--ports', `${a},${b}`];
+    const d = await w.pf([...head, ...app()], env);
+    assert.is(d.code, 0, show(d));
+    const files = [
+      join(w.dirs.stateDir, 'history', 'web.jsonl'),
+      join(w.dirs.stateDir, 'metrics', 'counters.json'),
+      join(textfileDir(w), 'portflip.prom'),
+    ];
+    const snapshot = () => files.map((f) => (existsSync(f) ? readFileSync(f, 'utf8') : `${f} missing`));
+    const was = snapshot();
+    const main = join(repoRoot, 'dist', 'src', 'main.cjs');
+    const dirs = { PORTFLIP_STATE_DIR: w.dirs.stateDir, PORTFLIP_RUN_DIR: w.dirs.runDir, ...env };
+    for (const [args, code, wrap] of [
+      [[...head, '--bogus', ...app()], 2, []],
+      [[...head, '--ready-timeout', '5x', ...app()], 2, []],
+      [['pause', 'web', '--timeout', 'soon'], 2, []],
+      [['rollback', 'web', '--bogus'], 2, []],
+      [[...head, ...app()], 4, ['setpriv', '--bounding-set=-all', '--inh-caps=-all', '--']],
+      [['pause', 'web'], 4, ['setpriv', '--bounding-set=-all', '--inh-caps=-all', '--']],
+    ] as const) {
+      const r = wrap.length
+        ? await w.ns.exec(wrap[0], [...wrap.slice(1), process.execPath, main, ...args], { env: dirs })
+        : await w.pf([...args], env);
+      assert.is(r.code, code, `${args.join(' ')}\n${show(r)}`);
+      const changed = files.filter((f, i) => snapshot()[i] !== was[i]);
+      assert.equal(changed, [], `${args.join(' ')}: no record, no count, no textfile write`);
     }
   });
 });

@@ -9,7 +9,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Event } from '../../src/core/events.js';
-import { readState } from '../../src/core/state.js';
+import { readState, takeLock } from '../../src/core/state.js';
+import { readHistory } from '../../src/core/history.js';
 import { supervise } from '../../src/commands/supervisor.js';
 import { FAKE_PATHS, FakeSys, fakeCtx, fakeDeploy } from '../helpers/fakesys.js';
 
@@ -58,6 +59,42 @@ test('crash restarts back off 1s, 2s, 4s ... at most 30s, and the streak starts 
   assert.equal(sys.apps(), [], 'stop stopped the last instance');
   assert.is(await readState(sys, paths, 'web'), null, 'and removed the state');
   assert.is(sys.redirectTarget('web'), null);
+});
+
+test("a stop that finds the app's lock held (watch healing it) waits for it, then stops the app", async () => {
+  const runDir = await mkdtemp(join(tmpdir(), 'pf-fake-run-'));
+  const sys = new FakeSys();
+  sys.behave = () => ({ listenAfterMs: 100, termExitMs: 100 });
+  const { ctx, events } = fakeCtx(sys);
+  const paths = { ...FAKE_PATHS, runDir };
+  let held = false;
+  const emit = (e: Event) => {
+    events.push(e);
+    if (e.kind === 'step' && e.step === 'done' && !held) {
+      held = true;
+      // another portflip takes the lock for a moment, and systemctl stop arrives meanwhile
+      setImmediate(async () => {
+        const lock = await takeLock(sys, paths, 'web', 'heal web', () => {});
+        process.emit('SIGTERM', 'SIGTERM');
+        await sys.sleep(300);
+        await lock.release();
+      });
+    }
+  };
+  try {
+    await supervise({ app: 'web', load: async () => fakeDeploy() }, { ...ctx, paths, emit });
+  } finally {
+    await rm(runDir, { recursive: true, force: true });
+  }
+  assert.ok(held);
+  assert.equal(sys.apps(), [], 'stop stopped the instance');
+  assert.is(await readState(sys, paths, 'web'), null);
+  const { records } = await readHistory(sys, paths, 'web');
+  assert.equal(
+    records.map((r) => `${r.action}:${r.result}`),
+    ['deploy:ok', 'stop:ok'],
+    'one stop, recorded once',
+  );
 });
 
 test.run();

@@ -294,6 +294,55 @@ test('the healer records a repair with what was missing; restore records only th
   assert.equal([api.action, api.result, api.to?.port], ['restore', 'ok', sys.redirectTarget('api')]);
 });
 
+test('a run refused for want of root leaves no record (nor a failed deploy to count); one that failed later does', async () => {
+  const sys = new FakeSys();
+  const { ctx } = fakeCtx(sys);
+  await recorded(ctx, 'web', { action: 'deploy', ...cli }, (c) => deploy(fakeDeploy(), c));
+  const noRoot = new PortflipError('notPrivileged', 'needs root (or CAP_NET_ADMIN); run it with sudo');
+  const refused = await recorded(ctx, 'web', { action: 'deploy', ...cli }, async () => {
+    throw noRoot;
+  }).catch((e) => e);
+  assert.is(refused, noRoot, "the command's own error stands");
+  assert.is((await readHistory(sys, FAKE_PATHS, 'web')).records.length, 1, 'no record of the refusal');
+  // the same class of error after a step ran: something was tried, so it is recorded
+  await recorded(ctx, 'web', { action: 'rollback', ...cli }, async (c) => {
+    c.emit({ kind: 'step', app: 'web', step: 'switch', status: 'failed', durationMs: 3 });
+    throw noRoot;
+  }).catch(() => {});
+  const { records } = await readHistory(sys, FAKE_PATHS, 'web');
+  assert.equal(
+    records.map((r) => `${r.action}:${r.result}:${r.exitCode}`),
+    ['deploy:ok:0', 'rollback:failed:4'],
+  );
+});
+
+test('a repair someone else made between the check and the lock is not recorded again', async () => {
+  const sys = new FakeSys();
+  const { ctx } = fakeCtx(sys);
+  await deploy(fakeDeploy(), ctx);
+  sys.flushRules();
+  // watch's healer sees the rules broken; before it takes the lock, run's healer (same app) repairs them
+  const watcher = new Healer(ctx, 'watch');
+  const runs = new Healer(ctx, 'run');
+  const check = watcher.check.bind(watcher);
+  let checks = 0;
+  watcher.check = async (st) => {
+    const missing = await check(st);
+    if (checks++ === 0) {
+      assert.ok(missing.length, 'broken when watch looked');
+      assert.is(await runs.heal('web'), 'repaired');
+    }
+    return missing;
+  };
+  assert.is(await watcher.heal('web'), 'ok');
+  const { records } = await readHistory(sys, FAKE_PATHS, 'web');
+  assert.equal(
+    records.filter((r) => r.action === 'repair').map((r) => r.by),
+    ['run'],
+    'one repair, one record (and one count in portflip_rule_repairs_total)',
+  );
+});
+
 test('a canary deploy records the canary as "to"; promote moves from the old to it; abort from the canary back', async () => {
   const sys = new FakeSys();
   const { ctx } = fakeCtx(sys);
