@@ -35,7 +35,16 @@ export async function preflight(o: DeployOptions, ctx: Ctx): Promise<Preflight> 
   if (!cwdOk) fail('config', `--cwd ${o.cwd}: no such directory`);
   const user = o.user ? await lookupUser(sys, o.user) : undefined;
   const env: NodeJS.ProcessEnv = { ...ctx.env, ...o.env, PORTFLIP_APP: o.app };
-  for (const k of ['PORTFLIP_STATE_DIR', 'PORTFLIP_RUN_DIR', 'PORTFLIP_IPTABLES', 'PORTFLIP_PRELOAD_DIR'])
+  // portflip's own settings are not the app's (nor its hooks')
+  for (const k of [
+    'PORTFLIP_STATE_DIR',
+    'PORTFLIP_RUN_DIR',
+    'PORTFLIP_IPTABLES',
+    'PORTFLIP_PRELOAD_DIR',
+    'PORTFLIP_TEXTFILE_DIR',
+    'PORTFLIP_LIB_DIR',
+    'PORTFLIP_CONFIG_DIR',
+  ])
     delete env[k];
   if (user) Object.assign(env, { HOME: user.home, USER: user.name, LOGNAME: user.name });
   const executable = await resolveCommand(sys, o.command[0].replaceAll('{port}', '0'), o.cwd, env.PATH);
