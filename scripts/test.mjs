@@ -132,6 +132,9 @@ const SIDE_LANE = [
   'integration/fleet-install.test',
   'integration/drain.test',
   'integration/history.test',
+  'integration/executable-commands.test',
+  'integration/executable-deb.test',
+  'integration/executable-arm64.test',
   'integration/npm-install.test',
   'integration/freshclone.test',
 ];
