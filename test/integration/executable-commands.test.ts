@@ -17,7 +17,7 @@ import {
 } from '../helpers/executable.js';
 import { fixture, freePorts, waitFor } from '../helpers/netns.js';
 import { inWorld, get, show, alive, type World } from '../helpers/world.js';
-import { events, type JsonEvent } from '../helpers/events.js';
+import { events, follow } from '../helpers/events.js';
 
 const PLAIN = fixture('plain-app.mjs');
 const URL = 'http://127.0.0.1:80/';
@@ -26,34 +26,6 @@ let built: Built;
 test.before(async () => {
   built = await builtExecutable();
 });
-
-/** A running command's --json events as they come, and its stderr, for waits and failure messages. */
-function follow(child: ChildProcess) {
-  const evs: JsonEvent[] = [];
-  let out = '';
-  let err = '';
-  child.stdout!.on('data', (d) => {
-    out += d;
-    const lines = out.split('\n');
-    out = lines.pop()!;
-    for (const l of lines) if (l.trim()) evs.push(JSON.parse(l));
-  });
-  child.stderr!.on('data', (d) => (err += d));
-  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-  const output = () => `stderr: ${err}\nevents: ${evs.map((e) => JSON.stringify(e)).join('\n')}`;
-  const wait = async (match: (e: JsonEvent) => boolean, what: string, timeoutMs = 20_000) => {
-    await waitFor(
-      () => {
-        if (child.exitCode !== null) throw new Error(`exited (${child.exitCode}) before ${what}\n${output()}`);
-        return evs.some(match);
-      },
-      timeoutMs,
-      `${what}\n${output()}`,
-    );
-    return evs.find(match)!;
-  };
-  return { evs, exited, output, wait };
-}
 
 const killed = async (child: ChildProcess) => {
   if (child.exitCode === null && child.signalCode === null) {

@@ -8,52 +8,14 @@ import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import { fixture, freePorts, startLoad, waitFor } from '../helpers/netns.js';
 import { inWorld, app, show, get, alive, type World } from '../helpers/world.js';
-import { events, type JsonEvent } from '../helpers/events.js';
+import { events, follow, type Followed, type JsonEvent } from '../helpers/events.js';
 
-interface Supervisor {
-  child: ChildProcess;
-  events: JsonEvent[];
-  output(): string;
-  exited: Promise<number | null>;
-  waitEvent(match: (e: JsonEvent) => boolean, what: string, timeoutMs?: number): Promise<JsonEvent>;
-}
+type Supervisor = Followed & { child: ChildProcess };
 
 /** Starts `portflip run` with --json; every test kills it by pid in its finally, so a failure leaves no keeper behind. */
 function startRun(w: World, args: string[]): Supervisor {
   const child = w.pfSpawn(['run', 'web', '--json', ...args]);
-  const evs: JsonEvent[] = [];
-  let out = '';
-  let err = '';
-  child.stdout!.on('data', (d) => {
-    out += d;
-    const lines = out.split('\n');
-    out = lines.pop()!;
-    for (const l of lines) if (l.trim()) evs.push(JSON.parse(l));
-  });
-  child.stderr!.on('data', (d) => (err += d));
-  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-  const output = () => `stderr: ${err}\nevents: ${evs.map((e) => JSON.stringify(e)).join('\n')}`;
-  return {
-    child,
-    events: evs,
-    output,
-    exited,
-    async waitEvent(match, what, timeoutMs = 20_000) {
-      let found: JsonEvent | undefined;
-      await waitFor(
-        () => {
-          if (child.exitCode !== null)
-            throw new Error(`portflip run exited (${child.exitCode}) before ${what}\n${output()}`);
-          return !!(found = evs.find(match));
-        },
-        timeoutMs,
-        `${what}\n${output()}`,
-      ).catch((e) => {
-        throw new Error(`${e.message}\n${output()}`);
-      });
-      return found!;
-    },
-  };
+  return { child, ...follow(child) };
 }
 
 const killRun = async (s: Supervisor) => {
@@ -79,7 +41,7 @@ test('reload on SIGHUP and on `portflip reload` under load: zero failed requests
       writeFileSync(file, config(ports, 'v1'));
       const s = startRun(w, ['-c', file]);
       try {
-        await s.waitEvent((e) => e.step === 'done', 'the first deploy');
+        await s.wait((e) => e.step === 'done', 'the first deploy');
         const url = 'http://127.0.0.1:80/';
         assert.is(await get(w.ns, url), 'v1');
         const loads = await Promise.all([
@@ -89,7 +51,7 @@ test('reload on SIGHUP and on `portflip reload` under load: zero failed requests
 
         writeFileSync(file, config(ports, 'v2'));
         s.child.kill('SIGHUP');
-        await s.waitEvent(sup('reloaded'), 'the SIGHUP reload');
+        await s.wait(sup('reloaded'), 'the SIGHUP reload');
         assert.is(await get(w.ns, url), 'v2');
 
         writeFileSync(file, config(ports, 'v3'));
@@ -148,13 +110,13 @@ test('a crash of the active instance is restarted and counted; a reload with fla
       ...app('--version', 'v1'),
     ]);
     try {
-      await s.waitEvent((e) => e.step === 'done', 'the first deploy');
+      await s.wait((e) => e.step === 'done', 'the first deploy');
       const before = (await statusOf(w)).active;
       process.kill(before.pid, 'SIGKILL');
-      const crash = await s.waitEvent((e) => e.kind === 'crash', 'the crash to be seen');
+      const crash = await s.wait((e) => e.kind === 'crash', 'the crash to be seen');
       assert.is(crash.pid, before.pid);
       assert.is(crash.restartInMs, 1000);
-      const restarted = await s.waitEvent(sup('restarted'), 'the restart');
+      const restarted = await s.wait(sup('restarted'), 'the restart');
       assert.ok(restarted.pid !== before.pid && alive(restarted.pid));
       assert.is(await get(w.ns, 'http://127.0.0.1:80/'), 'v1');
       const st = await statusOf(w);
@@ -186,7 +148,7 @@ test('SIGTERM to run stops the instances, removes the rules and the socket, and 
     const ports = await freePorts(2);
     const s = startRun(w, ['--listen', '80', '--ports', ports.join(','), ...app('--version', 'v1')]);
     try {
-      await s.waitEvent((e) => e.step === 'done', 'the first deploy');
+      await s.wait((e) => e.step === 'done', 'the first deploy');
       const pid = (await statusOf(w)).active.pid;
       assert.ok(existsSync(join(w.dirs.runDir, 'web.sock')));
       const second = await w.pf([
