@@ -22,6 +22,9 @@ export type HistoryAction =
   | 'reload' // `portflip run` deployed again on SIGHUP or `portflip reload`
   | 'repair'; // the healer (`watch`, `run`) put rules back after they changed behind portflip's back
 
+/** The actions that run a deploy's steps: `deploy`, and `portflip run`'s reloads and crash restarts. */
+export const DEPLOY_ACTIONS: readonly HistoryAction[] = ['deploy', 'reload', 'restart'];
+
 /** Who started it. */
 export type HistoryOrigin = 'cli' | 'run' | 'reload' | 'watch';
 

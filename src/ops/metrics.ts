@@ -8,7 +8,7 @@
 
 import { join } from 'node:path';
 import { PortflipError } from '../core/errors.js';
-import type { HistoryAction, HistoryRecord } from '../core/history.js';
+import { DEPLOY_ACTIONS, type HistoryRecord } from '../core/history.js';
 import { listApps, readState, takeLock, type AppState, type InstanceState, type Lock } from '../core/state.js';
 import {
   allPids,
@@ -44,9 +44,6 @@ export interface Counters {
   v: 1;
   apps: Record<string, AppCounters>;
 }
-
-/** The actions that ran a deploy's steps: `deploy`, and `portflip run`'s reloads and crash restarts. */
-export const DEPLOY_ACTIONS: readonly HistoryAction[] = ['deploy', 'reload', 'restart'];
 
 /** Seconds. A deploy is a readiness wait plus a drain (a second to a few minutes); its steps are ms to a minute. */
 export const DEPLOY_BOUNDS = [0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];

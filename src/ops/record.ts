@@ -9,6 +9,7 @@ import { fromSystemError, PortflipError } from '../core/errors.js';
 import type { Event } from '../core/events.js';
 import {
   appendHistory,
+  DEPLOY_ACTIONS,
   type HistoryAction,
   type HistoryOrigin,
   type HistoryRecord,
@@ -33,21 +34,18 @@ export async function recorded<T>(ctx: Ctx, app: string, as: RecordAs, fn: (ctx:
   if (!validName(app)) return fn(ctx); // the command refuses it; a bad name must not become a file name
   const started = { mono: ctx.sys.now(), wall: ctx.sys.wallNow() };
   const before = await stateOf(ctx, app);
-  const seen: StepEvent[] = [];
-  const watched: Ctx = { ...ctx, emit: (e) => (e.kind === 'step' && e.app === app && seen.push(e), ctx.emit(e)) };
-  let err: unknown = null;
-  try {
-    return await fn(watched);
-  } catch (caught) {
-    err = caught;
-    throw caught;
-  } finally {
-    const after = await stateOf(ctx, app);
-    // an app portflip never knew (a typo), a refused command line and a run refused for want of root leave no
-    // history (nor a failed deploy in the metrics, which would page someone for a missing sudo)
-    if ((before || after || seen.length) && !refused(err, seen, before, after))
-      await keep(ctx, makeRecord(ctx, { app, as, started, before, after, steps: seen, err }));
-  }
+  return watchingSteps(
+    ctx,
+    (e) => e.app === app,
+    fn,
+    async (seen, err) => {
+      const after = await stateOf(ctx, app);
+      // an app portflip never knew (a typo), a refused command line and a run refused for want of root leave no
+      // history (nor a failed deploy in the metrics, which would page someone for a missing sudo)
+      if ((before || after || seen.length) && !refused(err, seen, before, after))
+        await keep(ctx, makeRecord(ctx, { app, as, started, before, after, steps: seen, err }));
+    },
+  );
 }
 
 /** For restore and cleanup, which work on every app: one record for each app the run changed. */
@@ -55,8 +53,35 @@ export async function recordedEvery<T>(ctx: Ctx, as: RecordAs, fn: (ctx: Ctx) =>
   const started = { mono: ctx.sys.now(), wall: ctx.sys.wallNow() };
   const apps = await listApps(ctx.sys, ctx.paths).catch(() => [] as string[]);
   const before = new Map(await Promise.all(apps.map(async (a) => [a, await stateOf(ctx, a)] as const)));
+  return watchingSteps(
+    ctx,
+    () => true,
+    fn,
+    async (seen, err) => {
+      const now = await listApps(ctx.sys, ctx.paths).catch(() => [] as string[]);
+      for (const app of [...new Set([...apps, ...now])].sort()) {
+        const steps = seen.filter((e) => e.app === app || e.app === '*'); // cleanup's one step stands for every app
+        const was = before.get(app) ?? null;
+        const after = await stateOf(ctx, app);
+        const changed =
+          as.action === 'cleanup'
+            ? steps.length > 0 // emitted once every rule is gone
+            : steps.some((s) => s.step === 'repair' || s.status === 'failed') || differs(was, after);
+        if (changed) await keep(ctx, makeRecord(ctx, { app, as, started, before: was, after, steps, err }));
+      }
+    },
+  );
+}
+
+/** Runs `fn` with a ctx whose step events (those `mine` keeps) are also collected; `then` gets them and the error. */
+async function watchingSteps<T>(
+  ctx: Ctx,
+  mine: (e: StepEvent) => boolean,
+  fn: (ctx: Ctx) => Promise<T>,
+  then: (seen: StepEvent[], err: unknown) => Promise<void>,
+): Promise<T> {
   const seen: StepEvent[] = [];
-  const watched: Ctx = { ...ctx, emit: (e) => (e.kind === 'step' && seen.push(e), ctx.emit(e)) };
+  const watched: Ctx = { ...ctx, emit: (e) => (e.kind === 'step' && mine(e) && seen.push(e), ctx.emit(e)) };
   let err: unknown = null;
   try {
     return await fn(watched);
@@ -64,17 +89,7 @@ export async function recordedEvery<T>(ctx: Ctx, as: RecordAs, fn: (ctx: Ctx) =>
     err = caught;
     throw caught;
   } finally {
-    const now = await listApps(ctx.sys, ctx.paths).catch(() => [] as string[]);
-    for (const app of [...new Set([...apps, ...now])].sort()) {
-      const steps = seen.filter((e) => e.app === app || e.app === '*'); // cleanup's one step stands for every app
-      const was = before.get(app) ?? null;
-      const after = await stateOf(ctx, app);
-      const changed =
-        as.action === 'cleanup'
-          ? steps.length > 0 // emitted once every rule is gone
-          : steps.some((s) => s.step === 'repair' || s.status === 'failed') || differs(was, after);
-      if (changed) await keep(ctx, makeRecord(ctx, { app, as, started, before: was, after, steps, err }));
-    }
+    await then(seen, err);
   }
 }
 
@@ -94,8 +109,7 @@ export function makeRecord(ctx: Ctx, run: Run): HistoryRecord {
   const error = err === null ? null : asPortflipError(err);
   const failedStep = [...run.steps].reverse().find((s) => s.status === 'failed')?.step;
   // a deploy that fails with no failed step failed its preflight, which reports only success as a step
-  const deploys = ['deploy', 'reload', 'restart'].includes(as.action);
-  const step = failedStep ?? (deploys ? 'preflight' : undefined);
+  const step = failedStep ?? (DEPLOY_ACTIONS.includes(as.action) ? 'preflight' : undefined);
   const from = side(as.action === 'abort' ? canaryOf(before) : activeOf(before));
   const to = side(newCanary(before, after) ?? activeOf(after));
   return {
